@@ -1,0 +1,167 @@
+"""Command line and environment → Settings, then load the model once and launch the page."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import DEFAULT_MODEL, KNOWN_MODELS, QUANTIZATIONS, Settings
+
+log = logging.getLogger("orca2_space")
+
+SHARE_WITHOUT_AUTH_WARNING = (
+    "WARNING: --share makes this app public: anyone with the link can use this machine and its GPU. "
+    "Add --auth USER:PASS to require a login."
+)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("--auth takes USER:PASS")
+    return user, password
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    on_space = bool(env("SPACE_ID"))
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Chat with Microsoft's Orca 2 in the browser. Every flag has an environment variable "
+        "(shown in brackets) for Hugging Face Spaces, where flags can't be passed.",
+    )
+    p.add_argument(
+        "--model",
+        default=env("ORCA2_MODEL", DEFAULT_MODEL),
+        help=f"hub id or local folder [ORCA2_MODEL] (default {DEFAULT_MODEL}; also {', '.join(KNOWN_MODELS[1:])}; "
+        "a tiny offline test model: python tests/make_tiny_model.py DIR)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=env("ORCA2_QUANTIZATION", "auto"),
+        help="weights format [ORCA2_QUANTIZATION] (default auto: 8bit with CUDA; on CPU fp32, or bf16 if fp32 "
+        "would take over half the RAM)",
+    )
+    p.add_argument(
+        "--host",
+        default=env("ORCA2_HOST", "0.0.0.0" if on_space else "127.0.0.1"),
+        help="address to listen on [ORCA2_HOST] (default 127.0.0.1; 0.0.0.0 on a Space)",
+    )
+    p.add_argument("--port", type=int, default=int(env("ORCA2_PORT", "7860")), help="port [ORCA2_PORT] (default 7860)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        default=_env_flag("ORCA2_SHARE"),
+        help="also serve through a temporary public gradio.live link [ORCA2_SHARE=1]; ignored on a Space",
+    )
+    p.add_argument(
+        "--auth",
+        type=_auth,
+        default=env("ORCA2_AUTH"),
+        metavar="USER:PASS",
+        help="require this login on the page and the API [ORCA2_AUTH]",
+    )
+    p.add_argument(
+        "--max-new-tokens-cap",
+        type=int,
+        default=int(env("ORCA2_MAX_NEW_TOKENS_CAP", "2048")),
+        help="most tokens one answer may have, whatever a caller asks [ORCA2_MAX_NEW_TOKENS_CAP] (default 2048)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env("ORCA2_CONCURRENCY", "1")),
+        help="answers generated at once; others wait in the queue [ORCA2_CONCURRENCY] (default 1)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env("ORCA2_MAX_QUEUE", "32")),
+        help="requests that may wait; more are told the app is busy [ORCA2_MAX_QUEUE] (default 32)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env("ORCA2_LOG_LEVEL", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="[ORCA2_LOG_LEVEL] (default INFO)",
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    auth = _auth(args.auth) if isinstance(args.auth, str) else args.auth
+    return Settings(
+        model=args.model,
+        quantization=args.quantization,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        auth=auth,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+    )
+
+
+def share_decision(settings: Settings, on_space: bool) -> tuple[bool, str | None]:
+    """Whether to ask Gradio for a share link, and the warning to print about it."""
+    if not settings.share:
+        return False, None
+    if on_space:
+        return False, "--share is ignored on a Hugging Face Space: the Space is already public."
+    if settings.auth is None:
+        return True, SHARE_WITHOUT_AUTH_WARNING
+    return True, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        p.error(str(error))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    share, warning = share_decision(settings, on_space=bool(os.environ.get("SPACE_ID")))
+    if warning:
+        print(warning, file=sys.stderr)
+
+    from .chat import Chat
+    from .engine import Engine, ModelLoadError
+
+    try:
+        engine = Engine.load(settings.model, settings.quantization)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    launch(Chat(engine, settings), share=share)
+    return 0
+
+
+def launch(chat, share: bool = False, block: bool = True):
+    """Build the page for this chat service and serve it; with block=False, return the running app."""
+    from . import ui
+
+    settings = chat.settings
+    demo = ui.build(chat)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=share,
+        auth=settings.auth,
+        css=ui.CSS,
+        theme=ui.THEME,
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
+    return demo

@@ -1,0 +1,116 @@
+"""Settings of the server and of one generation request, with their validation.
+
+Everything a caller sends is checked here, so the page, the API and tests share one set of rules:
+a wrong type or a non-finite number is refused with a message naming the field; a number out of
+range is clamped into it and the clamping is reported back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+QUANTIZATIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
+DEFAULT_MODEL = "microsoft/Orca-2-7b"
+KNOWN_MODELS = ("microsoft/Orca-2-7b", "microsoft/Orca-2-13b")
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses; the message is meant for the person who sent it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this server runs. Built by cli.py from flags and ORCA2_* environment variables."""
+
+    model: str = DEFAULT_MODEL
+    quantization: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    max_new_tokens_cap: int = 2048
+    concurrency: int = 1
+    max_queue: int = 32
+    max_message_chars: int = 100_000
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        for name in ("max_new_tokens_cap", "concurrency", "max_queue", "max_message_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings of one answer. The defaults are the paper's: greedy decoding."""
+
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    # None draws a fresh seed per answer; the seed used is reported so an answer can be redone.
+    seed: int | None = None
+
+
+# Allowed ranges; values outside are clamped. top_k 0 means "no top-k filter".
+LIMITS: dict[str, tuple[float, float]] = {
+    "temperature": (0.01, 5.0),
+    "top_p": (0.01, 1.0),
+    "top_k": (0, 1000),
+    "repetition_penalty": (1.0, 2.0),
+    "max_new_tokens": (1, 1_000_000),  # the upper bound is the server's cap
+    "seed": (0, 2**32 - 1),
+}
+_INTEGER_FIELDS = {"top_k", "max_new_tokens", "seed"}
+
+
+def _number(name: str, value: Any, integer: bool) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{name} must be a number, got {type(value).__name__}: {value!r:.40}")
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, got {value}")
+    if integer:
+        if value != int(value):
+            raise InvalidRequest(f"{name} must be a whole number, got {value}")
+        return int(value)
+    return float(value)
+
+
+def validate_params(raw: dict[str, Any], max_new_tokens_cap: int) -> tuple[GenerationParams, list[str]]:
+    """GenerationParams from untrusted values, and a notice for each value that was clamped.
+
+    Missing or None values take the defaults. A seed of -1 means "random", like None.
+    """
+    known = {f.name for f in fields(GenerationParams)}
+    unknown = set(raw) - known
+    if unknown:
+        raise InvalidRequest(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    notices: list[str] = []
+    for name, value in raw.items():
+        if value is None:
+            continue
+        if name == "do_sample":
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"do_sample must be true or false, got {value!r:.40}")
+            values[name] = value
+            continue
+        number = _number(name, value, name in _INTEGER_FIELDS)
+        if name == "seed" and number == -1:
+            continue
+        low, high = LIMITS[name]
+        if name == "max_new_tokens":
+            high = max_new_tokens_cap
+        clamped = min(max(number, low), high)
+        if clamped != number:
+            notices.append(f"{name} {number} is outside [{low}, {high}]; using {clamped}.")
+        values[name] = clamped
+    params = replace(GenerationParams(), **values)
+    if params.max_new_tokens > max_new_tokens_cap:
+        params = replace(params, max_new_tokens=max_new_tokens_cap)
+    return params, notices

@@ -1,0 +1,354 @@
+"""Loads Orca 2 once per process and streams the tokens of one request at a time.
+
+The engine knows ids and text, nothing of chats, moderation or pages. Each request runs
+``model.generate`` (the model card's own call) in a worker thread; a per-request event checked by a
+StoppingCriteria after every decode step lets Stop end the model's work, not just the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    StoppingCriteria,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from .config import GenerationParams
+from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names the model and what to do."""
+
+
+class GenerationError(RuntimeError):
+    """The model failed while answering; the engine stays usable."""
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Which weights format to load and why, shown in the log and on the page."""
+
+    quantization: str
+    reason: str
+
+
+def plan_load(requested: str, cuda: bool, fp32_bytes: int, ram_bytes: int) -> LoadPlan:
+    if requested != "auto":
+        return LoadPlan(requested, "requested")
+    if cuda:
+        return LoadPlan("8bit", "auto: a CUDA GPU is present, and 8-bit needs half the memory of bf16")
+    gib = 2**30
+    if fp32_bytes <= ram_bytes / 2:
+        return LoadPlan(
+            "fp32",
+            f"auto: no GPU, and fp32 weights ({fp32_bytes / gib:.1f} GiB) fit in RAM "
+            f"({ram_bytes / gib:.0f} GiB) with room to spare",
+        )
+    return LoadPlan(
+        "bf16",
+        f"auto: no GPU, and fp32 weights ({fp32_bytes / gib:.1f} GiB) would take more than half "
+        f"of RAM ({ram_bytes / gib:.0f} GiB); bf16 halves them",
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    quantization: str
+    reason: str
+    device: str
+    context_length: int
+
+    def describe(self) -> str:
+        return f"{self.name} · {self.quantization} ({self.reason}) · {self.device}"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    n_tokens: int
+    seconds: float
+    # "end_of_turn", "length" (max_new_tokens reached), "stopped" (cancelled) or "error"
+    stop_reason: str
+    seed: int | None
+    # Tokens the model produced after cancel() was called; Stop's promise is at most one.
+    tokens_after_cancel: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _State:
+    """What the worker thread and the Generation handle share. The thread holds no reference to
+    the handle, so dropping the handle cancels the work (see weakref.finalize below)."""
+
+    def __init__(self):
+        self.tokens: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancel = threading.Event()
+        self.n_tokens = 0
+        self.tokens_at_cancel: int | None = None
+        self.last_token: int | None = None
+        self.started = 0.0
+        self.error: BaseException | None = None
+        self.stats: GenerationStats | None = None
+
+    def finish(self, seed: int | None) -> GenerationStats:
+        if self.error is not None:
+            reason = "error"
+        elif self.cancel.is_set():
+            reason = "stopped"
+        elif self.last_token in STOP_IDS:
+            reason = "end_of_turn"
+        else:
+            reason = "length"
+        after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
+        seconds = time.perf_counter() - self.started if self.started else 0.0
+        return GenerationStats(self.n_tokens, seconds, reason, seed, after)
+
+
+class Generation:
+    """One running answer. Iterate it for text deltas; cancel() ends the model's work after the
+    current decode step; stats is set once iteration is over."""
+
+    def __init__(self, state: _State, worker: threading.Thread, tokenizer: OrcaTokenizer):
+        self._state = state
+        self._worker = worker
+        self._tokenizer = tokenizer
+        self.stats: GenerationStats | None = None
+        weakref.finalize(self, state.cancel.set)
+
+    def cancel(self) -> None:
+        state = self._state
+        if not state.cancel.is_set():
+            state.tokens_at_cancel = state.n_tokens
+            state.cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the worker thread to end; True once it has."""
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def __iter__(self) -> Iterator[str]:
+        state = self._state
+        decoder = StreamDecoder(self._tokenizer)
+        while (token := state.tokens.get()) is not _END:
+            if token not in STOP_IDS:
+                if delta := decoder.push(token):
+                    yield delta
+        if tail := decoder.flush():
+            yield tail
+        self.stats = state.stats
+        if state.error is not None:
+            raise GenerationError(f"The model failed while answering: {state.error}") from state.error
+
+
+class Engine:
+    """One model, shared by every session and request."""
+
+    def __init__(self, model, tokenizer: OrcaTokenizer, info: ModelInfo):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        # One generate at a time per model: it keeps the global torch RNG (and so seeds) per request.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_name: str, quantization: str = "auto") -> Engine:
+        try:
+            return cls._load(model_name, quantization)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
+            log.debug("model load failed", exc_info=True)
+            raise ModelLoadError(_load_failure_message(model_name, error)) from error
+
+    @classmethod
+    def _load(cls, model_name: str, quantization: str) -> Engine:
+
+        tokenizer = OrcaTokenizer.for_model(model_name)
+        config = AutoConfig.from_pretrained(model_name)
+        cuda = torch.cuda.is_available()
+        plan = plan_load(quantization, cuda, _fp32_bytes(config), psutil.virtual_memory().total)
+        log.info("loading %s as %s (%s)", model_name, plan.quantization, plan.reason)
+        model = AutoModelForCausalLM.from_pretrained(model_name, **_load_kwargs(plan.quantization, cuda))
+        model.eval()
+        # The prompt builder keeps prompt + max_new_tokens inside the context; the config's own
+        # max_length would only make generate warn on every request.
+        model.generation_config.max_length = None
+        device = torch.cuda.get_device_name(0) if cuda else "cpu"
+        info = ModelInfo(model_name, plan.quantization, plan.reason, device, config.max_position_embeddings)
+        log.info("model ready: %s", info.describe())
+        return cls(model, tokenizer, info)
+
+    def generate(self, input_ids: list[int], params: GenerationParams) -> Generation:
+        """Start answering; the returned Generation streams the answer's text."""
+        seed = None
+        if params.do_sample:
+            seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        state = _State()
+        worker = threading.Thread(
+            target=self._run,
+            args=(state, input_ids, params, seed),
+            name="orca2-generate",
+            daemon=True,
+        )
+        generation = Generation(state, worker, self.tokenizer)
+        worker.start()
+        return generation
+
+    def _run(self, state: _State, input_ids: list[int], params: GenerationParams, seed) -> None:
+
+        try:
+            while not self._lock.acquire(timeout=0.05):
+                if state.cancel.is_set():
+                    return
+            try:
+                if state.cancel.is_set():
+                    return
+                if seed is not None:
+                    torch.manual_seed(seed)
+                ids = torch.tensor([input_ids], device=self.model.device)
+                state.started = time.perf_counter()
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        generation_config=_generation_config(params),
+                        streamer=_TokenStreamer(state),
+                        stopping_criteria=[_CancelCriteria(state.cancel)],
+                    )
+            finally:
+                self._lock.release()
+        except Exception as error:  # noqa: BLE001 - reported to the consumer, the engine goes on
+            log.exception("generation failed")
+            state.error = error
+        finally:
+            state.stats = stats = state.finish(seed)
+            log.info(
+                "generation finished: %s, %d tokens in %.2fs (%.1f tokens/s), %s tokens after cancel",
+                stats.stop_reason, stats.n_tokens, stats.seconds, stats.tokens_per_second, stats.tokens_after_cancel,
+            )
+            state.tokens.put(_END)
+
+
+def _generation_config(params: GenerationParams):
+    sampling = {}
+    if params.do_sample:
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=params.do_sample,
+        repetition_penalty=params.repetition_penalty,
+        eos_token_id=list(STOP_IDS),
+        pad_token_id=PAD,
+        **sampling,
+    )
+
+
+class _TokenStreamer(BaseStreamer):
+    """Receives each new token from generate (the first call is the prompt, skipped)."""
+
+    def __init__(self, state: _State):
+        self._state = state
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        state = self._state
+        for token in value.reshape(-1).tolist():
+            state.n_tokens += 1
+            state.last_token = token
+            state.tokens.put(token)
+
+    def end(self) -> None:
+        pass
+
+
+class _CancelCriteria(StoppingCriteria):
+    def __init__(self, cancel: threading.Event):
+        self._cancel = cancel
+
+    def __call__(self, input_ids, scores, **kwargs):
+
+        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _load_kwargs(quantization: str, cuda: bool) -> dict:
+
+    device_map = "auto" if cuda else {"": "cpu"}
+    if quantization == "8bit":
+        # LLM.int8 computes in fp16 on GPUs; on CPU the activations stay fp32.
+        dtype = torch.float16 if cuda else torch.float32
+        return dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=dtype, device_map=device_map)
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        return dict(quantization_config=config, device_map=device_map)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[quantization]
+    return dict(dtype=dtype, device_map=device_map)
+
+
+def _fp32_bytes(config) -> int:
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return 4 * sum(p.numel() for p in skeleton.parameters())
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes logs the same cast warning on every 8-bit matmul; once per process is plenty."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
+
+
+def _load_failure_message(model_name: str, error: BaseException) -> str:
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        hint = "There is not enough memory: try --quantization 8bit or 4bit on a GPU, bf16 on CPU, or a smaller model."
+    elif isinstance(error, ImportError):
+        hint = "A package is missing: pip install -r requirements.txt"
+    else:
+        hint = (
+            "Check the model name, or point --model at a local folder with config.json, the weights and "
+            "tokenizer.model. Offline (no network, or HF_HUB_OFFLINE=1) a hub model must already be in "
+            "the Hugging Face cache (HF_HOME)."
+        )
+    return f"Could not load the model '{model_name}': {reason}\n{hint}"

@@ -1,0 +1,171 @@
+"""Orca 2's ChatML prompt: rendering, exact encoding, truncation, and decoding of answers.
+
+Ids must equal what the model card's code produced (the slow ``LlamaTokenizer`` of transformers
+4.35, ``legacy=False``). transformers 5 can no longer produce them, so the rule is rebuilt here on
+the SentencePiece model itself:
+
+* the whole text is prefixed with "▁", which becomes the lone piece 29871 before the first
+  ``<|im_start|>``;
+* text between control tokens is encoded with no dummy prefix; a chunk that starts with a space
+  is encoded behind "<unk>" whose pieces are then dropped, so the space stays a plain "▁";
+* ``<|im_start|>``/``<|im_end|>`` ids come only from the template. The same characters inside a
+  message are ordinary text, so no message can open or close a role.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+
+UNK, BOS, EOS = 0, 1, 2
+PAD, IM_START, IM_END = 32000, 32001, 32002
+CONTROL_TEXT = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
+# <|im_end|> ends Orca 2's turn, </s> ends its text, and a new <|im_start|> can only mean the turn
+# is over: generation stops on any of them.
+STOP_IDS = (IM_END, EOS, IM_START)
+# Ids that are never text: they are not shown even if a model emits them.
+NON_TEXT_IDS = frozenset({UNK, BOS, EOS, PAD, IM_START, IM_END})
+
+SPIECE_UNDERLINE = "▁"
+DEFAULT_CONTEXT_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One finished exchange: what the user asked and what Orca 2 answered."""
+
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The exact text and ids the model sees, and how many old turns were left out to fit."""
+
+    text: str
+    input_ids: list[int]
+    dropped_turns: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class PromptTooLong(ValueError):
+    """The system message and the new message alone leave no room for the answer."""
+
+
+class OrcaTokenizer:
+    """Encodes ChatML conversations exactly as the reference and decodes generated ids."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        proto = sentencepiece_model_pb2.ModelProto()
+        with open(model_file, "rb") as f:
+            proto.ParseFromString(f.read())
+        # The slow tokenizer (legacy=False) loads the model this way and adds "▁" itself.
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._n_pieces = self._sp.get_piece_size()
+        self._unk_prefix_len = len(self._sp.encode("<unk>"))
+
+    @classmethod
+    def for_model(cls, model: str) -> OrcaTokenizer:
+        """The tokenizer of a local model folder or of a hub repository (through the HF cache)."""
+        if os.path.isdir(model):
+            return cls(os.path.join(model, "tokenizer.model"))
+        from huggingface_hub import hf_hub_download
+
+        return cls(hf_hub_download(model, "tokenizer.model"))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of text that contains no control tokens (every character is plain text)."""
+        if not text:
+            return []
+        if text.startswith((SPIECE_UNDERLINE, " ")):
+            return self._sp.encode("<unk>" + text)[self._unk_prefix_len :]
+        return self._sp.encode(text)
+
+    def _message(self, role: str, content: str) -> list[int]:
+        # "▁" in a message is read as a space, as the reference tokenizer does.
+        text = f"{role}\n{content.replace(SPIECE_UNDERLINE, ' ')}"
+        return [IM_START, *self.encode_text(text), IM_END, *self.encode_text("\n")]
+
+    def build(
+        self,
+        system: str,
+        history: list[Turn],
+        user: str,
+        *,
+        max_new_tokens: int = 0,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+    ) -> Prompt:
+        """The prompt for a new user message, leaving room for max_new_tokens.
+
+        Oldest whole turns are dropped until it fits; the system message and the new message
+        are never cut.
+        """
+        head = [BOS, *self.encode_text(SPIECE_UNDERLINE), *self._message("system", system)]
+        tail = [*self._message("user", user), IM_START, *self.encode_text("assistant")]
+        turns = [
+            self._message("user", t.user) + self._message("assistant", t.assistant) for t in history
+        ]
+        room = context_length - max_new_tokens - len(head) - len(tail)
+        if room < 0:
+            raise PromptTooLong(
+                f"The message is {len(tail)} tokens and the system message {len(head)}; with "
+                f"{max_new_tokens} new tokens that exceeds Orca 2's {context_length}-token context. "
+                "Shorten the message or the system message, or lower max new tokens."
+            )
+        kept = len(turns)
+        while sum(len(t) for t in turns[len(turns) - kept :]) > room:
+            kept -= 1
+        dropped = len(turns) - kept
+        ids = head + [i for t in turns[dropped:] for i in t] + tail
+        return Prompt(render(system, history[dropped:], user), ids, dropped)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids; control ids are not text and are left out."""
+        return self._sp.decode([i for i in ids if i not in NON_TEXT_IDS and i < self._n_pieces])
+
+
+def render(system: str, history: list[Turn], user: str) -> str:
+    """The ChatML text of a conversation, as the model card writes it."""
+    parts = [f"<|im_start|>system\n{system}<|im_end|>\n"]
+    for turn in history:
+        parts.append(f"<|im_start|>user\n{turn.user}<|im_end|>\n")
+        parts.append(f"<|im_start|>assistant\n{turn.assistant}<|im_end|>\n")
+    parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant")
+    return "".join(parts)
+
+
+def answer_text(generated: str) -> str:
+    """The answer as shown and kept: the prompt ends at "assistant", so the model's first
+    character is the newline that ends its role line, which belongs to the template."""
+    return generated.removeprefix("\n")
+
+
+class StreamDecoder:
+    """Turns generated ids into text deltas, holding back bytes of an unfinished UTF-8 character."""
+
+    # A byte-fallback character takes at most 4 ids; past that, show what there is.
+    _MAX_PENDING = 8
+
+    def __init__(self, tokenizer: OrcaTokenizer):
+        self._tokenizer = tokenizer
+        self._pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self._pending.append(token_id)
+        text = self._tokenizer.decode(self._pending)
+        if text.endswith("\ufffd") and len(self._pending) < self._MAX_PENDING:
+            return ""
+        self._pending.clear()
+        return text
+
+    def flush(self) -> str:
+        text = self._tokenizer.decode(self._pending)
+        self._pending.clear()
+        return text

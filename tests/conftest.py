@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny Orca-2-shaped models built on the fly, and the app launched in-process.
+
+Nothing here touches a hub: HF_HUB_OFFLINE is set before transformers or huggingface_hub load.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tiny_model import build_tiny_model  # noqa: E402
+
+from orca2_space.chat import Chat  # noqa: E402
+from orca2_space.config import Settings  # noqa: E402
+from orca2_space.engine import Engine  # noqa: E402
+from orca2_space.prompt import EOS, IM_END, OrcaTokenizer  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# "\n", "The", "▁answer": what the scripted models write after "assistant".
+SCRIPT = [13, 1576, 1234]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> OrcaTokenizer:
+    return OrcaTokenizer(FIXTURES / "orca2-tokenizer" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Random weights: answers are noise, but every code path is the real one."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir) -> Engine:
+    return Engine.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def ends_with_im_end(tmp_path_factory) -> Engine:
+    """Answers "\\nThe answer" then <|im_end|>."""
+    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("im_end"), script=[*SCRIPT, IM_END])))
+
+
+@pytest.fixture(scope="session")
+def ends_with_eos(tmp_path_factory) -> Engine:
+    """Answers "\\nThe answer" then </s>."""
+    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("eos"), script=[*SCRIPT, EOS])))
+
+
+@pytest.fixture(scope="session")
+def never_ends(tmp_path_factory) -> Engine:
+    """Repeats "\\nThe answer" until max_new_tokens or Stop."""
+    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("loop"), script=SCRIPT, loop=True)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_settings() -> Settings:
+    # A cap close to the context, so that an answer nobody stops runs for many seconds.
+    return Settings(model="tiny", host="127.0.0.1", port=free_port(), max_new_tokens_cap=4000)
+
+
+@pytest.fixture(scope="session")
+def launched_chat(never_ends, app_settings):
+    """The real app (page + API) served on loopback, over the model that runs until stopped."""
+    from orca2_space.cli import launch
+
+    chat = Chat(never_ends, app_settings)
+    demo = launch(chat, block=False)
+    yield chat, demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(launched_chat):
+    from gradio_client import Client
+
+    return Client(launched_chat[1], verbose=False)

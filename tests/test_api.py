@@ -1,0 +1,92 @@
+"""The launched app through gradio_client: /chat streams, /inspect_prompt shows the exact ids."""
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+from gradio_client.exceptions import AppError
+
+from conftest import FIXTURES
+
+REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
+
+
+def as_messages(pairs):
+    return [m for user, answer in pairs for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+
+
+@pytest.mark.parametrize("case", REFERENCE, ids=[c["name"] for c in REFERENCE])
+def test_inspect_prompt_returns_the_reference_ids(client, case):
+    result = client.predict(
+        message=case["user"], system_message=case["system"], history=as_messages(case["history"]), api_name="/inspect_prompt"
+    )
+    assert result["input_ids"] == case["input_ids"]
+    assert result["n_tokens"] == len(case["input_ids"])
+    assert result["text"].endswith(f"<|im_start|>user\n{case['user']}<|im_end|>\n<|im_start|>assistant")
+
+
+def test_chat_streams_partial_answers_then_a_final_one(client):
+    job = client.submit(message="Tell me more", max_new_tokens=30, api_name="/chat")
+    updates = list(job)
+    final = job.result()
+    assert final["done"] and final["stop_reason"] == "length" and final["n_tokens"] == 30
+    assert final["answer"] == ("The answer\n" * 10).rstrip("\n")
+    partials = {u["answer"] for u in updates if not u["done"]}
+    assert len(partials) > 1
+
+
+def test_chat_takes_every_setting_by_name(client):
+    final = client.predict(
+        message="Hi",
+        system_message="",
+        history=as_messages([("Q", "A")]),
+        do_sample=True,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=20,
+        repetition_penalty=1.0,
+        max_new_tokens=6,
+        seed=42,
+        api_name="/chat",
+    )
+    assert final["seed"] == 42 and final["n_tokens"] == 6
+    assert final["answer"] == "The answer\nThe answer"
+
+
+def test_a_huge_max_new_tokens_is_clamped_to_the_server_cap(client, app_settings):
+    job = client.submit(message="Hi", max_new_tokens=10**9, api_name="/chat")
+    first = next(iter(job))
+    job.cancel()
+    assert f"max_new_tokens 1000000000 is outside [1, {app_settings.max_new_tokens_cap}]" in first["notices"][0]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(message=123), "message must be text"),
+        (dict(message="hi", temperature="hot"), "temperature must be a number"),
+        (dict(message="hi", history="nope"), "history must be a list"),
+        (dict(message="hi", top_p=[1]), "top_p must be a number"),
+    ],
+)
+def test_bad_calls_get_a_clear_error_and_the_app_keeps_serving(client, fields, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(**fields, api_name="/chat")
+    assert client.predict(message="still there?", max_new_tokens=3, api_name="/chat")["done"]
+
+
+def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
+    caplog.set_level(logging.INFO, logger="orca2_space.engine")
+    job = client.submit(message="Go on", max_new_tokens=4000, api_name="/chat")
+    while len(job.outputs()) < 3:
+        time.sleep(0.01)
+    workers = [t for t in threading.enumerate() if t.name == "orca2-generate"]
+    assert workers, "no generation running on the server"
+    job.cancel()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    finished = [r.getMessage() for r in caplog.records if "generation finished" in r.getMessage()]
+    assert finished and finished[-1].startswith("generation finished: stopped"), finished

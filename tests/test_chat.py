@@ -1,0 +1,131 @@
+"""One chat turn: request validation, history handling, streaming updates, Stop by owner."""
+
+import threading
+
+import pytest
+
+from orca2_space.chat import Chat, turns_from_messages
+from orca2_space.config import InvalidRequest, Settings
+from orca2_space.prompt import Turn
+
+
+@pytest.fixture
+def chat(ends_with_im_end):
+    return Chat(ends_with_im_end, Settings(max_new_tokens_cap=256, max_message_chars=5000))
+
+
+def messages(*pairs):
+    out = []
+    for user, answer in pairs:
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return out
+
+
+def test_history_messages_become_turns():
+    assert turns_from_messages(messages(("Q1", "A1"), ("Q2", "A2"))) == ([Turn("Q1", "A1"), Turn("Q2", "A2")], [])
+
+
+def test_gradio_chatbot_content_parts_are_read_as_text():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A"}], "metadata": None},
+    ]
+    assert turns_from_messages(history)[0] == [Turn("Q", "A")]
+
+
+def test_page_notices_are_never_sent_back_to_the_model():
+    history = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "The model failed", "metadata": {"title": "Error"}},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
+    turns, notices = turns_from_messages(history)
+    assert turns == [Turn("Q2", "A2")]
+    assert "1 history message" in notices[0]
+
+
+@pytest.mark.parametrize(
+    "history, message",
+    [
+        ("not a list", "history must be a list"),
+        ([["user", "hi"]], "history\\[0\\] must be a"),
+        ([{"role": "system", "content": "x"}], "role must be"),
+        ([{"role": "user", "content": 5}], "content must be text"),
+    ],
+)
+def test_malformed_history_is_refused_clearly(history, message):
+    with pytest.raises(InvalidRequest, match=message):
+        turns_from_messages(history)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(message=5), "message must be text"),
+        (dict(message="   "), "empty"),
+        (dict(message="x" * 5001), "at most 5,000"),
+        (dict(system_message=None), "system_message must be text"),
+        (dict(system_message="x" * 5001), "system_message is 5,001 characters"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_named(chat, fields, message):
+    values = {"message": "hi", "system_message": "", "history": [], **fields}
+    with pytest.raises(InvalidRequest, match=message):
+        chat.request(values.pop("message"), values.pop("system_message"), values.pop("history"))
+
+
+def test_a_turn_streams_updates_and_ends_with_stats(chat):
+    updates = list(chat.respond(chat.request("Hello?", "sys", [])))
+    assert [u.answer for u in updates] == ["", "The", "The answer", "The answer"]
+    final = updates[-1]
+    assert final.done and final.error is None
+    assert final.stats.stop_reason == "end_of_turn"
+
+
+def test_clamped_settings_are_reported_with_the_answer(chat):
+    final = list(chat.respond(chat.request("Hello?", "sys", [], max_new_tokens=10**9)))[-1]
+    assert any("max_new_tokens" in n for n in final.notices)
+
+
+def test_dropped_turns_are_reported(chat):
+    long_history = messages(*[("word " * 1500, "ok")] * 4)  # about 1,500 tokens each
+    final = list(chat.respond(chat.request("Hello?", "sys", long_history, max_new_tokens=256)))[-1]
+    assert any("2 oldest turn(s) were left out" in n for n in final.notices)
+    assert final.answer == "The answer"
+
+
+def test_a_message_too_long_for_the_context_is_an_error_update(ends_with_im_end):
+    chat = Chat(ends_with_im_end, Settings())
+    final = list(chat.respond(chat.request("word " * 4500, "sys", [])))[-1]
+    assert final.done and "Shorten the message" in final.error
+
+
+def test_inspect_shows_the_exact_prompt(chat, tokenizer):
+    prompt = chat.inspect("Q2", "sys", messages(("Q1", "A1")))
+    assert prompt.input_ids == tokenizer.build("sys", [Turn("Q1", "A1")], "Q2").input_ids
+
+
+def test_stop_by_owner_ends_the_running_answer(never_ends):
+    chat = Chat(never_ends, Settings(max_new_tokens_cap=100_000))
+    updates = chat.respond(chat.request("Go on forever", "", [], max_new_tokens=3000), owner="session-1")
+    next(updates)
+    next(updates)
+    assert chat.stop("session-1") is True
+    final = list(updates)[-1]
+    assert final.done and final.stats.stop_reason == "stopped"
+    assert final.stats.tokens_after_cancel <= 1
+    assert chat.stop("session-1") is False  # nothing left running for that owner
+
+
+def test_closing_the_stream_ends_the_generation_thread(never_ends):
+    chat = Chat(never_ends, Settings(max_new_tokens_cap=100_000))
+    before = {t for t in threading.enumerate() if t.name == "orca2-generate"}
+    updates = chat.respond(chat.request("Go", "", [], max_new_tokens=3000))
+    next(updates)
+    next(updates)
+    workers = {t for t in threading.enumerate() if t.name == "orca2-generate"} - before
+    updates.close()  # what Gradio does when a client disconnects or cancels
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()

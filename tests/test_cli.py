@@ -1,0 +1,94 @@
+"""`python app.py`: flags, their environment variables, share safety, and load failures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, parser, settings_from_args, share_decision
+from orca2_space.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS_AND_ENV = {
+    "--model": "ORCA2_MODEL",
+    "--quantization": "ORCA2_QUANTIZATION",
+    "--host": "ORCA2_HOST",
+    "--port": "ORCA2_PORT",
+    "--share": "ORCA2_SHARE",
+    "--auth": "ORCA2_AUTH",
+    "--max-new-tokens-cap": "ORCA2_MAX_NEW_TOKENS_CAP",
+    "--concurrency": "ORCA2_CONCURRENCY",
+    "--max-queue": "ORCA2_MAX_QUEUE",
+    "--log-level": "ORCA2_LOG_LEVEL",
+}
+
+
+def run_app(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "app.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def test_help_documents_every_flag_and_its_environment_variable():
+    result = run_app("--help")
+    assert result.returncode == 0
+    for flag, env in FLAGS_AND_ENV.items():
+        assert flag in result.stdout and env in result.stdout
+    assert "microsoft/Orca-2-13b" in result.stdout
+
+
+def test_environment_variables_set_the_defaults(monkeypatch):
+    monkeypatch.setenv("ORCA2_MODEL", "microsoft/Orca-2-13b")
+    monkeypatch.setenv("ORCA2_QUANTIZATION", "4bit")
+    monkeypatch.setenv("ORCA2_PORT", "9000")
+    monkeypatch.setenv("ORCA2_AUTH", "ann:secret")
+    monkeypatch.setenv("ORCA2_MAX_NEW_TOKENS_CAP", "100")
+    monkeypatch.setenv("ORCA2_SHARE", "true")
+    settings = settings_from_args(parser().parse_args([]))
+    assert settings == Settings(
+        model="microsoft/Orca-2-13b", quantization="4bit", port=9000, auth=("ann", "secret"), max_new_tokens_cap=100, share=True
+    )
+
+
+def test_flags_win_over_environment_variables(monkeypatch):
+    monkeypatch.setenv("ORCA2_MODEL", "from-env")
+    assert settings_from_args(parser().parse_args(["--model", "from-flag"])).model == "from-flag"
+
+
+def test_on_a_space_the_app_listens_on_all_interfaces(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/orca2")
+    assert settings_from_args(parser().parse_args([])).host == "0.0.0.0"
+
+
+def test_share_without_auth_warns_that_anyone_with_the_link_can_use_the_machine():
+    assert share_decision(Settings(share=True), on_space=False) == (True, SHARE_WITHOUT_AUTH_WARNING)
+    assert share_decision(Settings(share=True, auth=("a", "b")), on_space=False) == (True, None)
+    assert share_decision(Settings(), on_space=False) == (False, None)
+
+
+def test_share_is_not_attempted_on_a_space():
+    share, warning = share_decision(Settings(share=True), on_space=True)
+    assert share is False and "ignored on a Hugging Face Space" in warning
+
+
+@pytest.mark.parametrize("auth", ["nopassword", ":pw", "user:"])
+def test_a_malformed_auth_is_refused(auth):
+    result = run_app("--auth", auth, "--model", "unused")
+    assert result.returncode == 2 and "USER:PASS" in result.stderr
+
+
+def test_a_model_that_cannot_load_exits_non_zero_with_one_clear_message(tmp_path):
+    result = run_app("--model", str(tmp_path / "missing-model"), "--share")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert SHARE_WITHOUT_AUTH_WARNING in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing-model" in errors[0]
+    assert "--model" in result.stderr
