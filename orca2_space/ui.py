@@ -113,7 +113,7 @@ def build(chat: Chat) -> gr.Blocks:
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
-                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", buttons=["copy", "copy_all"], feedback_options=None)
+                chatbot = gr.Chatbot(label="Chat", show_label=False, elem_id="chatbot", buttons=["copy", "copy_all"], feedback_options=None)
                 with gr.Row():
                     message = gr.Textbox(
                         placeholder="Ask Orca 2…", show_label=False, scale=5, lines=2, max_lines=12, elem_id="message", autofocus=True
@@ -121,9 +121,9 @@ def build(chat: Chat) -> gr.Blocks:
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                     stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
                 with gr.Row():
-                    retry_button = gr.Button("↻ Retry", size="sm", elem_id="retry")
-                    undo_button = gr.Button("↶ Undo", size="sm", elem_id="undo")
-                    clear_button = gr.Button("🗑 Clear", size="sm", elem_id="clear")
+                    retry_button = gr.Button("↻ Retry", size="sm", min_width=60, elem_id="retry")
+                    undo_button = gr.Button("↶ Undo", size="sm", min_width=60, elem_id="undo")
+                    clear_button = gr.Button("🗑 Clear", size="sm", min_width=60, elem_id="clear")
                 answer_status = gr.Markdown(elem_id="answer-status")
                 gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
             with gr.Column(scale=2, min_width=280):
@@ -140,7 +140,7 @@ def build(chat: Chat) -> gr.Blocks:
                 with gr.Accordion("Prompt inspector", open=False):
                     inspect_button = gr.Button("Show the prompt for the message box", size="sm", elem_id="inspect")
                     inspect_count = gr.Markdown(elem_id="inspect-count")
-                    inspect_text = gr.Code(label="ChatML text", language=None, elem_id="inspect-text")
+                    inspect_text = gr.Code(label="ChatML text", language=None, wrap_lines=True, max_lines=20, elem_id="inspect-text")
                     inspect_ids = gr.Textbox(label="Input ids", lines=4, max_lines=10, elem_id="inspect-ids")
 
         params = [do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed]
