@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import GenerationParams, InvalidRequest, Settings, validate_params
 from .engine import Engine, GenerationError, GenerationStats
+from .moderation import Moderation, Verdict
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
 
 
@@ -22,6 +23,8 @@ class ChatRequest:
     system_message: str
     history: list[Turn]
     params: GenerationParams
+    # What the caller asked for; None leaves it to the server's default.
+    moderation: bool | None = None
     # Messages about the request itself (clamped settings, skipped history entries).
     notices: tuple[str, ...] = ()
 
@@ -35,6 +38,12 @@ class ChatUpdate:
     stats: GenerationStats | None = None
     error: str | None = None
     notices: tuple[str, ...] = field(default_factory=tuple)
+    # "off", "pending" (text is shown only after it passed), "passed", "flagged", or
+    # "unavailable" (the service failed: the answer is held back, or shown unmoderated if the
+    # server fails open)
+    moderation: str = "off"
+    # Why moderation withheld the question or the answer; shown instead of it.
+    withheld: str | None = None
 
     def as_api_dict(self) -> dict[str, Any]:
         stats = self.stats
@@ -47,6 +56,8 @@ class ChatUpdate:
             "tokens_per_second": round(stats.tokens_per_second, 2) if stats else None,
             "seed": stats.seed if stats else None,
             "notices": list(self.notices),
+            "moderation": self.moderation,
+            "withheld": self.withheld,
         }
 
 
@@ -106,19 +117,35 @@ def turns_from_messages(messages: Any) -> tuple[list[Turn], list[str]]:
 class Chat:
     """The conversation service over one shared engine."""
 
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, moderation: Moderation | None = None):
         self.engine = engine
         self.settings = settings
+        self.moderation = moderation
         self._active: dict[str, Any] = {}
         self._active_lock = threading.Lock()
 
-    def request(self, message: Any, system_message: Any, history: Any, **params: Any) -> ChatRequest:
+    def request(
+        self, message: Any, system_message: Any, history: Any, moderation: Any = None, **params: Any
+    ) -> ChatRequest:
         """A validated request from untrusted values; raises InvalidRequest with a clear message."""
         message, system_message, turns, history_notices = self._conversation(message, system_message, history)
         if not message.strip():
             raise InvalidRequest("The message is empty.")
+        if moderation is not None and not isinstance(moderation, bool):
+            raise InvalidRequest(f"moderation must be true or false, got {moderation!r:.40}")
         generation, param_notices = validate_params(params, self.settings.max_new_tokens_cap)
-        return ChatRequest(message, system_message, turns, generation, tuple(param_notices + history_notices))
+        notices = tuple(param_notices + history_notices)
+        return ChatRequest(message, system_message, turns, generation, moderation, notices)
+
+    def moderation_for(self, requested: bool | None) -> tuple[Moderation | None, str | None]:
+        """The moderation that applies to a request, and a notice when the request didn't get its way."""
+        if self.moderation is None:
+            return None, "Moderation is not configured on this server; the answer is not moderated." if requested else None
+        rules = self.moderation.settings
+        if rules.required:
+            return self.moderation, "Moderation is required on this server." if requested is False else None
+        on = rules.default_on if requested is None else requested
+        return (self.moderation if on else None), None
 
     def inspect(self, message: Any, system_message: Any, history: Any, max_new_tokens: Any = 0) -> Prompt:
         """The exact prompt the model would see for this message, with room for max_new_tokens."""
@@ -146,10 +173,24 @@ class Chat:
     def respond(self, request: ChatRequest, owner: str | None = None) -> Iterator[ChatUpdate]:
         """Stream the answer. Closing the iterator, or stop(owner), ends the model's work."""
         notices = list(request.notices)
+        moderation, notice = self.moderation_for(request.moderation)
+        notices += [notice] if notice else []
+        state = "off" if moderation is None else "pending"
+
+        def update(answer: str, **fields: Any) -> ChatUpdate:
+            return ChatUpdate(answer, notices=tuple(notices), **{"moderation": state, **fields})
+
+        if moderation is not None:
+            verdict = moderation.check(request.message)
+            if not verdict.allowed:
+                yield update("", done=True, moderation=_state(verdict), withheld=_withheld("Your message was not sent to Orca 2", verdict, moderation))
+                return
+            if not verdict.moderated:
+                notices.append(_unmoderated(verdict))
         try:
             prompt = self._prompt(request.message, request.system_message, request.history, request.params.max_new_tokens)
         except PromptTooLong as error:
-            yield ChatUpdate("", done=True, error=str(error), notices=tuple(notices))
+            yield update("", done=True, error=str(error))
             return
         if prompt.dropped_turns:
             notices.append(
@@ -157,19 +198,44 @@ class Chat:
                 f"{self.engine.info.context_length}-token context."
             )
         generation = self.engine.generate(prompt.input_ids, request.params)
+        gate = moderation.gate() if moderation is not None else None
         if owner is not None:
             with self._active_lock:
                 self._active[owner] = generation
-        generated = ""
+        generated = shown = ""
+        error = None
         try:
-            for delta in generation:
-                generated += delta
-                yield ChatUpdate(answer_text(generated), notices=tuple(notices))
-            yield ChatUpdate(answer_text(generated), done=True, stats=generation.stats, notices=tuple(notices))
-        except GenerationError as error:
-            yield ChatUpdate(answer_text(generated), done=True, error=str(error), notices=tuple(notices))
+            try:
+                for delta in generation:
+                    generated += delta
+                    if gate is None:
+                        shown = answer_text(generated)
+                        yield update(shown)
+                        continue
+                    gate.offer(answer_text(generated))
+                    if gate.blocked:
+                        generation.cancel()
+                        generation.wait()  # one decode step at most
+                        break
+                    if (released := gate.released) != shown:
+                        shown = released
+                        yield update(shown)
+            except GenerationError as failure:
+                error = str(failure)
+            answer = answer_text(generated)
+            if gate is not None:
+                verdict = gate.finish(answer)
+                state = _state(verdict)
+                if not verdict.allowed:
+                    yield update("", done=True, stats=generation.stats, withheld=_withheld("[Content Filtered] Orca 2's answer was withheld", verdict, moderation))
+                    return
+                if not verdict.moderated:
+                    notices.append(_unmoderated(verdict))
+            yield update(answer, done=True, stats=generation.stats, error=error)
         finally:
             generation.cancel()
+            if gate is not None:
+                gate.close()
             if owner is not None:
                 with self._active_lock:
                     if self._active.get(owner) is generation:
@@ -183,3 +249,19 @@ class Chat:
             return False
         generation.cancel()
         return True
+
+
+def _state(verdict: Verdict) -> str:
+    if not verdict.moderated:
+        return "unavailable"
+    return "passed" if verdict.allowed else "flagged"
+
+
+def _withheld(what: str, verdict: Verdict, moderation: Moderation) -> str:
+    if verdict.flagged:
+        return f"{what}: moderation flagged it for {verdict.describe()}; this server's threshold is {moderation.settings.threshold}."
+    return f"{what}: {verdict.error}, and this server does not let unmoderated text through."
+
+
+def _unmoderated(verdict: Verdict) -> str:
+    return f"Not moderated: {verdict.error}."

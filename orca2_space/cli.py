@@ -7,7 +7,15 @@ import logging
 import os
 import sys
 
-from .config import DEFAULT_MODEL, KNOWN_MODELS, QUANTIZATIONS, Settings
+from .config import (
+    DEFAULT_MODEL,
+    KNOWN_MODELS,
+    MODERATION_CATEGORIES,
+    MODERATION_THRESHOLDS,
+    QUANTIZATIONS,
+    ModerationSettings,
+    Settings,
+)
 
 log = logging.getLogger("orca2_space")
 
@@ -88,6 +96,55 @@ def parser() -> argparse.ArgumentParser:
         default=int(env("ORCA2_MAX_QUEUE", "32")),
         help="requests that may wait; more are told the app is busy [ORCA2_MAX_QUEUE] (default 32)",
     )
+    m = p.add_argument_group(
+        "moderation (Azure AI Content Safety)",
+        "On when CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY are set (on a Space: as secrets). The key is "
+        "read from the environment only, so it never shows in a process list.",
+    )
+    m.add_argument(
+        "--moderation",
+        choices=("on", "off"),
+        default=env("ORCA2_MODERATION", "on"),
+        help="the toggle's default when the service is configured [ORCA2_MODERATION] (default on)",
+    )
+    m.add_argument(
+        "--moderation-required",
+        action="store_true",
+        default=_env_flag("ORCA2_MODERATION_REQUIRED"),
+        help="visitors and API callers can't turn moderation off [ORCA2_MODERATION_REQUIRED=1]",
+    )
+    m.add_argument(
+        "--moderation-threshold",
+        type=int,
+        choices=MODERATION_THRESHOLDS,
+        default=int(env("ORCA2_MODERATION_THRESHOLD", "4")),
+        help="withhold text with a category at this severity or above [ORCA2_MODERATION_THRESHOLD] (default 4, "
+        "as in the model card; 0 and 2 both catch anything not rated safe)",
+    )
+    m.add_argument(
+        "--moderation-categories",
+        default=env("ORCA2_MODERATION_CATEGORIES", ",".join(MODERATION_CATEGORIES)),
+        help=f"comma-separated [ORCA2_MODERATION_CATEGORIES] (default {','.join(MODERATION_CATEGORIES)})",
+    )
+    m.add_argument(
+        "--moderation-on-failure",
+        choices=("closed", "open"),
+        default=env("ORCA2_MODERATION_ON_FAILURE", "closed"),
+        help="when the service fails: hold answers back (closed), or show them marked 'not moderated' (open) "
+        "[ORCA2_MODERATION_ON_FAILURE] (default closed)",
+    )
+    m.add_argument(
+        "--moderation-timeout",
+        type=float,
+        default=float(env("ORCA2_MODERATION_TIMEOUT", "3")),
+        help="seconds to wait for one check [ORCA2_MODERATION_TIMEOUT] (default 3)",
+    )
+    m.add_argument(
+        "--moderation-retries",
+        type=int,
+        default=int(env("ORCA2_MODERATION_RETRIES", "1")),
+        help="retries after a throttled, failed or unreachable check [ORCA2_MODERATION_RETRIES] (default 1)",
+    )
     p.add_argument(
         "--log-level",
         default=env("ORCA2_LOG_LEVEL", "INFO"),
@@ -109,6 +166,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_new_tokens_cap=args.max_new_tokens_cap,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        moderation=ModerationSettings(
+            endpoint=os.environ.get("CONTENT_SAFETY_ENDPOINT") or None,
+            key=os.environ.get("CONTENT_SAFETY_KEY") or None,
+            default_on=args.moderation == "on",
+            required=args.moderation_required,
+            threshold=args.moderation_threshold,
+            categories=tuple(c.strip() for c in args.moderation_categories.split(",") if c.strip()),
+            fail_open=args.moderation_on_failure == "open",
+            timeout=args.moderation_timeout,
+            retries=args.moderation_retries,
+        ),
     )
 
 
@@ -143,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    launch(Chat(engine, settings), share=share)
+    launch(Chat(engine, settings, moderation_service(settings.moderation)), share=share)
     return 0
 
 
@@ -165,3 +233,14 @@ def launch(chat, share: bool = False, block: bool = True):
         quiet=not block,
     )
     return demo
+
+
+def moderation_service(settings: ModerationSettings):
+    """The moderation the server runs, or None when no service is configured."""
+    if not settings.configured:
+        log.info("moderation off: set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it")
+        return None
+    from .moderation import AzureContentSafety, Moderation
+
+    log.info("moderation: Azure AI Content Safety at %s, threshold %d", settings.endpoint, settings.threshold)
+    return Moderation(AzureContentSafety(settings.endpoint, settings.key, settings.timeout, settings.retries), settings)

@@ -8,16 +8,52 @@ range is clamped into it and the clamping is reported back.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 QUANTIZATIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DEFAULT_MODEL = "microsoft/Orca-2-7b"
 KNOWN_MODELS = ("microsoft/Orca-2-7b", "microsoft/Orca-2-13b")
+# Azure AI Content Safety's text categories; severities are 0 (safe), 2, 4, 6.
+MODERATION_CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
+MODERATION_THRESHOLDS = (0, 2, 4, 6)
 
 
 class InvalidRequest(ValueError):
     """A request the server refuses; the message is meant for the person who sent it."""
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    """Azure AI Content Safety on questions and answers; on only when endpoint and key are set."""
+
+    endpoint: str | None = None
+    key: str | None = field(default=None, repr=False)
+    default_on: bool = True
+    # Visitors and API callers can't turn it off (a Space owner's choice).
+    required: bool = False
+    # Flag a category at this severity or above (the model card uses 4).
+    threshold: int = 4
+    categories: tuple[str, ...] = MODERATION_CATEGORIES
+    # When the service fails: hold the answer back (closed) or show it marked "not moderated" (open).
+    fail_open: bool = False
+    timeout: float = 3.0
+    retries: int = 1
+
+    def __post_init__(self):
+        if self.threshold not in MODERATION_THRESHOLDS:
+            raise ValueError(f"moderation threshold must be one of {MODERATION_THRESHOLDS}")
+        unknown = set(self.categories) - set(MODERATION_CATEGORIES)
+        if unknown or not self.categories:
+            raise ValueError(f"moderation categories must be some of {', '.join(MODERATION_CATEGORIES)}")
+        if not 0 < self.timeout <= 60:
+            raise ValueError("moderation timeout must be between 0 and 60 seconds")
+        if not 0 <= self.retries <= 5:
+            raise ValueError("moderation retries must be between 0 and 5")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.endpoint and self.key)
 
 
 @dataclass(frozen=True)
@@ -29,11 +65,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
-    auth: tuple[str, str] | None = None
+    auth: tuple[str, str] | None = field(default=None, repr=False)
     max_new_tokens_cap: int = 2048
     concurrency: int = 1
     max_queue: int = 32
     max_message_chars: int = 100_000
+    moderation: ModerationSettings = ModerationSettings()
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -133,8 +133,12 @@ class Generation:
         self._state = state
         self._worker = worker
         self._tokenizer = tokenizer
-        self.stats: GenerationStats | None = None
         weakref.finalize(self, state.cancel.set)
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """How the generation went, once the worker has finished."""
+        return self._state.stats
 
     def cancel(self) -> None:
         state = self._state
@@ -156,7 +160,6 @@ class Generation:
                     yield delta
         if tail := decoder.flush():
             yield tail
-        self.stats = state.stats
         if state.error is not None:
             raise GenerationError(f"The model failed while answering: {state.error}") from state.error
 

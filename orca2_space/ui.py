@@ -23,9 +23,19 @@ _DEFAULTS = GenerationParams()
 _PARAM_NAMES = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
 
 
+_MODERATION_STATUS = {
+    "pending": "🛡 Each sentence is shown once moderation has passed it",
+    "passed": "🛡 Moderated",
+    "flagged": "🛡 Withheld by moderation",
+    "unavailable": "⚠️ Moderation unavailable",
+}
+
+
 def _status_line(update: ChatUpdate) -> str:
     parts = []
-    if update.error:
+    if update.withheld:
+        parts.append(update.withheld)
+    elif update.error:
         parts.append(f"⚠️ {update.error}")
     elif not update.done:
         parts.append("⏳ Generating…")
@@ -34,12 +44,17 @@ def _status_line(update: ChatUpdate) -> str:
         label = {"end_of_turn": "✅ Done", "length": "✅ Done (max new tokens reached)", "stopped": "⏹ Stopped"}
         mode = f"seed {s.seed}" if s.seed is not None else "greedy"
         parts.append(f"{label.get(s.stop_reason, s.stop_reason)} · {s.n_tokens} tokens · {s.tokens_per_second:.1f} tokens/s · {mode}")
+    if update.moderation in _MODERATION_STATUS:
+        parts.append(_MODERATION_STATUS[update.moderation])
     parts += [f"ℹ️ {n}" for n in update.notices]
     return "  \n".join(parts)
 
 
 def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
     messages = [*history, {"role": "user", "content": message}]
+    if update.withheld:
+        # A titled message is a notice: chat.turns_from_messages never sends it back to the model.
+        return [*messages, {"role": "assistant", "content": update.withheld, "metadata": {"title": "🛡 Moderation"}}]
     if update.answer or not update.error:
         messages.append({"role": "assistant", "content": update.answer})
     if update.error:
@@ -47,17 +62,36 @@ def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
     return messages
 
 
+def _moderation_toggle(chat: Chat) -> gr.Checkbox:
+    label = "Moderation (Azure AI Content Safety)"
+    if chat.moderation is None:
+        return gr.Checkbox(
+            False,
+            label=label,
+            interactive=False,
+            info="Off: this server has no moderation service. Set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it.",
+            elem_id="moderation",
+        )
+    rules = chat.moderation.settings
+    on_failure = "shown marked unmoderated" if rules.fail_open else "held back"
+    info = f"Withholds {', '.join(rules.categories)} at severity {rules.threshold} or above; if the service fails, answers are {on_failure}."
+    if rules.required:
+        return gr.Checkbox(True, label=label, interactive=False, info=f"Required on this server. {info}", elem_id="moderation")
+    return gr.Checkbox(rules.default_on, label=label, info=info, elem_id="moderation")
+
+
 def build(chat: Chat) -> gr.Blocks:
     info = chat.engine.info
     cap = chat.settings.max_new_tokens_cap
 
     def respond_ui(
-        message, history, system_message, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+        message, history, system_message, moderation,
+        do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
         request: gr.Request,
     ) -> Iterator:
         params = dict(zip(_PARAM_NAMES, (do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)))
         try:
-            chat_request = chat.request(message, system_message, history, **params)
+            chat_request = chat.request(message, system_message, history, moderation=moderation, **params)
         except InvalidRequest as error:
             raise gr.Error(str(error)) from error
         busy = (gr.update(visible=False), gr.update(visible=True))
@@ -77,14 +111,16 @@ def build(chat: Chat) -> gr.Blocks:
         return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
     def retry(
-        history, system_message, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+        history, system_message, moderation,
+        do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
         request: gr.Request,
     ):
         earlier, message = split_last_turn(history)
         if not message:
             raise gr.Error("Nothing to retry yet.")
         yield from respond_ui(
-            message, earlier, system_message, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, request
+            message, earlier, system_message, moderation,
+            do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, request,
         )
 
     def undo(history):
@@ -127,6 +163,7 @@ def build(chat: Chat) -> gr.Blocks:
                 answer_status = gr.Markdown(elem_id="answer-status")
                 gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
             with gr.Column(scale=2, min_width=280):
+                moderation = _moderation_toggle(chat)
                 preset = gr.Dropdown(list(SYSTEM_PRESETS), value=DEFAULT_PRESET, label="System message preset", elem_id="preset")
                 system_message = gr.Textbox(CAUTIOUS, label="System message", lines=5, max_lines=15, elem_id="system-message")
                 with gr.Accordion("Sampling", open=False):
@@ -147,8 +184,8 @@ def build(chat: Chat) -> gr.Blocks:
         busy_outputs = [message, chatbot, answer_status, send, stop_button]
         generation = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
         for trigger in (send.click, message.submit):
-            trigger(respond_ui, [message, chatbot, system_message, *params], busy_outputs, **generation)
-        retry_button.click(retry, [chatbot, system_message, *params], busy_outputs, **generation)
+            trigger(respond_ui, [message, chatbot, system_message, moderation, *params], busy_outputs, **generation)
+        retry_button.click(retry, [chatbot, system_message, moderation, *params], busy_outputs, **generation)
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         undo_button.click(undo, [chatbot], [chatbot, message, answer_status], queue=False, api_visibility="private")
         clear_button.click(lambda: ([], ""), None, [chatbot, answer_status], queue=False, api_visibility="private")
@@ -169,12 +206,14 @@ def build(chat: Chat) -> gr.Blocks:
             repetition_penalty: float = _DEFAULTS.repetition_penalty,
             max_new_tokens: int = _DEFAULTS.max_new_tokens,
             seed: int | None = None,
+            moderation: bool | None = None,
         ) -> Iterator[dict]:
             """Stream Orca 2's answer. Each update: answer so far, done, error, stop_reason, n_tokens,
-            tokens_per_second, seed, notices. history: earlier {"role", "content"} messages."""
+            tokens_per_second, seed, notices, moderation, withheld. history: earlier {"role", "content"}
+            messages. moderation: None for the server's default; the server may require it."""
             settings = dict(zip(_PARAM_NAMES, (do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)))
             try:
-                chat_request = chat.request(message, system_message, history, **settings)
+                chat_request = chat.request(message, system_message, history, moderation=moderation, **settings)
             except InvalidRequest as error:
                 raise gr.Error(str(error)) from error
             for update in chat.respond(chat_request):

@@ -26,6 +26,8 @@ from orca2_space.prompt import EOS, IM_END, OrcaTokenizer  # noqa: E402
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # "\n", "The", "▁answer": what the scripted models write after "assistant".
 SCRIPT = [13, 1576, 1234]
+# A third clause that moderation flags; every token id is distinct, as scripts require.
+VIOLENT_ANSWER = "\nThe sky looks blue today. Birds sing in green trees; then a violent attack erupts nearby! Done"
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +62,43 @@ def ends_with_eos(tmp_path_factory) -> Engine:
 def never_ends(tmp_path_factory) -> Engine:
     """Repeats "\\nThe answer" until max_new_tokens or Stop."""
     return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("loop"), script=SCRIPT, loop=True)))
+
+
+@pytest.fixture(scope="session")
+def turns_violent(tmp_path_factory, tokenizer) -> Engine:
+    """Repeats VIOLENT_ANSWER until max_new_tokens or Stop."""
+    script = tokenizer.encode_text(VIOLENT_ANSWER)
+    return Engine.load(str(build_tiny_model(tmp_path_factory.mktemp("violent"), script=script, loop=True)))
+
+
+def _safety_server():
+    from content_safety_server import Behaviour, ContentSafetyServer
+
+    return ContentSafetyServer(Behaviour(key=SAFETY_KEY, triggers={"violent": ("Violence", 6)}))
+
+
+@pytest.fixture
+def safety_server():
+    """Azure AI Content Safety's wire protocol on loopback; "violent" rates Violence 6."""
+    with _safety_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moderated_app(turns_violent):
+    """The app launched with moderation on, over the model whose answer turns violent."""
+    from orca2_space.cli import launch, moderation_service
+    from orca2_space.config import ModerationSettings
+
+    with _safety_server() as server:
+        rules = ModerationSettings(endpoint=server.endpoint, key=SAFETY_KEY)
+        settings = Settings(host="127.0.0.1", port=free_port(), max_new_tokens_cap=1000, moderation=rules)
+        demo = launch(Chat(turns_violent, settings, moderation_service(rules)), block=False)
+        yield server, demo.local_url
+        demo.close()
+
+
+SAFETY_KEY = "sk-test-0123456789abcdef"
 
 
 def free_port() -> int:

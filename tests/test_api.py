@@ -8,7 +8,7 @@ import time
 import pytest
 from gradio_client.exceptions import AppError
 
-from conftest import FIXTURES
+from conftest import FIXTURES, SAFETY_KEY
 
 REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 
@@ -90,3 +90,37 @@ def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
         assert not worker.is_alive()
     finished = [r.getMessage() for r in caplog.records if "generation finished" in r.getMessage()]
     assert finished and finished[-1].startswith("generation finished: stopped"), finished
+
+
+# Moderation through the API, against the app launched with the local Content Safety server.
+
+
+def test_a_flagged_answer_never_reaches_the_client_at_any_streamed_step(moderated_app):
+    from gradio_client import Client
+
+    _, url = moderated_app
+    job = Client(url, verbose=False).submit(message="Weather report please", max_new_tokens=1000, api_name="/chat")
+    updates = list(job)
+    assert updates, "nothing streamed"
+    assert all("violent" not in u["answer"] for u in updates)
+    final = job.result()
+    assert final["moderation"] == "flagged" and final["answer"] == ""
+    assert "Violence (severity 6)" in final["withheld"]
+    assert final["stop_reason"] == "stopped"
+
+
+def test_a_caller_may_turn_moderation_off_when_the_server_allows_it(moderated_app):
+    from gradio_client import Client
+
+    _, url = moderated_app
+    final = Client(url, verbose=False).predict(message="Go", moderation=False, max_new_tokens=30, api_name="/chat")
+    assert final["moderation"] == "off" and "violent" in final["answer"]
+
+
+def test_the_key_is_not_on_the_page_or_in_the_api_description(moderated_app):
+    import httpx
+
+    _, url = moderated_app
+    for path in ("", "config", "gradio_api/info"):
+        body = httpx.get(url + path, timeout=10).text
+        assert SAFETY_KEY not in body

@@ -129,3 +129,104 @@ def test_closing_the_stream_ends_the_generation_thread(never_ends):
     for worker in workers:
         worker.join(timeout=10)
         assert not worker.is_alive()
+
+
+# Moderation of a turn: the real Azure client against the local Content Safety server.
+
+from conftest import SAFETY_KEY, VIOLENT_ANSWER  # noqa: E402
+
+from orca2_space.config import ModerationSettings  # noqa: E402
+from orca2_space.moderation import AzureContentSafety, Moderation  # noqa: E402
+
+
+def moderated_chat(engine, server, **policy) -> Chat:
+    rules = ModerationSettings(endpoint=server.endpoint, key=SAFETY_KEY, timeout=2.0, **policy)
+    moderation = Moderation(AzureContentSafety(rules.endpoint, rules.key, rules.timeout, rules.retries), rules)
+    return Chat(engine, Settings(max_new_tokens_cap=1000, moderation=rules), moderation)
+
+
+def test_a_flagged_question_never_reaches_the_model(turns_violent, safety_server, caplog):
+    caplog.set_level("INFO", logger="orca2_space.engine")
+    chat = moderated_chat(turns_violent, safety_server)
+    (update,) = list(chat.respond(chat.request("Describe a violent fight", "", [])))
+    assert update.done and update.answer == ""
+    assert update.moderation == "flagged"
+    assert update.withheld == (
+        "Your message was not sent to Orca 2: moderation flagged it for Violence (severity 6); "
+        "this server's threshold is 4."
+    )
+    assert not [r for r in caplog.records if "generation finished" in r.getMessage()]
+    assert safety_server.texts() == ["Describe a violent fight"]
+
+
+def test_a_flagged_answer_never_shows_and_the_model_is_stopped(turns_violent, safety_server):
+    chat = moderated_chat(turns_violent, safety_server)
+    updates = list(chat.respond(chat.request("Tell me about the weather", "", [], max_new_tokens=1000)))
+    clean_part = VIOLENT_ANSWER[1 : VIOLENT_ANSWER.index(" then")]
+    for update in updates[:-1]:  # every step the client saw while streaming
+        assert "violent" not in update.answer
+        assert clean_part.startswith(update.answer)
+        assert update.moderation == "pending"
+    final = updates[-1]
+    assert final.done and final.answer == "" and final.moderation == "flagged"
+    assert final.withheld.startswith("[Content Filtered] Orca 2's answer was withheld: moderation flagged it for Violence (severity 6)")
+    assert final.stats.stop_reason == "stopped" and final.stats.n_tokens < 1000
+
+
+def test_a_clean_answer_streams_sentence_by_sentence_and_passes(ends_with_im_end, safety_server):
+    chat = moderated_chat(ends_with_im_end, safety_server)
+    final = list(chat.respond(chat.request("Hi", "", [])))[-1]
+    assert final.answer == "The answer" and final.moderation == "passed"
+    assert safety_server.texts() == ["Hi", "The answer"]  # the question, then the whole answer
+
+
+def test_moderation_off_by_request_shows_everything(turns_violent, safety_server):
+    chat = moderated_chat(turns_violent, safety_server)
+    final = list(chat.respond(chat.request("Go", "", [], moderation=False, max_new_tokens=30)))[-1]
+    assert "violent" in final.answer and final.moderation == "off"
+    assert safety_server.requests == []
+
+
+def test_a_server_that_requires_moderation_overrides_the_request(turns_violent, safety_server):
+    chat = moderated_chat(turns_violent, safety_server, required=True)
+    final = list(chat.respond(chat.request("Go", "", [], moderation=False, max_new_tokens=200)))[-1]
+    assert final.moderation == "flagged" and final.answer == ""
+    assert "Moderation is required on this server." in final.notices
+
+
+def test_without_a_service_a_moderation_request_is_answered_unmoderated_with_a_notice(ends_with_im_end):
+    chat = Chat(ends_with_im_end, Settings())
+    final = list(chat.respond(chat.request("Hi", "", [], moderation=True)))[-1]
+    assert final.answer == "The answer" and final.moderation == "off"
+    assert any("not configured" in n for n in final.notices)
+
+
+def test_a_failing_service_holds_the_answer_back_by_default(ends_with_im_end, safety_server):
+    safety_server.behaviour.status = 500
+    chat = moderated_chat(ends_with_im_end, safety_server)
+    final = list(chat.respond(chat.request("Hi", "", [])))[-1]
+    assert final.answer == "" and final.moderation == "unavailable"
+    assert "the moderation service failed (HTTP 500)" in final.withheld
+
+
+def test_fail_open_shows_the_answer_marked_not_moderated(ends_with_im_end, safety_server):
+    safety_server.behaviour.status = 500
+    chat = moderated_chat(ends_with_im_end, safety_server, fail_open=True)
+    final = list(chat.respond(chat.request("Hi", "", [])))[-1]
+    assert final.answer == "The answer" and final.moderation == "unavailable"
+    assert "Not moderated: the moderation service failed (HTTP 500)." in final.notices
+
+
+def test_a_withheld_answer_is_not_sent_back_to_the_model(ends_with_im_end, safety_server):
+    chat = moderated_chat(ends_with_im_end, safety_server)
+    history = [
+        {"role": "user", "content": "earlier question"},
+        {"role": "assistant", "content": "[Content Filtered] ...", "metadata": {"title": "🛡 Moderation"}},
+    ]
+    prompt = chat.inspect("next", "", history)
+    assert "earlier question" not in prompt.text and "Content Filtered" not in prompt.text
+
+
+def test_a_bad_moderation_value_is_refused(ends_with_im_end):
+    with pytest.raises(InvalidRequest, match="moderation must be true or false"):
+        Chat(ends_with_im_end, Settings()).request("Hi", "", [], moderation="yes")
