@@ -14,6 +14,7 @@ from typing import Any
 from .config import GenerationParams, InvalidRequest, Settings, validate_params
 from .engine import Engine, GenerationError, GenerationStats
 from .moderation import Moderation, Verdict
+from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
 
 
@@ -70,6 +71,25 @@ def _text(content: Any, where: str) -> str:
         if all(isinstance(t, str) for t in texts):
             return "".join(texts)
     raise InvalidRequest(f"{where}: content must be text")
+
+
+def system_message_for(system_message: Any, preset: Any) -> Any:
+    """The system message an API caller means: their own, a preset's, or the model card's default."""
+    if preset is None:
+        return CAUTIOUS if system_message is None else system_message
+    if system_message is not None:
+        raise InvalidRequest("Give either system_message or preset, not both.")
+    if not isinstance(preset, str) or preset not in SYSTEM_PRESETS:
+        raise InvalidRequest(f"Unknown preset {preset!r:.60}; presets: {', '.join(SYSTEM_PRESETS)}.")
+    return SYSTEM_PRESETS[preset]
+
+
+def split_last_question(messages: list[dict]) -> tuple[list[dict], str]:
+    """The messages before the last user message, and that message's text (for Retry and Undo)."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "user":
+            return messages[:index], _text(messages[index]["content"], f"history[{index}]")
+    return messages, ""
 
 
 def _string(value: Any, name: str) -> str:

@@ -230,6 +230,8 @@ def launch(chat, share: bool = False, block: bool = True):
         css=ui.CSS,
         theme=ui.THEME,
         prevent_thread_lock=not block,
+        # Errors name the field that was wrong (e.g. a raw API call with too few values).
+        show_error=True,
         quiet=not block,
     )
     return demo

@@ -1,10 +1,11 @@
 """The page and the API endpoints: layout and event wiring only; the work is in chat.py."""
 
+import html
 from collections.abc import Iterator
 
 import gradio as gr
 
-from .chat import Chat, ChatUpdate
+from .chat import Chat, ChatUpdate, split_last_question, system_message_for
 from .config import GenerationParams, InvalidRequest
 from .presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, SYSTEM_PRESETS
 from .prompt import PromptTooLong
@@ -31,23 +32,28 @@ _MODERATION_STATUS = {
 }
 
 
-def _status_line(update: ChatUpdate) -> str:
-    parts = []
+def _status(update: ChatUpdate) -> str:
+    """The answer's status line. data-state="done" is the stable "answer finished" signal for tests
+    and scripts; role=status lets screen readers announce it."""
     if update.withheld:
-        parts.append(update.withheld)
+        outcome, line = "withheld", update.withheld
     elif update.error:
-        parts.append(f"⚠️ {update.error}")
+        outcome, line = "error", f"⚠️ {update.error}"
     elif not update.done:
-        parts.append("⏳ Generating…")
-    elif update.stats:
+        outcome, line = "streaming", "⏳ Generating…"
+    else:
         s = update.stats
+        outcome = s.stop_reason
         label = {"end_of_turn": "✅ Done", "length": "✅ Done (max new tokens reached)", "stopped": "⏹ Stopped"}
         mode = f"seed {s.seed}" if s.seed is not None else "greedy"
-        parts.append(f"{label.get(s.stop_reason, s.stop_reason)} · {s.n_tokens} tokens · {s.tokens_per_second:.1f} tokens/s · {mode}")
+        line = f"{label.get(outcome, outcome)} · {s.n_tokens} tokens · {s.tokens_per_second:.1f} tokens/s · {mode}"
+    lines = [line]
     if update.moderation in _MODERATION_STATUS:
-        parts.append(_MODERATION_STATUS[update.moderation])
-    parts += [f"ℹ️ {n}" for n in update.notices]
-    return "  \n".join(parts)
+        lines.append(_MODERATION_STATUS[update.moderation])
+    lines += [f"ℹ️ {n}" for n in update.notices]
+    state = "done" if update.done else "streaming"
+    body = "<br>".join(html.escape(item) for item in lines)
+    return f'<div role="status" aria-live="polite" data-state="{state}" data-outcome="{outcome}">{body}</div>'
 
 
 def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
@@ -95,27 +101,19 @@ def build(chat: Chat) -> gr.Blocks:
         except InvalidRequest as error:
             raise gr.Error(str(error)) from error
         busy = (gr.update(visible=False), gr.update(visible=True))
-        yield "", _chat_messages(history, message, ChatUpdate("")), _status_line(ChatUpdate("")), *busy
+        yield "", _chat_messages(history, message, ChatUpdate("")), _status(ChatUpdate("")), *busy
         update = ChatUpdate("")
         for update in chat.respond(chat_request, owner=request.session_hash):
-            yield gr.skip(), _chat_messages(history, message, update), _status_line(update), *busy
-        yield gr.skip(), _chat_messages(history, message, update), _status_line(update), gr.update(visible=True), gr.update(visible=False)
-
-    def split_last_turn(history: list) -> tuple[list, str]:
-        for index in range(len(history) - 1, -1, -1):
-            if history[index]["role"] == "user":
-                return history[:index], turns_text(history[index]["content"])
-        return history, ""
-
-    def turns_text(content) -> str:
-        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not update.done:
+                yield gr.skip(), _chat_messages(history, message, update), _status(update), *busy
+        yield gr.skip(), _chat_messages(history, message, update), _status(update), gr.update(visible=True), gr.update(visible=False)
 
     def retry(
         history, system_message, moderation,
         do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
         request: gr.Request,
     ):
-        earlier, message = split_last_turn(history)
+        earlier, message = split_last_question(history)
         if not message:
             raise gr.Error("Nothing to retry yet.")
         yield from respond_ui(
@@ -124,7 +122,7 @@ def build(chat: Chat) -> gr.Blocks:
         )
 
     def undo(history):
-        earlier, message = split_last_turn(history)
+        earlier, message = split_last_question(history)
         return earlier, message, ""
 
     def stop(request: gr.Request):
@@ -160,7 +158,7 @@ def build(chat: Chat) -> gr.Blocks:
                     retry_button = gr.Button("↻ Retry", size="sm", min_width=60, elem_id="retry")
                     undo_button = gr.Button("↶ Undo", size="sm", min_width=60, elem_id="undo")
                     clear_button = gr.Button("🗑 Clear", size="sm", min_width=60, elem_id="clear")
-                answer_status = gr.Markdown(elem_id="answer-status")
+                answer_status = gr.HTML(elem_id="answer-status")
                 gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
             with gr.Column(scale=2, min_width=280):
                 moderation = _moderation_toggle(chat)
@@ -197,7 +195,8 @@ def build(chat: Chat) -> gr.Blocks:
 
         def chat_endpoint(
             message: str,
-            system_message: str = CAUTIOUS,
+            system_message: str | None = None,
+            preset: str | None = None,
             history: list[dict] | None = None,
             do_sample: bool = _DEFAULTS.do_sample,
             temperature: float = _DEFAULTS.temperature,
@@ -209,21 +208,29 @@ def build(chat: Chat) -> gr.Blocks:
             moderation: bool | None = None,
         ) -> Iterator[dict]:
             """Stream Orca 2's answer. Each update: answer so far, done, error, stop_reason, n_tokens,
-            tokens_per_second, seed, notices, moderation, withheld. history: earlier {"role", "content"}
+            tokens_per_second, seed, notices, moderation, withheld. system_message or preset (a preset's
+            name; neither: the model card's cautious message). history: earlier {"role", "content"}
             messages. moderation: None for the server's default; the server may require it."""
             settings = dict(zip(_PARAM_NAMES, (do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)))
             try:
-                chat_request = chat.request(message, system_message, history, moderation=moderation, **settings)
+                system = system_message_for(system_message, preset)
+                chat_request = chat.request(message, system, history, moderation=moderation, **settings)
             except InvalidRequest as error:
                 raise gr.Error(str(error)) from error
             for update in chat.respond(chat_request):
                 yield update.as_api_dict()
 
-        def inspect_prompt(message: str, system_message: str = CAUTIOUS, history: list[dict] | None = None, max_new_tokens: int = 0) -> dict:
+        def inspect_prompt(
+            message: str,
+            system_message: str | None = None,
+            history: list[dict] | None = None,
+            max_new_tokens: int = 0,
+            preset: str | None = None,
+        ) -> dict:
             """The exact ChatML text and input ids Orca 2 would see (after leaving out old turns so
-            that max_new_tokens fit)."""
+            that max_new_tokens fit). system_message or preset as for /chat."""
             try:
-                prompt = chat.inspect(message, system_message, history, max_new_tokens)
+                prompt = chat.inspect(message, system_message_for(system_message, preset), history, max_new_tokens)
             except (InvalidRequest, PromptTooLong) as error:
                 raise gr.Error(str(error)) from error
             return {"text": prompt.text, "input_ids": prompt.input_ids, "n_tokens": prompt.n_tokens}

@@ -1,0 +1,296 @@
+"""The app as a visitor uses it: `python app.py` in a subprocess, driven by Playwright in Debian's
+Chromium. Waits are on the page's own signals (the status line's data-state), never fixed sleeps."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import SAFETY_KEY, VIOLENT_ANSWER, _safety_server, free_port
+from make_tiny_model import build_tiny_model
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+DONE = "#answer-status [data-state=done]"
+NEW_DONE = "#answer-status [data-state=done]:not([data-seen])"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+
+
+class App:
+    """`python app.py` in a subprocess, with its log kept for checks on the server side."""
+
+    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(self.port), "--max-new-tokens-cap", "4000", *args]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the app exited:\n{self.log()}"
+            try:
+                if httpx.get(self.url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the app did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def plain_app(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser")
+    app = App(build_tiny_model(folder / "tiny"), folder / "app.log")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def moderated_app(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("browser-moderated")
+    model = build_tiny_model(folder / "violent", script=tokenizer.encode_text(VIOLENT_ANSWER), loop=True)
+    with _safety_server() as server:
+        env = {"CONTENT_SAFETY_ENDPOINT": server.endpoint, "CONTENT_SAFETY_KEY": SAFETY_KEY}
+        app = App(model, folder / "app.log", env)
+        yield app
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def open_app(page, app):
+    page.goto(app.url)
+    page.wait_for_selector("#message textarea")
+
+
+def record_answers(page):
+    """Every text the answer bubbles show, as the page changes."""
+    seen: list[str] = []
+    page.expose_function("recordAnswer", lambda text: seen.append(text))
+    page.evaluate(
+        """() => new MutationObserver(() => window.recordAnswer(
+               [...document.querySelectorAll('#chatbot [data-testid=bot]')].map(e => e.innerText).join('\\n')))
+           .observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true})"""
+    )
+    return seen
+
+
+def mark_status_seen(page):
+    """Mark the current status so that waiting for NEW_DONE waits for the next answer."""
+    page.evaluate("document.querySelectorAll('#answer-status [data-state]').forEach(e => e.dataset.seen = '1')")
+
+
+def click_and_wait_for_answer(page, selector):
+    mark_status_seen(page)
+    page.click(selector)
+    page.wait_for_selector(NEW_DONE)
+
+
+def send(page, text):
+    page.fill("#message textarea", text)
+    click_and_wait_for_answer(page, "#send")
+
+
+def answers(page):
+    return page.locator("#chatbot [data-testid=bot]").all_inner_texts()
+
+
+def open_sampling(page):
+    page.get_by_text("Sampling", exact=True).click()
+    page.wait_for_selector("#max-new-tokens input[type=number]")
+
+
+def set_number(page, selector, value):
+    field = page.locator(selector)
+    field.fill(str(value))
+    field.blur()
+
+
+def test_the_page_shows_the_model_and_how_it_was_loaded(page, plain_app):
+    open_app(page, plain_app)
+    status = page.inner_text("#model-status")
+    assert "tiny" in status and "fp32" in status and "auto: no GPU" in status and "cpu" in status
+
+
+def test_an_answer_streams_in_token_by_token(page, plain_app):
+    open_app(page, plain_app)
+    seen = record_answers(page)
+    send(page, "How can you tell if a restaurant is popular with locals?")
+    partials = {text for text in seen if text.strip()}
+    assert len(partials) > 1
+    final = answers(page)[-1]
+    assert all(final.startswith(p.strip()[:20]) for p in partials)
+    assert "<|im_end|>" not in final and "<|im_start|>" not in final
+    assert page.locator(DONE).get_attribute("data-outcome") == "length"
+
+
+def test_stop_ends_the_generation_on_the_server(page, plain_app):
+    open_app(page, plain_app)
+    open_sampling(page)
+    set_number(page, "#max-new-tokens input[type=number]", 4000)
+    page.fill("#message textarea", "Tell me everything.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#chatbot [data-testid=bot]')?.innerText.length > 50")
+    page.click("#stop")
+    page.wait_for_selector(DONE)
+    assert page.locator(DONE).get_attribute("data-outcome") == "stopped"
+    assert "Stopped" in page.inner_text("#answer-status")
+    page.wait_for_selector("#send")
+    finished = re.findall(r"generation finished: (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log())
+    reason, n_tokens, after_cancel = finished[-1]
+    assert reason == "stopped" and int(n_tokens) < 4000 and int(after_cancel) <= 1
+
+
+def test_retry_undo_and_clear(page, plain_app):
+    open_app(page, plain_app)
+    send(page, "First question")
+    send(page, "Second question")
+    assert page.locator("#chatbot [data-testid=user]").count() == 2
+    first_answer = answers(page)[-1]
+
+    click_and_wait_for_answer(page, "#retry")
+    assert page.locator("#chatbot [data-testid=user]").all_inner_texts()[-1] == "Second question"
+    assert page.locator("#chatbot [data-testid=user]").count() == 2
+    assert answers(page)[-1] == first_answer  # greedy: the same answer again
+
+    page.click("#undo")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 1")
+    assert page.input_value("#message textarea") == "Second question"
+
+    page.click("#clear")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 0")
+
+
+def test_choosing_a_preset_changes_the_inspected_prompt(page, plain_app):
+    open_app(page, plain_app)
+    page.fill("#message textarea", "What is 17 * 23?")
+    page.get_by_text("Prompt inspector", exact=True).click()
+    page.click("#inspect")
+    page.wait_for_function("document.querySelector('#inspect-count').innerText.includes('tokens')")
+    assert "You are Orca" in page.inner_text("#inspect-text")
+
+    page.click("#preset input")
+    page.get_by_role("option", name="Empty (paper's evaluation setting)").click()
+    page.wait_for_function("document.querySelector('#system-message textarea').value === ''")
+    page.click("#inspect")
+    page.wait_for_function("document.querySelector('#inspect-count').innerText.startsWith('25 tokens')")
+    assert page.inner_text("#inspect-text .cm-content").startswith("<|im_start|>system\n<|im_end|>")
+    assert page.input_value("#inspect-ids textarea").startswith("[1, 29871, 32001, 5205, 13, 32002")
+
+
+def sampled_answer(page, seed):
+    page.click("#clear")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 0")
+    set_number(page, "#seed input", seed)
+    send(page, "Surprise me")
+    return answers(page)[-1]
+
+
+def test_the_same_seed_gives_the_same_sampled_answer(page, plain_app):
+    open_app(page, plain_app)
+    open_sampling(page)
+    page.check("#do-sample input")
+    set_number(page, "#max-new-tokens input[type=number]", 30)
+    first = sampled_answer(page, 1234)
+    assert "seed 1234" in page.inner_text("#answer-status")
+    assert sampled_answer(page, 1234) == first
+    assert sampled_answer(page, 99) != first
+
+
+def test_without_a_moderation_service_the_toggle_is_off_and_disabled(page, plain_app):
+    open_app(page, plain_app)
+    toggle = page.locator("#moderation input")
+    assert not toggle.is_checked() and toggle.is_disabled()
+    assert "CONTENT_SAFETY_ENDPOINT" in page.inner_text("#moderation")
+
+
+def test_moderation_withholds_a_flagged_answer_that_never_shows(page, moderated_app):
+    open_app(page, moderated_app)
+    toggle = page.locator("#moderation input")
+    assert toggle.is_checked() and toggle.is_enabled()
+    seen = record_answers(page)
+    send(page, "What is the weather like?")
+    assert page.locator(DONE).get_attribute("data-outcome") == "withheld"
+    assert seen and not any("violent" in text for text in seen)
+    assert "Violence (severity 6)" in answers(page)[-1]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "moderation.png"), full_page=True)
+
+    toggle.uncheck()
+    send(page, "And without moderation?")
+    assert "violent" in answers(page)[-1]
+
+
+def test_a_phone_sized_screen_can_chat(browser, plain_app):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    open_app(page, plain_app)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+    send_box = page.locator("#send").bounding_box()
+    assert send_box["x"] >= 0 and send_box["x"] + send_box["width"] <= 390
+    send(page, "Hi from a phone")
+    assert answers(page)[-1].strip()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone.png"))
+    context.close()
+
+
+def test_screenshot_of_the_page(page, plain_app):
+    """Saves tests/artifacts/screenshot.png; assets/screenshot.png in README is a copy of a good one."""
+    open_app(page, plain_app)
+    open_sampling(page)
+    set_number(page, "#max-new-tokens input[type=number]", 48)
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_text("How can you determine if a restaurant").click()
+    page.get_by_text("Prompt inspector", exact=True).click()
+    page.click("#inspect")
+    page.wait_for_function("document.querySelector('#inspect-count').innerText.includes('tokens')")
+    click_and_wait_for_answer(page, "#send")
+    page.evaluate("window.scrollTo(0, 0)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "screenshot.png"), full_page=True)
+    assert (ARTIFACTS / "screenshot.png").stat().st_size > 10_000
