@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import GenerationParams, InvalidRequest, Settings, validate_params
-from .engine import Engine, GenerationError, GenerationStats
+from .engine import Engine, GenerationError, GenerationStats, ModelLoading
 from .moderation import Moderation, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
@@ -45,6 +45,8 @@ class ChatUpdate:
     moderation: str = "off"
     # Why moderation withheld the question or the answer; shown instead of it.
     withheld: str | None = None
+    # Set while the request waits for the model to finish loading.
+    waiting: str | None = None
 
     def as_api_dict(self) -> dict[str, Any]:
         stats = self.stats
@@ -137,8 +139,11 @@ def turns_from_messages(messages: Any) -> tuple[list[Turn], list[str]]:
 class Chat:
     """The conversation service over one shared engine."""
 
-    def __init__(self, engine: Engine, settings: Settings, moderation: Moderation | None = None):
-        self.engine = engine
+    # How often a request that arrived while the model loads hears that it is still waiting.
+    LOADING_UPDATE_SECONDS = 1.0
+
+    def __init__(self, engine: Engine | ModelLoading, settings: Settings, moderation: Moderation | None = None):
+        self.loading = engine if isinstance(engine, ModelLoading) else ModelLoading.loaded(engine)
         self.settings = settings
         self.moderation = moderation
         self._active: dict[str, Any] = {}
@@ -185,6 +190,17 @@ class Chat:
         turns, notices = turns_from_messages(history)
         return message, system_message, turns, notices
 
+    @property
+    def engine(self) -> Engine:
+        if self.loading.engine is None:
+            raise InvalidRequest(f"Orca 2 is not ready. {self.loading.describe()}")
+        return self.loading.engine
+
+    def _wait_for_engine(self) -> Iterator[str]:
+        """While the model loads: a line to show every LOADING_UPDATE_SECONDS."""
+        while self.loading.wait(self.LOADING_UPDATE_SECONDS) is None and not self.loading.done:
+            yield f"Your message is waiting for the model. {self.loading.describe()}"
+
     def _prompt(self, message: str, system_message: str, history: list[Turn], max_new_tokens: int) -> Prompt:
         return self.engine.tokenizer.build(
             system_message, history, message, max_new_tokens=max_new_tokens, context_length=self.engine.info.context_length
@@ -200,6 +216,11 @@ class Chat:
         def update(answer: str, **fields: Any) -> ChatUpdate:
             return ChatUpdate(answer, notices=tuple(notices), **{"moderation": state, **fields})
 
+        for waiting in self._wait_for_engine():
+            yield update("", waiting=waiting)
+        if self.loading.engine is None:
+            yield update("", done=True, error=f"Orca 2 could not be loaded, so it can't answer. {self.loading.error}")
+            return
         if moderation is not None:
             verdict = moderation.check(request.message)
             if not verdict.allowed:

@@ -199,19 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, argparse.ArgumentTypeError) as error:
         p.error(str(error))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    share, warning = share_decision(settings, on_space=bool(os.environ.get("SPACE_ID")))
+    on_space = bool(os.environ.get("SPACE_ID"))
+    share, warning = share_decision(settings, on_space)
     if warning:
         print(warning, file=sys.stderr)
 
     from .chat import Chat
-    from .engine import Engine, ModelLoadError
+    from .engine import ModelLoading
 
-    try:
-        engine = Engine.load(settings.model, settings.quantization)
-    except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+    # The page is up at once and shows the loading; the model loads meanwhile.
+    loading = ModelLoading(settings.model, settings.quantization)
+    demo = launch(Chat(loading, settings, moderation_service(settings.moderation)), share=share, block=False)
+    if loading.wait() is None and not on_space:
+        # Locally there is nobody to read the page: say why and stop. A Space stays up and shows it.
+        demo.close()
+        print(f"error: {loading.error}", file=sys.stderr)
         return 2
-    launch(Chat(engine, settings, moderation_service(settings.moderation)), share=share)
+    demo.block_thread()
     return 0
 
 
@@ -232,7 +236,6 @@ def launch(chat, share: bool = False, block: bool = True):
         prevent_thread_lock=not block,
         # Errors name the field that was wrong (e.g. a raw API call with too few values).
         show_error=True,
-        quiet=not block,
     )
     return demo
 

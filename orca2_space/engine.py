@@ -7,13 +7,14 @@ StoppingCriteria after every decode step lets Stop end the model's work, not jus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -29,6 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .config import GenerationParams
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
+from .zerogpu import gpu_task, on_zerogpu
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,13 @@ class LoadPlan:
     reason: str
 
 
-def plan_load(requested: str, cuda: bool, fp32_bytes: int, ram_bytes: int) -> LoadPlan:
+def plan_load(requested: str, cuda: bool, fp32_bytes: int, ram_bytes: int, zerogpu: bool = False) -> LoadPlan:
     if requested != "auto":
         return LoadPlan(requested, "requested")
+    if zerogpu:
+        # ZeroGPU moves the model between CPU and a borrowed GPU, and bitsandbytes-quantized models
+        # can't be moved with .to().
+        return LoadPlan("bf16", "auto: on ZeroGPU, where 8-bit (bitsandbytes) models can't be moved to the GPU")
     if cuda:
         return LoadPlan("8bit", "auto: a CUDA GPU is present, and 8-bit needs half the memory of bf16")
     gib = 2**30
@@ -173,11 +179,14 @@ class Engine:
         self.info = info
         # One generate at a time per model: it keeps the global torch RNG (and so seeds) per request.
         self._lock = threading.Lock()
+        self._zerogpu = on_zerogpu()
+        self._stream_tokens = gpu_task(stream_tokens, duration=_gpu_seconds)
 
     @classmethod
-    def load(cls, model_name: str, quantization: str = "auto") -> Engine:
+    def load(cls, model_name: str, quantization: str = "auto", on_phase: Callable[[str], None] = lambda phase: None) -> Engine:
+        """Load the model; on_phase hears what is happening ("reading the config", …)."""
         try:
-            return cls._load(model_name, quantization)
+            return cls._load(model_name, quantization, on_phase)
         except ModelLoadError:
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
@@ -185,14 +194,19 @@ class Engine:
             raise ModelLoadError(_load_failure_message(model_name, error)) from error
 
     @classmethod
-    def _load(cls, model_name: str, quantization: str) -> Engine:
-
+    def _load(cls, model_name: str, quantization: str, on_phase: Callable[[str], None]) -> Engine:
+        on_phase("reading the tokenizer")
         tokenizer = OrcaTokenizer.for_model(model_name)
+        on_phase("reading the config")
         config = AutoConfig.from_pretrained(model_name)
+        zerogpu = on_zerogpu()
         cuda = torch.cuda.is_available()
-        plan = plan_load(quantization, cuda, _fp32_bytes(config), psutil.virtual_memory().total)
+        plan = plan_load(quantization, cuda, _fp32_bytes(config), psutil.virtual_memory().total, zerogpu)
         log.info("loading %s as %s (%s)", model_name, plan.quantization, plan.reason)
-        model = AutoModelForCausalLM.from_pretrained(model_name, **_load_kwargs(plan.quantization, cuda))
+        on_phase(f"downloading and loading the weights as {plan.quantization}")
+        model = AutoModelForCausalLM.from_pretrained(model_name, **_load_kwargs(plan.quantization, cuda and not zerogpu))
+        if zerogpu:
+            model.to("cuda")  # ZeroGPU keeps it on CPU until a spaces.GPU task borrows a GPU
         model.eval()
         # The prompt builder keeps prompt + max_new_tokens inside the context; the config's own
         # max_length would only make generate warn on every request.
@@ -219,7 +233,6 @@ class Engine:
         return generation
 
     def _run(self, state: _State, input_ids: list[int], params: GenerationParams, seed) -> None:
-
         try:
             while not self._lock.acquire(timeout=0.05):
                 if state.cancel.is_set():
@@ -227,18 +240,17 @@ class Engine:
             try:
                 if state.cancel.is_set():
                     return
-                if seed is not None:
-                    torch.manual_seed(seed)
-                ids = torch.tensor([input_ids], device=self.model.device)
                 state.started = time.perf_counter()
-                with torch.inference_mode():
-                    self.model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        generation_config=_generation_config(params),
-                        streamer=_TokenStreamer(state),
-                        stopping_criteria=[_CancelCriteria(state.cancel)],
-                    )
+                # A threading.Event can't cross into ZeroGPU's worker process; there, closing the
+                # stream is what stops the model.
+                cancel = None if self._zerogpu else state.cancel
+                with contextlib.closing(self._stream_tokens(self.model, input_ids, params, seed, cancel)) as tokens:
+                    for token in tokens:
+                        state.n_tokens += 1
+                        state.last_token = token
+                        state.tokens.put(token)
+                        if state.cancel.is_set():
+                            break
             finally:
                 self._lock.release()
         except Exception as error:  # noqa: BLE001 - reported to the consumer, the engine goes on
@@ -251,6 +263,51 @@ class Engine:
                 stats.stop_reason, stats.n_tokens, stats.seconds, stats.tokens_per_second, stats.tokens_after_cancel,
             )
             state.tokens.put(_END)
+
+
+def stream_tokens(model, input_ids: list[int], params: GenerationParams, seed: int | None, cancel: threading.Event | None) -> Iterator[int]:
+    """The ids model.generate writes, one by one (the model card's own call, with a streamer).
+
+    Closing the iterator, or setting `cancel`, ends the model's work after the current decode
+    step. On ZeroGPU this whole generator runs in the GPU worker process.
+    """
+    closed = threading.Event()
+    tokens: queue.SimpleQueue = queue.SimpleQueue()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+            ids = torch.tensor([input_ids], device=model.device)
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=_generation_config(params),
+                    streamer=_TokenStreamer(tokens.put),
+                    stopping_criteria=[_CancelCriteria(closed, cancel)],
+                )
+        except Exception as error:  # noqa: BLE001 - re-raised in the consumer's thread
+            failure.append(error)
+        finally:
+            tokens.put(_END)
+
+    worker = threading.Thread(target=run, name="orca2-model", daemon=True)
+    worker.start()
+    try:
+        while (token := tokens.get()) is not _END:
+            yield token
+    finally:
+        closed.set()
+        worker.join()
+    if failure:
+        raise failure[0]
+
+
+def _gpu_seconds(model, input_ids, params: GenerationParams, *rest) -> float:
+    """ZeroGPU time to ask for: a little for the prompt, then a generous 20 tokens per second."""
+    return min(30 + params.max_new_tokens / 20, 300)
 
 
 def _generation_config(params: GenerationParams):
@@ -270,31 +327,30 @@ def _generation_config(params: GenerationParams):
 class _TokenStreamer(BaseStreamer):
     """Receives each new token from generate (the first call is the prompt, skipped)."""
 
-    def __init__(self, state: _State):
-        self._state = state
+    def __init__(self, put: Callable[[int], None]):
+        self._put = put
         self._prompt_seen = False
 
     def put(self, value) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        state = self._state
         for token in value.reshape(-1).tolist():
-            state.n_tokens += 1
-            state.last_token = token
-            state.tokens.put(token)
+            self._put(token)
 
     def end(self) -> None:
         pass
 
 
 class _CancelCriteria(StoppingCriteria):
-    def __init__(self, cancel: threading.Event):
-        self._cancel = cancel
+    """Checked after every decode step."""
+
+    def __init__(self, *events: threading.Event | None):
+        self._events = [e for e in events if e is not None]
 
     def __call__(self, input_ids, scores, **kwargs):
-
-        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(e.is_set() for e in self._events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def _load_kwargs(quantization: str, cuda: bool) -> dict:
@@ -355,3 +411,57 @@ def _load_failure_message(model_name: str, error: BaseException) -> str:
             "the Hugging Face cache (HF_HOME)."
         )
     return f"Could not load the model '{model_name}': {reason}\n{hint}"
+
+
+class ModelLoading:
+    """The engine, loaded in the background so that the page is up at once and can say so."""
+
+    def __init__(self, model_name: str, quantization: str = "auto", engine: Engine | None = None):
+        self.model_name = model_name
+        self.quantization = quantization
+        self.phase = "ready" if engine else "starting"
+        self.engine = engine
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._started = time.monotonic()
+        if engine is None:
+            threading.Thread(target=self._load, name="orca2-load", daemon=True).start()
+        else:
+            self._done.set()
+
+    @classmethod
+    def loaded(cls, engine: Engine) -> ModelLoading:
+        """An engine that is already loaded."""
+        return cls(engine.info.name, engine.info.quantization, engine)
+
+    def _load(self) -> None:
+        try:
+            self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase)
+            self.phase = "ready"
+        except ModelLoadError as error:
+            self.error = str(error)
+            self.phase = "failed"
+            log.error("%s", error)
+        finally:
+            self._done.set()
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        log.info("%s: %s", self.model_name, phase)
+
+    def wait(self, timeout: float | None = None) -> Engine | None:
+        """The engine once loaded (None if loading failed or is still going after timeout)."""
+        self._done.wait(timeout)
+        return self.engine
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def describe(self) -> str:
+        if self.engine is not None:
+            return self.engine.info.describe()
+        if self.error is not None:
+            return f"Loading failed: {self.error}"
+        seconds = time.monotonic() - self._started
+        return f"Loading {self.model_name}: {self.phase}… ({seconds:.0f} s)"

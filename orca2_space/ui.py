@@ -39,6 +39,8 @@ def _status(update: ChatUpdate) -> str:
         outcome, line = "withheld", update.withheld
     elif update.error:
         outcome, line = "error", f"⚠️ {update.error}"
+    elif update.waiting:
+        outcome, line = "waiting", f"⏳ {update.waiting}"
     elif not update.done:
         outcome, line = "streaming", "⏳ Generating…"
     else:
@@ -68,6 +70,15 @@ def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
     return messages
 
 
+def _model_status(chat: Chat) -> str:
+    loading = chat.loading
+    if loading.engine is not None:
+        info = loading.engine.info
+        return f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}"
+    icon = "❌" if loading.error else "⏳"
+    return f"{icon} {html.escape(loading.describe())}"
+
+
 def _moderation_toggle(chat: Chat) -> gr.Checkbox:
     label = "Moderation (Azure AI Content Safety)"
     if chat.moderation is None:
@@ -87,7 +98,6 @@ def _moderation_toggle(chat: Chat) -> gr.Checkbox:
 
 
 def build(chat: Chat) -> gr.Blocks:
-    info = chat.engine.info
     cap = chat.settings.max_new_tokens_cap
 
     def respond_ui(
@@ -141,10 +151,9 @@ def build(chat: Chat) -> gr.Blocks:
             "# Orca 2\nMicrosoft's Orca 2, run exactly as its model card does: the ChatML prompt, "
             "the slow tokenizer's ids, greedy decoding unless you ask for sampling."
         )
-        gr.Markdown(
-            f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}",
-            elem_id="model-status",
-        )
+        model_status = gr.Markdown(_model_status(chat), elem_id="model-status")
+        # Until the model is loaded, the status line follows the loading.
+        loading_timer = gr.Timer(1.0, active=not chat.loading.done)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 chatbot = gr.Chatbot(label="Chat", show_label=False, elem_id="chatbot", buttons=["copy", "copy_all"], feedback_options=None)
@@ -178,6 +187,11 @@ def build(chat: Chat) -> gr.Blocks:
                     inspect_text = gr.Code(label="ChatML text", language=None, wrap_lines=True, max_lines=20, elem_id="inspect-text")
                     inspect_ids = gr.Textbox(label="Input ids", lines=4, max_lines=10, elem_id="inspect-ids")
 
+        def refresh_model_status():
+            return _model_status(chat), gr.Timer(active=not chat.loading.done)
+
+        loading_timer.tick(refresh_model_status, None, [model_status, loading_timer], queue=False, api_visibility="private")
+        demo.load(refresh_model_status, None, [model_status, loading_timer], queue=False, api_visibility="private")
         params = [do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed]
         busy_outputs = [message, chatbot, answer_status, send, stop_button]
         generation = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
