@@ -2,7 +2,13 @@
 
 import sys
 
-from orca2_space.cli import main
+from orca2_space.zerogpu import on_zerogpu
+
+if on_zerogpu():
+    # ZeroGPU's package must be imported before torch initialises CUDA.
+    import spaces  # noqa: F401
+
+from orca2_space.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -206,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .chat import Chat
     from .engine import ModelLoading
+    from .zerogpu import on_zerogpu
 
     # The page is up at once and shows the loading; the model loads meanwhile.
     loading = ModelLoading(settings.model, settings.quantization)
+    if on_zerogpu():
+        # Except on ZeroGPU, which packs the weights for its GPU workers when the app launches;
+        # the Space shows "Starting" meanwhile.
+        loading.wait()
     demo = launch(Chat(loading, settings, moderation_service(settings.moderation)), share=share, block=False)
     if loading.wait() is None and not on_space:
         # Locally there is nobody to read the page: say why and stop. A Space stays up and shows it.

@@ -8,7 +8,10 @@ StoppingCriteria after every decode step lets Stop end the model's work, not jus
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+from huggingface_hub.errors import HFValidationError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -179,8 +183,12 @@ class Engine:
         self.info = info
         # One generate at a time per model: it keeps the global torch RNG (and so seeds) per request.
         self._lock = threading.Lock()
-        self._zerogpu = on_zerogpu()
-        self._stream_tokens = gpu_task(stream_tokens, duration=_gpu_seconds)
+        if on_zerogpu():
+            global _zerogpu_model
+            _zerogpu_model = model
+            self._stream_tokens = lambda input_ids, params, seed, cancel: _stream_tokens_on_zerogpu(input_ids, params, seed)
+        else:
+            self._stream_tokens = functools.partial(stream_tokens, model)
 
     @classmethod
     def load(cls, model_name: str, quantization: str = "auto", on_phase: Callable[[str], None] = lambda phase: None) -> Engine:
@@ -222,9 +230,10 @@ class Engine:
         if params.do_sample:
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         state = _State()
+        # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
         worker = threading.Thread(
-            target=self._run,
-            args=(state, input_ids, params, seed),
+            target=contextvars.copy_context().run,
+            args=(self._run, state, input_ids, params, seed),
             name="orca2-generate",
             daemon=True,
         )
@@ -241,10 +250,8 @@ class Engine:
                 if state.cancel.is_set():
                     return
                 state.started = time.perf_counter()
-                # A threading.Event can't cross into ZeroGPU's worker process; there, closing the
-                # stream is what stops the model.
-                cancel = None if self._zerogpu else state.cancel
-                with contextlib.closing(self._stream_tokens(self.model, input_ids, params, seed, cancel)) as tokens:
+                # Closing the stream stops the model too: the only way that reaches ZeroGPU's worker.
+                with contextlib.closing(self._stream_tokens(input_ids, params, seed, state.cancel)) as tokens:
                     for token in tokens:
                         state.n_tokens += 1
                         state.last_token = token
@@ -305,9 +312,22 @@ def stream_tokens(model, input_ids: list[int], params: GenerationParams, seed: i
         raise failure[0]
 
 
-def _gpu_seconds(model, input_ids, params: GenerationParams, *rest) -> float:
+def _gpu_seconds(input_ids: list[int], params: GenerationParams, seed: int | None) -> float:
     """ZeroGPU time to ask for: a little for the prompt, then a generous 20 tokens per second."""
     return min(30 + params.max_new_tokens / 20, 300)
+
+
+# ZeroGPU pickles a task's arguments into a forked GPU worker: the model can't be one of them, so
+# it goes as a global the fork inherits. Wrapped at import, since ZeroGPU registers its tasks
+# when the app launches.
+_zerogpu_model = None
+
+
+def _zerogpu_stream_tokens(input_ids: list[int], params: GenerationParams, seed: int | None) -> Iterator[int]:
+    yield from stream_tokens(_zerogpu_model, input_ids, params, seed, cancel=None)
+
+
+_stream_tokens_on_zerogpu = gpu_task(_zerogpu_stream_tokens, duration=_gpu_seconds)
 
 
 def _generation_config(params: GenerationParams):
@@ -400,6 +420,8 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage(
 def _load_failure_message(model_name: str, error: BaseException) -> str:
 
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, HFValidationError) and not os.path.exists(model_name):
+        reason = "there is no folder at that path, and it is not a hub id (OWNER/NAME)"
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         hint = "There is not enough memory: try --quantization 8bit or 4bit on a GPU, bf16 on CPU, or a smaller model."
     elif isinstance(error, ImportError):

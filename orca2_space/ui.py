@@ -4,6 +4,7 @@ import html
 from collections.abc import Iterator
 
 import gradio as gr
+from gradio.utils import get_space
 
 from .chat import Chat, ChatUpdate, split_last_question, system_message_for
 from .config import GenerationParams, InvalidRequest
@@ -63,7 +64,7 @@ def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
     if update.withheld:
         # A titled message is a notice: chat.turns_from_messages never sends it back to the model.
         return [*messages, {"role": "assistant", "content": update.withheld, "metadata": {"title": "🛡 Moderation"}}]
-    if update.answer or not update.error:
+    if update.answer or not (update.error or update.waiting):
         messages.append({"role": "assistant", "content": update.answer})
     if update.error:
         messages.append({"role": "assistant", "content": update.error, "metadata": {"title": "⚠️ Error"}})
@@ -151,6 +152,9 @@ def build(chat: Chat) -> gr.Blocks:
             "# Orca 2\nMicrosoft's Orca 2, run exactly as its model card does: the ChatML prompt, "
             "the slow tokenizer's ids, greedy decoding unless you ask for sampling."
         )
+        if get_space():
+            # Visitors who want no queue (or other settings) can run their own copy.
+            gr.DuplicateButton("Duplicate this Space", size="sm", elem_id="duplicate-space")
         model_status = gr.Markdown(_model_status(chat), elem_id="model-status")
         # Until the model is loaded, the status line follows the loading.
         loading_timer = gr.Timer(1.0, active=not chat.loading.done)

@@ -1,7 +1,8 @@
 """Hugging Face ZeroGPU: a Space borrows a GPU only inside functions wrapped by `spaces.GPU`.
 
-Off ZeroGPU (any other machine, with or without the `spaces` package) `gpu_task` returns the
-function unchanged, so the same code path runs everywhere.
+Off ZeroGPU `spaces.GPU` returns the function unchanged, so the same code path runs everywhere.
+On ZeroGPU, `spaces` must be imported before torch (app.py does) and the model must be on "cuda"
+before the app launches: ZeroGPU packs the weights for its GPU workers at launch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ def on_zerogpu() -> bool:
 
 def gpu_task(task: Callable, duration: Callable[..., float]) -> Callable:
     """`task` wrapped to run on a ZeroGPU GPU for about `duration(*args)` seconds."""
-    try:
-        import spaces
-    except ImportError:
-        return task
+    import spaces
+
     return spaces.GPU(task, duration=duration)

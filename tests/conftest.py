@@ -129,3 +129,20 @@ def client(launched_chat):
     from gradio_client import Client
 
     return Client(launched_chat[1], verbose=False)
+
+
+def slow_loading_model(folder: Path) -> tuple[Path, bytes]:
+    """A model whose tokenizer file is a FIFO: loading it waits until the test writes the bytes."""
+    model = build_tiny_model(folder)
+    tokenizer = (model / "tokenizer.model").read_bytes()
+    (model / "tokenizer.model").unlink()
+    os.mkfifo(model / "tokenizer.model")
+    return model, tokenizer
+
+
+def finish_loading(model: Path, tokenizer: bytes) -> None:
+    # Non-blocking open: fails at once (instead of hanging) if the app is not reading the file.
+    fd = os.open(model / "tokenizer.model", os.O_WRONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as fifo:
+        fifo.write(tokenizer)

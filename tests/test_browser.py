@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SAFETY_KEY, VIOLENT_ANSWER, _safety_server, free_port
+from conftest import SAFETY_KEY, VIOLENT_ANSWER, _safety_server, finish_loading, free_port, slow_loading_model
 from make_tiny_model import build_tiny_model
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -101,9 +101,11 @@ def page(browser):
     context.close()
 
 
-def open_app(page, app):
+def open_app(page, app, model_ready=True):
     page.goto(app.url)
     page.wait_for_selector("#message textarea")
+    if model_ready:  # the page is up before the model is loaded
+        page.wait_for_selector("#model-status:has-text('Weights')")
 
 
 def record_answers(page):
@@ -153,6 +155,46 @@ def test_the_page_shows_the_model_and_how_it_was_loaded(page, plain_app):
     open_app(page, plain_app)
     status = page.inner_text("#model-status")
     assert "tiny" in status and "fp32" in status and "auto: no GPU" in status and "cpu" in status
+
+
+def test_while_the_model_loads_the_page_says_so_and_a_message_waits_for_it(page, tmp_path):
+    model, tokenizer = slow_loading_model(tmp_path / "slow")
+    app = App(model, tmp_path / "app.log")
+    try:
+        open_app(page, app, model_ready=False)
+        assert "Loading" in page.inner_text("#model-status") and "reading the tokenizer" in page.inner_text("#model-status")
+        page.fill("#message textarea", "Are you there?")
+        mark_status_seen(page)
+        page.click("#send")
+        page.wait_for_selector("#answer-status [data-outcome=waiting]:has-text('waiting for the model')")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "loading.png")
+        finish_loading(model, tokenizer)
+        page.wait_for_selector(NEW_DONE)
+        assert page.get_attribute("#answer-status [data-state=done]", "data-outcome") == "length"
+        assert page.inner_text("#chatbot [data-testid=bot]").strip()
+        # The status line follows the loading to its end without a reload.
+        page.wait_for_selector("#model-status:has-text('auto: no GPU')")
+    finally:
+        app.close()
+    assert "reading the tokenizer" in app.log() and "model ready" in app.log()
+
+
+def test_on_a_space_a_model_that_fails_to_load_leaves_the_page_up_with_the_reason(page, tmp_path):
+    app = App(tmp_path / "no-such-model", tmp_path / "app.log", {"SPACE_ID": "someone/orca2"})
+    try:
+        open_app(page, app, model_ready=False)
+        page.wait_for_selector("#model-status:has-text('Loading failed')")
+        assert "no-such-model" in page.inner_text("#model-status")
+        page.fill("#message textarea", "Hello?")
+        click_and_wait_for_answer(page, "#send")
+        assert "could not be loaded" in page.inner_text("#answer-status")
+        # The question stays in the chat, for Retry once the Space is fixed.
+        assert page.inner_text("#chatbot [data-testid=user]").strip() == "Hello?"
+        assert "there is no folder at that path" in page.inner_text("#answer-status")
+    finally:
+        app.close()
+    assert "no-such-model" in app.log()
 
 
 def test_an_answer_streams_in_token_by_token(page, plain_app):

@@ -4,7 +4,10 @@ import threading
 
 import pytest
 
+from conftest import finish_loading, slow_loading_model
+
 from orca2_space.chat import Chat, turns_from_messages
+from orca2_space.engine import ModelLoading
 from orca2_space.config import InvalidRequest, Settings
 from orca2_space.prompt import Turn
 
@@ -104,6 +107,27 @@ def test_a_message_too_long_for_the_context_is_an_error_update(ends_with_im_end)
 def test_inspect_shows_the_exact_prompt(chat, tokenizer):
     prompt = chat.inspect("Q2", "sys", messages(("Q1", "A1")))
     assert prompt.input_ids == tokenizer.build("sys", [Turn("Q1", "A1")], "Q2").input_ids
+
+
+def test_while_the_model_loads_a_message_waits_for_it_and_is_then_answered(tmp_path, monkeypatch):
+    model, tokenizer_bytes = slow_loading_model(tmp_path / "slow")
+    monkeypatch.setattr(Chat, "LOADING_UPDATE_SECONDS", 0.05)
+    chat = Chat(ModelLoading(str(model)), Settings(max_new_tokens_cap=8))
+    with pytest.raises(InvalidRequest, match="Orca 2 is not ready. Loading .*reading the tokenizer"):
+        chat.inspect("Hi", "sys", [])
+    updates = chat.respond(chat.request("Hi", "sys", []))
+    waiting = [next(updates) for _ in range(3)]
+    assert all("waiting for the model" in u.waiting and not u.done for u in waiting)
+    finish_loading(model, tokenizer_bytes)
+    rest = list(updates)
+    assert rest[-1].done and rest[-1].error is None and rest[-1].stats.n_tokens == 8
+    assert chat.inspect("Hi", "sys", []).n_tokens > 0
+
+
+def test_a_model_that_failed_to_load_answers_every_message_with_the_reason(tmp_path):
+    chat = Chat(ModelLoading(str(tmp_path / "missing")), Settings())
+    (update,) = [u for u in chat.respond(chat.request("Hi", "sys", [])) if not u.waiting]
+    assert update.done and "could not be loaded" in update.error and "missing" in update.error
 
 
 def test_stop_by_owner_ends_the_running_answer(never_ends):

@@ -5,6 +5,9 @@ import io
 import re
 from pathlib import Path
 
+from orca2_space.config import DEFAULT_MODEL
+from orca2_space.publish import HARDWARE, card_metadata
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -29,7 +32,22 @@ def test_ci_runs_the_test_command_written_in_the_readme():
     assert "grep -m1 '^pip install -r requirements.txt -r requirements-dev.txt' README.md" in ci
 
 
-def test_front_matter_pins_the_gradio_of_requirements():
+def test_front_matter_is_a_valid_space_card_that_pins_the_gradio_of_requirements():
+    card = card_metadata()  # huggingface_hub's own parser, as the Hub reads it
     pinned = re.search(r"^gradio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
-    assert f"sdk_version: {pinned}\n" in README
-    assert "app_file: app.py" in README and "microsoft/Orca-2-7b" in README
+    assert card["sdk"] == "gradio" and card["sdk_version"] == pinned
+    assert (ROOT / card["app_file"]).is_file() and card["python_version"] == "3.11"
+    assert card["suggested_hardware"] in HARDWARE and card["models"][0] == DEFAULT_MODEL
+    assert {"title", "emoji", "colorFrom", "colorTo", "license"} <= card.keys()
+    assert len(card["short_description"]) <= 60  # the Hub's limit
+
+
+def test_the_space_preloads_the_files_the_app_loads_at_build_time():
+    (entry,) = card_metadata()["preload_from_hub"]
+    repo, files = entry.split()
+    files = files.split(",")
+    assert repo == DEFAULT_MODEL
+    # What OrcaTokenizer and from_pretrained read, and every shard the weight index names.
+    assert {"tokenizer.model", "config.json", "generation_config.json", "pytorch_model.bin.index.json"} <= set(files)
+    shards = sorted(name for name in files if name.startswith("pytorch_model-"))
+    assert shards == [f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i in range(1, len(shards) + 1)]

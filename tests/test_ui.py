@@ -38,3 +38,22 @@ def test_a_required_moderation_cannot_be_turned_off_on_the_page(tiny_engine):
     checkbox = toggle(Chat(tiny_engine, Settings(moderation=rules), moderation))
     assert checkbox.value is True and checkbox.interactive is False
     assert "Required on this server" in checkbox.info and "unmoderated" in checkbox.info
+
+
+def duplicate_buttons(demo):
+    return [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "duplicate-space"]
+
+
+def test_on_a_space_the_page_offers_to_duplicate_it(tiny_engine, monkeypatch):
+    # What Hugging Face sets on a Space.
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "someone/orca2-space")
+    demo = ui.build(Chat(tiny_engine, Settings()))
+    (button,) = duplicate_buttons(demo)
+    clicks = [fn.js for fn in demo.fns.values() if (button._id, "click") in fn.targets]
+    assert any("huggingface.co/spaces/someone/orca2-space?duplicate=true" in (js or "") for js in clicks)
+
+
+def test_elsewhere_there_is_nothing_to_duplicate(tiny_engine, monkeypatch):
+    monkeypatch.delenv("SYSTEM", raising=False)
+    assert duplicate_buttons(ui.build(Chat(tiny_engine, Settings()))) == []
