@@ -16,6 +16,7 @@ from .config import (
     ModerationSettings,
     Settings,
 )
+from .zerogpu import on_zerogpu
 
 log = logging.getLogger("orca2_space")
 
@@ -87,8 +88,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency",
         type=int,
-        default=int(env("ORCA2_CONCURRENCY", "1")),
-        help="answers generated at once; others wait in the queue [ORCA2_CONCURRENCY] (default 1)",
+        default=int(env("ORCA2_CONCURRENCY", "1" if on_zerogpu() else "8")),
+        help="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue "
+        "[ORCA2_CONCURRENCY] (default 8; 1 on ZeroGPU, where each answer borrows its own GPU)",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("on", "off"),
+        default=env("ORCA2_BATCHING", "on"),
+        help="decode concurrent greedy answers together (continuous batching); sampled answers, and any with a "
+        "repetition penalty, always run alone [ORCA2_BATCHING] (default on; never on ZeroGPU)",
+    )
+    p.add_argument(
+        "--batch-cache-tokens",
+        type=int,
+        default=int(env("ORCA2_BATCH_CACHE_TOKENS", "0")) or None,
+        help="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token) "
+        "[ORCA2_BATCH_CACHE_TOKENS] (default 16384 with a GPU, 8192 without)",
     )
     p.add_argument(
         "--max-queue",
@@ -154,6 +170,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_batch_cache_tokens() -> int:
+    import torch
+
+    # Four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM.
+    return 16384 if torch.cuda.is_available() else 8192
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     auth = _auth(args.auth) if isinstance(args.auth, str) else args.auth
     return Settings(
@@ -166,6 +189,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_new_tokens_cap=args.max_new_tokens_cap,
         concurrency=args.concurrency,
         max_queue=args.max_queue,
+        batching=args.batching == "on",
+        batch_cache_tokens=args.batch_cache_tokens or _default_batch_cache_tokens(),
         moderation=ModerationSettings(
             endpoint=os.environ.get("CONTENT_SAFETY_ENDPOINT") or None,
             key=os.environ.get("CONTENT_SAFETY_KEY") or None,
@@ -206,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .chat import Chat
     from .engine import ModelLoading
-    from .zerogpu import on_zerogpu
 
     # The page is up at once and shows the loading; the model loads meanwhile.
-    loading = ModelLoading(settings.model, settings.quantization)
+    loading = ModelLoading(settings.model, settings.quantization, batching=settings.batching_settings())
     if on_zerogpu():
         # Except on ZeroGPU, which packs the weights for its GPU workers when the app launches;
         # the Space shows "Starting" meanwhile.

@@ -56,6 +56,25 @@ class ModerationSettings:
         return bool(self.endpoint and self.key)
 
 
+# The batch KV cache is allocated in pages of this many tokens.
+BATCH_PAGE_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    # Answers decoded together; more wait for a free place.
+    max_concurrent: int = 8
+    # KV-cache size, in tokens, shared by the answers in the batch. Allocated once at start:
+    # Orca-2-7B needs 0.5 MiB per token in 16-bit (16384 tokens: 8 GiB).
+    cache_tokens: int = 16384
+
+    def __post_init__(self):
+        if self.max_concurrent < 1:
+            raise ValueError("batching needs at least one concurrent answer")
+        if self.cache_tokens < BATCH_PAGE_TOKENS:
+            raise ValueError(f"the batch KV cache needs at least {BATCH_PAGE_TOKENS} tokens")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How this server runs. Built by cli.py from flags and ORCA2_* environment variables."""
@@ -67,17 +86,26 @@ class Settings:
     share: bool = False
     auth: tuple[str, str] | None = field(default=None, repr=False)
     max_new_tokens_cap: int = 2048
-    concurrency: int = 1
+    # Answers generated at once (batched together when greedy); more wait in the queue.
+    concurrency: int = 8
     max_queue: int = 32
+    batching: bool = True
+    batch_cache_tokens: int = 16384
     max_message_chars: int = 100_000
     moderation: ModerationSettings = ModerationSettings()
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
-        for name in ("max_new_tokens_cap", "concurrency", "max_queue", "max_message_chars"):
+        for name in ("max_new_tokens_cap", "concurrency", "max_queue", "max_message_chars", "batch_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.batching:
+            self.batching_settings()  # refuses a cache too small to use
+
+    def batching_settings(self) -> BatchingSettings | None:
+        """How to batch concurrent answers, or None to answer one at a time."""
+        return BatchingSettings(self.concurrency, self.batch_cache_tokens) if self.batching else None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from .config import GenerationParams
+from .batching import Batcher
+from .config import BatchingSettings, GenerationParams
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
 from .zerogpu import gpu_task, on_zerogpu
 
@@ -101,6 +102,8 @@ class GenerationStats:
     seed: int | None
     # Tokens the model produced after cancel() was called; Stop's promise is at most one.
     tokens_after_cancel: int | None = None
+    # Decoded in a batch with other answers (greedy), or alone.
+    batched: bool = False
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,21 +111,40 @@ class GenerationStats:
 
 
 class _State:
-    """What the worker thread and the Generation handle share. The thread holds no reference to
-    the handle, so dropping the handle cancels the work (see weakref.finalize below)."""
+    """What the model's side (a worker thread, or the batcher) and the Generation handle share.
+    Neither holds a reference to the handle, so dropping the handle cancels the work (see
+    weakref.finalize below)."""
 
-    def __init__(self):
+    def __init__(self, seed: int | None, batched: bool):
+        self.seed = seed
+        self.batched = batched
         self.tokens: queue.SimpleQueue = queue.SimpleQueue()
         self.cancel = threading.Event()
+        # How the model's side stops working on this request (besides seeing `cancel`).
+        self.on_cancel: Callable[[], None] = lambda: None
         self.n_tokens = 0
         self.tokens_at_cancel: int | None = None
         self.last_token: int | None = None
-        self.started = 0.0
+        self.started = time.perf_counter()
         self.error: BaseException | None = None
         self.stats: GenerationStats | None = None
+        self.done = threading.Event()
 
-    def finish(self, seed: int | None) -> GenerationStats:
-        if self.error is not None:
+    def push(self, token: int) -> None:
+        self.n_tokens += 1
+        self.last_token = token
+        self.tokens.put(token)
+
+    def request_cancel(self) -> None:
+        if not self.cancel.is_set():
+            self.tokens_at_cancel = self.n_tokens
+            self.cancel.set()
+            self.on_cancel()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The model has stopped working on this request."""
+        self.error = error
+        if error is not None:
             reason = "error"
         elif self.cancel.is_set():
             reason = "stopped"
@@ -131,43 +153,53 @@ class _State:
         else:
             reason = "length"
         after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
-        seconds = time.perf_counter() - self.started if self.started else 0.0
-        return GenerationStats(self.n_tokens, seconds, reason, seed, after)
+        seconds = time.perf_counter() - self.started
+        self.stats = stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched)
+        log.info(
+            "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s), %s tokens after cancel",
+            "batched" if self.batched else "single", stats.stop_reason, stats.n_tokens, stats.seconds,
+            stats.tokens_per_second, stats.tokens_after_cancel,
+        )
+        self.tokens.put(_END)
+        self.done.set()
 
 
 class Generation:
     """One running answer. Iterate it for text deltas; cancel() ends the model's work after the
     current decode step; stats is set once iteration is over."""
 
-    def __init__(self, state: _State, worker: threading.Thread, tokenizer: OrcaTokenizer):
+    def __init__(self, state: _State, tokenizer: OrcaTokenizer):
         self._state = state
-        self._worker = worker
         self._tokenizer = tokenizer
-        weakref.finalize(self, state.cancel.set)
+        weakref.finalize(self, state.request_cancel)
 
     @property
     def stats(self) -> GenerationStats | None:
-        """How the generation went, once the worker has finished."""
+        """How the generation went, once the model has stopped working on it."""
         return self._state.stats
 
     def cancel(self) -> None:
-        state = self._state
-        if not state.cancel.is_set():
-            state.tokens_at_cancel = state.n_tokens
-            state.cancel.set()
+        self._state.request_cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the worker thread to end; True once it has."""
-        self._worker.join(timeout)
-        return not self._worker.is_alive()
+        """Wait until the model has stopped working on this answer; True once it has."""
+        return self._state.done.wait(timeout)
 
     def __iter__(self) -> Iterator[str]:
         state = self._state
         decoder = StreamDecoder(self._tokenizer)
-        while (token := state.tokens.get()) is not _END:
-            if token not in STOP_IDS:
-                if delta := decoder.push(token):
-                    yield delta
+        ended = False
+        while not ended:
+            # Token by token while the reader keeps up; a reader that fell behind (a slow network)
+            # gets what has piled up in one piece instead of a backlog of updates.
+            tokens = [state.tokens.get()]
+            while not state.tokens.empty():
+                tokens.append(state.tokens.get())
+            if ended := tokens[-1] is _END:
+                tokens.pop()
+            delta = "".join(decoder.push(token) for token in tokens if token not in STOP_IDS)
+            if delta:
+                yield delta
         if tail := decoder.flush():
             yield tail
         if state.error is not None:
@@ -177,24 +209,39 @@ class Generation:
 class Engine:
     """One model, shared by every session and request."""
 
-    def __init__(self, model, tokenizer: OrcaTokenizer, info: ModelInfo):
+    def __init__(self, model, tokenizer: OrcaTokenizer, info: ModelInfo, batching: BatchingSettings | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
-        # One generate at a time per model: it keeps the global torch RNG (and so seeds) per request.
+        # One unbatched generate at a time: it keeps the global torch RNG (and so seeds) per request.
         self._lock = threading.Lock()
+        self._batcher = None
         if on_zerogpu():
+            # Each answer borrows a GPU for its own duration: nothing persistent to batch on.
             global _zerogpu_model
             _zerogpu_model = model
             self._stream_tokens = lambda input_ids, params, seed, cancel: _stream_tokens_on_zerogpu(input_ids, params, seed)
         else:
             self._stream_tokens = functools.partial(stream_tokens, model)
+            if batching is not None:
+                self._batcher = Batcher(model, batching, info.context_length)
+
+    def close(self) -> None:
+        """Stop the batching thread, if any (answers in flight end with an error)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     @classmethod
-    def load(cls, model_name: str, quantization: str = "auto", on_phase: Callable[[str], None] = lambda phase: None) -> Engine:
+    def load(
+        cls,
+        model_name: str,
+        quantization: str = "auto",
+        on_phase: Callable[[str], None] = lambda phase: None,
+        batching: BatchingSettings | None = None,
+    ) -> Engine:
         """Load the model; on_phase hears what is happening ("reading the config", …)."""
         try:
-            return cls._load(model_name, quantization, on_phase)
+            return cls._load(model_name, quantization, on_phase, batching)
         except ModelLoadError:
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
@@ -202,7 +249,7 @@ class Engine:
             raise ModelLoadError(_load_failure_message(model_name, error)) from error
 
     @classmethod
-    def _load(cls, model_name: str, quantization: str, on_phase: Callable[[str], None]) -> Engine:
+    def _load(cls, model_name: str, quantization: str, on_phase: Callable[[str], None], batching: BatchingSettings | None) -> Engine:
         on_phase("reading the tokenizer")
         tokenizer = OrcaTokenizer.for_model(model_name)
         on_phase("reading the config")
@@ -221,27 +268,33 @@ class Engine:
         model.generation_config.max_length = None
         device = torch.cuda.get_device_name(0) if cuda else "cpu"
         info = ModelInfo(model_name, plan.quantization, plan.reason, device, config.max_position_embeddings)
+        if batching is not None:
+            on_phase(f"allocating the batch KV cache ({batching.cache_tokens} tokens)")
+        engine = cls(model, tokenizer, info, batching)
         log.info("model ready: %s", info.describe())
-        return cls(model, tokenizer, info)
+        return engine
 
     def generate(self, input_ids: list[int], params: GenerationParams) -> Generation:
         """Start answering; the returned Generation streams the answer's text."""
         seed = None
         if params.do_sample:
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        state = _State()
+        if self._batcher is not None and batchable(params):
+            state = _State(seed, batched=True)
+            state.on_cancel = self._batcher.submit(input_ids, params.max_new_tokens, state)
+            return Generation(state, self.tokenizer)
+        state = _State(seed, batched=False)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
-        worker = threading.Thread(
+        threading.Thread(
             target=contextvars.copy_context().run,
             args=(self._run, state, input_ids, params, seed),
             name="orca2-generate",
             daemon=True,
-        )
-        generation = Generation(state, worker, self.tokenizer)
-        worker.start()
-        return generation
+        ).start()
+        return Generation(state, self.tokenizer)
 
     def _run(self, state: _State, input_ids: list[int], params: GenerationParams, seed) -> None:
+        error = None
         try:
             while not self._lock.acquire(timeout=0.05):
                 if state.cancel.is_set():
@@ -249,27 +302,26 @@ class Engine:
             try:
                 if state.cancel.is_set():
                     return
-                state.started = time.perf_counter()
+                state.started = time.perf_counter()  # the answer's speed, not its wait for the lock
                 # Closing the stream stops the model too: the only way that reaches ZeroGPU's worker.
                 with contextlib.closing(self._stream_tokens(input_ids, params, seed, state.cancel)) as tokens:
                     for token in tokens:
-                        state.n_tokens += 1
-                        state.last_token = token
-                        state.tokens.put(token)
+                        state.push(token)
                         if state.cancel.is_set():
                             break
             finally:
                 self._lock.release()
-        except Exception as error:  # noqa: BLE001 - reported to the consumer, the engine goes on
+        except Exception as failure:  # noqa: BLE001 - reported to the consumer, the engine goes on
             log.exception("generation failed")
-            state.error = error
+            error = failure
         finally:
-            state.stats = stats = state.finish(seed)
-            log.info(
-                "generation finished: %s, %d tokens in %.2fs (%.1f tokens/s), %s tokens after cancel",
-                stats.stop_reason, stats.n_tokens, stats.seconds, stats.tokens_per_second, stats.tokens_after_cancel,
-            )
-            state.tokens.put(_END)
+            state.close(error)
+
+
+def batchable(params: GenerationParams) -> bool:
+    """Whether the batch can answer exactly as generate alone would: its sampling and seed are
+    shared by the whole batch and it has no repetition penalty, so only plain greedy qualifies."""
+    return not params.do_sample and params.repetition_penalty == 1.0
 
 
 def stream_tokens(model, input_ids: list[int], params: GenerationParams, seed: int | None, cancel: threading.Event | None) -> Iterator[int]:
@@ -438,9 +490,16 @@ def _load_failure_message(model_name: str, error: BaseException) -> str:
 class ModelLoading:
     """The engine, loaded in the background so that the page is up at once and can say so."""
 
-    def __init__(self, model_name: str, quantization: str = "auto", engine: Engine | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        quantization: str = "auto",
+        engine: Engine | None = None,
+        batching: BatchingSettings | None = None,
+    ):
         self.model_name = model_name
         self.quantization = quantization
+        self.batching = batching
         self.phase = "ready" if engine else "starting"
         self.engine = engine
         self.error: str | None = None
@@ -458,7 +517,7 @@ class ModelLoading:
 
     def _load(self) -> None:
         try:
-            self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase)
+            self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase, batching=self.batching)
             self.phase = "ready"
         except ModelLoadError as error:
             self.error = str(error)

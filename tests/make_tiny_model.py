@@ -27,14 +27,18 @@ TOKENIZER_DIR = FIXTURES / "orca2-tokenizer"
 PROMPT_LAST_ID = 22137  # "istant", the last id of every Orca 2 prompt
 
 
-def tiny_config(hidden_size: int = 64) -> LlamaConfig:
+# "100m" has Orca 2's vocabulary and a small LLaMA body: 134M parameters, for benchmarks.
+SIZES = {"tiny": dict(hidden_size=64, layers=2, heads=4), "100m": dict(hidden_size=768, layers=12, heads=12)}
+
+
+def tiny_config(hidden_size: int = 64, layers: int = 2, heads: int = 4) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=32003,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        intermediate_size=2 * hidden_size if hidden_size <= 64 else 2048,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         bos_token_id=1,
@@ -63,11 +67,13 @@ def _script(model: LlamaForCausalLM, script: list[int], loop: bool) -> None:
             head[following] += 8.0 * embed[current] / embed[current].norm()
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, script: list[int] | None = None, loop: bool = False) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, *, seed: int = 0, script: list[int] | None = None, loop: bool = False, size: str = "tiny"
+) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config())
+    model = LlamaForCausalLM(tiny_config(**SIZES[size]))
     if script:
         with torch.no_grad():
             model.model.embed_tokens.weight.normal_(0.0, 1.0)
@@ -87,8 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny (default), or 100m for benchmarks")
     args = parser.parse_args()
-    out = build_tiny_model(args.out_dir, seed=args.seed)
+    out = build_tiny_model(args.out_dir, seed=args.seed, size=args.size)
     print(f"Wrote a tiny Orca-2-shaped model to {out}. Run: python app.py --model {out}")
 
 

@@ -89,7 +89,7 @@ def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
         worker.join(timeout=60)
         assert not worker.is_alive()
     finished = [r.getMessage() for r in caplog.records if "generation finished" in r.getMessage()]
-    assert finished and finished[-1].startswith("generation finished: stopped"), finished
+    assert finished and finished[-1].startswith("generation finished (single): stopped"), finished
 
 
 # Moderation through the API, against the app launched with the local Content Safety server.

@@ -221,9 +221,10 @@ def test_stop_ends_the_generation_on_the_server(page, plain_app):
     assert page.locator(DONE).get_attribute("data-outcome") == "stopped"
     assert "Stopped" in page.inner_text("#answer-status")
     page.wait_for_selector("#send")
-    finished = re.findall(r"generation finished: (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log())
-    reason, n_tokens, after_cancel = finished[-1]
-    assert reason == "stopped" and int(n_tokens) < 4000 and int(after_cancel) <= 1
+    finished = re.findall(r"generation finished \((\w+)\): (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log())
+    path, reason, n_tokens, after_cancel = finished[-1]
+    # The app batches greedy answers by default: Stop reaches the batch too.
+    assert path == "batched" and reason == "stopped" and int(n_tokens) < 4000 and int(after_cancel) <= 1
 
 
 def test_retry_undo_and_clear(page, plain_app):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, parser, settings_from_args, share_decision
-from orca2_space.config import Settings
+from orca2_space.config import BatchingSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS_AND_ENV = {
@@ -21,6 +21,8 @@ FLAGS_AND_ENV = {
     "--max-new-tokens-cap": "ORCA2_MAX_NEW_TOKENS_CAP",
     "--concurrency": "ORCA2_CONCURRENCY",
     "--max-queue": "ORCA2_MAX_QUEUE",
+    "--batching": "ORCA2_BATCHING",
+    "--batch-cache-tokens": "ORCA2_BATCH_CACHE_TOKENS",
     "--log-level": "ORCA2_LOG_LEVEL",
 }
 
@@ -51,10 +53,26 @@ def test_environment_variables_set_the_defaults(monkeypatch):
     monkeypatch.setenv("ORCA2_AUTH", "ann:secret")
     monkeypatch.setenv("ORCA2_MAX_NEW_TOKENS_CAP", "100")
     monkeypatch.setenv("ORCA2_SHARE", "true")
+    monkeypatch.setenv("ORCA2_CONCURRENCY", "3")
+    monkeypatch.setenv("ORCA2_BATCHING", "off")
+    monkeypatch.setenv("ORCA2_BATCH_CACHE_TOKENS", "4096")
     settings = settings_from_args(parser().parse_args([]))
     assert settings == Settings(
-        model="microsoft/Orca-2-13b", quantization="4bit", port=9000, auth=("ann", "secret"), max_new_tokens_cap=100, share=True
+        model="microsoft/Orca-2-13b",
+        quantization="4bit",
+        port=9000,
+        auth=("ann", "secret"),
+        max_new_tokens_cap=100,
+        share=True,
+        concurrency=3,
+        batching=False,
+        batch_cache_tokens=4096,
     )
+
+
+def test_by_default_greedy_answers_are_batched_eight_at_a_time_in_a_cache_sized_for_the_machine():
+    settings = settings_from_args(parser().parse_args([]))
+    assert settings.batching_settings() == BatchingSettings(max_concurrent=8, cache_tokens=8192)  # no GPU here
 
 
 def test_flags_win_over_environment_variables(monkeypatch):

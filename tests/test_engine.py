@@ -56,10 +56,10 @@ def test_an_abandoned_stream_stops_the_model(never_ends):
     generation = never_ends.generate(prompt_ids(never_ends), GenerationParams(max_new_tokens=100_000))
     stream = iter(generation)
     next(stream)
-    worker = generation._worker
+    state = generation._state
     del stream, generation  # a client that vanished: nobody holds the handle any more
-    worker.join(timeout=10)
-    assert not worker.is_alive()
+    assert state.done.wait(timeout=10)
+    assert state.stats.stop_reason == "stopped"
 
 
 def test_same_seed_and_settings_give_the_same_answer(tiny_engine):

@@ -1,0 +1,144 @@
+"""Batched generation: concurrent greedy answers share decode steps, each streaming its own tokens,
+and answer exactly as they would alone; what the batch can't honour runs alone."""
+
+import threading
+import time
+
+import pytest
+
+from orca2_space.batching import BatchingSettings
+from orca2_space.config import GenerationParams
+from orca2_space.engine import Engine
+
+from test_engine import prompt_ids
+
+QUESTIONS = ["How are you?", "What is 2 + 2?", "Name a colour.", "Why is the sky blue?"]
+
+
+def batched(engine: Engine, max_concurrent: int = 4) -> Engine:
+    """The same loaded model, served through the batcher."""
+    return Engine(engine.model, engine.tokenizer, engine.info, BatchingSettings(max_concurrent=max_concurrent, cache_tokens=8192))
+
+
+@pytest.fixture(scope="module")
+def batched_tiny(tiny_engine):
+    engine = batched(tiny_engine)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def batched_never_ends(never_ends):
+    engine = batched(never_ends)
+    yield engine
+    engine.close()
+
+
+def answer(engine, question, **params):
+    generation = engine.generate(prompt_ids(engine, question), GenerationParams(**{"max_new_tokens": 40, **params}))
+    return "".join(generation), generation.stats
+
+
+def test_a_greedy_answer_is_batched_and_identical_to_generate_alone(batched_tiny, tiny_engine):
+    text, stats = answer(batched_tiny, QUESTIONS[0])
+    assert stats.batched and stats.n_tokens == 40
+    assert text == answer(tiny_engine, QUESTIONS[0])[0]
+
+
+def test_concurrent_answers_stream_together_and_each_equals_its_answer_alone(batched_tiny, tiny_engine):
+    arrivals: dict[str, list[float]] = {q: [] for q in QUESTIONS}
+    texts: dict[str, str] = {}
+
+    def chat(question):
+        generation = batched_tiny.generate(prompt_ids(batched_tiny, question), GenerationParams(max_new_tokens=60))
+        parts = []
+        for delta in generation:
+            arrivals[question].append(time.perf_counter())
+            parts.append(delta)
+        texts[question] = "".join(parts)
+
+    threads = [threading.Thread(target=chat, args=(q,)) for q in QUESTIONS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert texts == {q: answer(tiny_engine, q, max_new_tokens=60)[0] for q in QUESTIONS}
+    # Every answer streamed in many pieces, and all were streaming at the same time.
+    assert all(len(times) > 10 for times in arrivals.values())
+    assert max(times[0] for times in arrivals.values()) < min(times[-1] for times in arrivals.values())
+
+
+@pytest.mark.parametrize("engine_name", ["ends_with_im_end", "ends_with_eos"])
+def test_a_batched_answer_ends_at_im_end_or_eos_without_control_text(request, engine_name):
+    engine = batched(request.getfixturevalue(engine_name))
+    try:
+        text, stats = answer(engine, "Hi", max_new_tokens=64)
+    finally:
+        engine.close()
+    assert text == "\nThe answer" and stats.stop_reason == "end_of_turn" and stats.batched
+    assert stats.n_tokens == 4  # three words and the stop token
+
+
+def test_stop_ends_the_batched_answers_work_within_one_decode_step(batched_never_ends):
+    generation = batched_never_ends.generate(prompt_ids(batched_never_ends), GenerationParams(max_new_tokens=3000))
+    for n, _ in enumerate(generation, 1):
+        if n == 5:
+            generation.cancel()
+    assert generation.wait(timeout=10), "the batch still holds the request after Stop"
+    stats = generation.stats
+    assert stats.stop_reason == "stopped" and stats.tokens_after_cancel <= 1 and stats.n_tokens < 3000
+    scheduler = batched_never_ends._batcher._manager.batch_processor.scheduler
+    assert not scheduler.active_requests and not scheduler.waiting_requests
+
+
+def test_an_abandoned_batched_stream_is_dropped_from_the_batch(batched_never_ends):
+    generation = batched_never_ends.generate(prompt_ids(batched_never_ends), GenerationParams(max_new_tokens=3000))
+    stream = iter(generation)
+    next(stream)
+    state = generation._state
+    del stream, generation
+    assert state.done.wait(timeout=10) and state.stats.stop_reason == "stopped"
+
+
+def test_stopping_one_answer_leaves_the_others_running(batched_never_ends):
+    ids = prompt_ids(batched_never_ends)
+    kept, stopped = (batched_never_ends.generate(ids, GenerationParams(max_new_tokens=60)) for _ in range(2))
+    stopped.cancel()
+    assert len("".join(kept)) > 0 and kept.stats.stop_reason == "length" and kept.stats.n_tokens == 60
+    assert stopped.wait(timeout=10) and stopped.stats.stop_reason == "stopped"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, seed=7),  # a seed is per request
+        dict(repetition_penalty=1.3),  # the batch has no repetition penalty
+    ],
+)
+def test_what_the_batch_cannot_honour_runs_alone_with_its_own_settings(batched_tiny, tiny_engine, params):
+    text, stats = answer(batched_tiny, QUESTIONS[1], **params)
+    assert not stats.batched
+    assert text == answer(tiny_engine, QUESTIONS[1], **params)[0]
+
+
+def test_a_seeded_answer_is_repeatable_while_batched_answers_run(batched_tiny):
+    sampled = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=1234)
+    alone = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
+    background = [batched_tiny.generate(prompt_ids(batched_tiny, q), GenerationParams(max_new_tokens=60)) for q in QUESTIONS]
+    during = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
+    for generation in background:
+        "".join(generation)
+    assert during == alone
+
+
+def test_the_batch_cache_must_hold_a_whole_context(tiny_engine):
+    with pytest.raises(ValueError, match="must hold a full context"):
+        Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.info, BatchingSettings(cache_tokens=1024))
+
+
+def test_closing_the_engine_ends_answers_in_flight_instead_of_hanging(never_ends):
+    engine = batched(never_ends)
+    generation = engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=3000))
+    next(iter(generation))
+    engine.close()
+    assert generation.wait(timeout=15) and generation.stats.stop_reason in ("error", "stopped")
