@@ -238,7 +238,7 @@ class Chat:
                 f"The {prompt.dropped_turns} oldest turn(s) were left out to fit Orca 2's "
                 f"{self.engine.info.context_length}-token context."
             )
-        generation = self.engine.generate(prompt.input_ids, request.params)
+        generation = self.engine.generate(prompt.input_ids, request.params, prompt_text=prompt.text)
         gate = moderation.gate() if moderation is not None else None
         if owner is not None:
             with self._active_lock:
@@ -263,6 +263,7 @@ class Chat:
                         yield update(shown)
             except GenerationError as failure:
                 error = str(failure)
+            notices += generation.notices
             answer = answer_text(generated)
             if gate is not None:
                 verdict = gate.finish(answer)

@@ -14,6 +14,7 @@ from .config import (
     MODERATION_THRESHOLDS,
     QUANTIZATIONS,
     ModerationSettings,
+    RemoteSettings,
     Settings,
 )
 from .zerogpu import on_zerogpu
@@ -112,6 +113,34 @@ def parser() -> argparse.ArgumentParser:
         default=int(env("ORCA2_MAX_QUEUE", "32")),
         help="requests that may wait; more are told the app is busy [ORCA2_MAX_QUEUE] (default 32)",
     )
+    r = p.add_argument_group(
+        "inference server",
+        "With --backend openai the app loads no model: answers stream from an OpenAI-compatible server (vLLM, "
+        "TGI, transformers serve). --model then only names where Orca 2's tokenizer.model is read from.",
+    )
+    r.add_argument(
+        "--backend",
+        choices=("local", "openai"),
+        default=env("ORCA2_BACKEND", "local"),
+        help="local: load the model here; openai: stream from --base-url [ORCA2_BACKEND] (default local)",
+    )
+    r.add_argument("--base-url", default=env("ORCA2_BASE_URL"), help="the server's API root, e.g. http://127.0.0.1:8000/v1 [ORCA2_BASE_URL]")
+    r.add_argument(
+        "--api-key",
+        default=env("ORCA2_API_KEY"),
+        help="the server's API key, if it wants one [ORCA2_API_KEY] (prefer the variable: flags show in process lists)",
+    )
+    r.add_argument(
+        "--served-model",
+        default=env("ORCA2_SERVED_MODEL"),
+        help="the server's name for the model [ORCA2_SERVED_MODEL] (default: --model)",
+    )
+    r.add_argument(
+        "--server-timeout",
+        type=float,
+        default=float(env("ORCA2_SERVER_TIMEOUT", "120")),
+        help="seconds to wait for each streamed piece of an answer [ORCA2_SERVER_TIMEOUT] (default 120)",
+    )
     m = p.add_argument_group(
         "moderation (Azure AI Content Safety)",
         "On when CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY are set (on a Space: as secrets). The key is "
@@ -177,6 +206,14 @@ def _default_batch_cache_tokens() -> int:
     return 16384 if torch.cuda.is_available() else 8192
 
 
+def _remote(args: argparse.Namespace) -> RemoteSettings | None:
+    if args.backend != "openai":
+        return None
+    if not args.base_url:
+        raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    return RemoteSettings(args.base_url, args.served_model, args.api_key, read_timeout=args.server_timeout)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     auth = _auth(args.auth) if isinstance(args.auth, str) else args.auth
     return Settings(
@@ -191,6 +228,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=args.max_queue,
         batching=args.batching == "on",
         batch_cache_tokens=args.batch_cache_tokens or _default_batch_cache_tokens(),
+        remote=_remote(args),
         moderation=ModerationSettings(
             endpoint=os.environ.get("CONTENT_SAFETY_ENDPOINT") or None,
             key=os.environ.get("CONTENT_SAFETY_KEY") or None,
@@ -233,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import ModelLoading
 
     # The page is up at once and shows the loading; the model loads meanwhile.
-    loading = ModelLoading(settings.model, settings.quantization, batching=settings.batching_settings())
+    loading = ModelLoading(settings.model, settings.quantization, batching=settings.batching_settings(), remote=settings.remote)
     if on_zerogpu():
         # Except on ZeroGPU, which packs the weights for its GPU workers when the app launches;
         # the Space shows "Starting" meanwhile.

@@ -76,6 +76,24 @@ class BatchingSettings:
 
 
 @dataclass(frozen=True)
+class RemoteSettings:
+    """An OpenAI-compatible inference server to stream from, instead of a local model."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    served_model: str | None = None  # the server's name for the model (default: --model)
+    api_key: str | None = field(default=None, repr=False)
+    # Seconds to connect, and to wait for each streamed chunk (a queue on the server counts).
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"the server's URL must start with http:// or https://, got {self.base_url!r}")
+        if not (0 < self.connect_timeout < math.inf and 0 < self.read_timeout < math.inf):
+            raise ValueError("server timeouts must be positive numbers of seconds")
+
+
+@dataclass(frozen=True)
 class Settings:
     """How this server runs. Built by cli.py from flags and ORCA2_* environment variables."""
 
@@ -93,6 +111,8 @@ class Settings:
     batch_cache_tokens: int = 16384
     max_message_chars: int = 100_000
     moderation: ModerationSettings = ModerationSettings()
+    # Set: answers come from this server and no model is loaded here.
+    remote: RemoteSettings | None = None
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -33,7 +33,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from .batching import Batcher
-from .config import BatchingSettings, GenerationParams
+from .config import BatchingSettings, GenerationParams, RemoteSettings
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
 from .zerogpu import gpu_task, on_zerogpu
 
@@ -168,6 +168,9 @@ class Generation:
     """One running answer. Iterate it for text deltas; cancel() ends the model's work after the
     current decode step; stats is set once iteration is over."""
 
+    # What the user should know about how this answer was made (none when the model is local).
+    notices: tuple[str, ...] = ()
+
     def __init__(self, state: _State, tokenizer: OrcaTokenizer):
         self._state = state
         self._tokenizer = tokenizer
@@ -274,8 +277,9 @@ class Engine:
         log.info("model ready: %s", info.describe())
         return engine
 
-    def generate(self, input_ids: list[int], params: GenerationParams) -> Generation:
-        """Start answering; the returned Generation streams the answer's text."""
+    def generate(self, input_ids: list[int], params: GenerationParams, prompt_text: str | None = None) -> Generation:
+        """Start answering; the returned Generation streams the answer's text. (prompt_text, the
+        same prompt as text, is for backends that can't take ids; the model reads the ids.)"""
         seed = None
         if params.do_sample:
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
@@ -496,10 +500,12 @@ class ModelLoading:
         quantization: str = "auto",
         engine: Engine | None = None,
         batching: BatchingSettings | None = None,
+        remote: RemoteSettings | None = None,
     ):
         self.model_name = model_name
         self.quantization = quantization
         self.batching = batching
+        self.remote = remote
         self.phase = "ready" if engine else "starting"
         self.engine = engine
         self.error: str | None = None
@@ -517,7 +523,12 @@ class ModelLoading:
 
     def _load(self) -> None:
         try:
-            self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase, batching=self.batching)
+            if self.remote is not None:
+                from .remote import RemoteEngine
+
+                self.engine = RemoteEngine.load(self.model_name, self.remote, on_phase=self._set_phase)
+            else:
+                self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase, batching=self.batching)
             self.phase = "ready"
         except ModelLoadError as error:
             self.error = str(error)

@@ -9,9 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,6 +28,8 @@ from orca2_space.engine import Engine  # noqa: E402
 from orca2_space.prompt import EOS, IM_END, OrcaTokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_START_SECONDS = 180
 # "\n", "The", "▁answer": what the scripted models write after "assistant".
 SCRIPT = [13, 1576, 1234]
 # A third clause that moderation flags; every token id is distinct, as scripts require.
@@ -146,3 +152,76 @@ def finish_loading(model: Path, tokenizer: bytes) -> None:
     os.set_blocking(fd, True)
     with os.fdopen(fd, "wb") as fifo:
         fifo.write(tokenizer)
+
+
+class App:
+    """`python app.py` in a subprocess, with its log kept for checks on the server side."""
+
+    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(self.port), "--max-new-tokens-cap", "4000", *args]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the app exited:\n{self.log()}"
+            try:
+                if httpx.get(self.url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"the app did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._log.close()
+
+
+class TransformersServe:
+    """`transformers serve` as a subprocess; with `pinned`, it serves only that folder."""
+
+    def __init__(self, log: Path, pinned: Path | None = None):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        command = [sys.executable, "-m", "transformers.cli.transformers", "serve", *([str(pinned)] if pinned else [])]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--dtype", "float32"]
+        self.log = log
+        with open(log, "wb") as out:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def cpu_seconds_over(self, seconds: float = 1.0) -> float:
+        """CPU time the server spends in the next `seconds` (about 1 per second per busy core)."""
+        process = psutil.Process(self.process.pid)
+        before = sum(process.cpu_times()[:2])
+        time.sleep(seconds)
+        return sum(process.cpu_times()[:2]) - before
+
+    def idle_after_cancel(self) -> bool:
+        """After a grace of a few decode steps (it notices a closed stream at its next token), is the server idle?"""
+        time.sleep(1.0)
+        return self.cpu_seconds_over(1.0) < 0.2
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()

@@ -1,22 +1,16 @@
 """The app as a visitor uses it: `python app.py` in a subprocess, driven by Playwright in Debian's
 Chromium. Waits are on the page's own signals (the status line's data-state), never fixed sleeps."""
 
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import SAFETY_KEY, VIOLENT_ANSWER, _safety_server, finish_loading, free_port, slow_loading_model
+from conftest import SAFETY_KEY, SCRIPT, VIOLENT_ANSWER, App, TransformersServe, _safety_server, finish_loading, slow_loading_model
 from make_tiny_model import build_tiny_model
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -32,37 +26,6 @@ DONE = "#answer-status [data-state=done]"
 NEW_DONE = "#answer-status [data-state=done]:not([data-seen])"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
-
-
-class App:
-    """`python app.py` in a subprocess, with its log kept for checks on the server side."""
-
-    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(self.port), "--max-new-tokens-cap", "4000", *args]
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the app exited:\n{self.log()}"
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError(f"the app did not come up:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +172,8 @@ def test_an_answer_streams_in_token_by_token(page, plain_app):
     assert page.locator(DONE).get_attribute("data-outcome") == "length"
 
 
-def test_stop_ends_the_generation_on_the_server(page, plain_app):
-    open_app(page, plain_app)
+def stop_a_long_answer(page):
+    """Ask for a 4000-token answer, press Stop once it is under way, wait for the page to say so."""
     open_sampling(page)
     set_number(page, "#max-new-tokens input[type=number]", 4000)
     page.fill("#message textarea", "Tell me everything.")
@@ -219,6 +182,11 @@ def test_stop_ends_the_generation_on_the_server(page, plain_app):
     page.click("#stop")
     page.wait_for_selector(DONE)
     assert page.locator(DONE).get_attribute("data-outcome") == "stopped"
+
+
+def test_stop_ends_the_generation_on_the_server(page, plain_app):
+    open_app(page, plain_app)
+    stop_a_long_answer(page)
     assert "Stopped" in page.inner_text("#answer-status")
     page.wait_for_selector("#send")
     finished = re.findall(r"generation finished \((\w+)\): (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log())
@@ -337,3 +305,20 @@ def test_screenshot_of_the_page(page, plain_app):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "screenshot.png"), full_page=True)
     assert (ARTIFACTS / "screenshot.png").stat().st_size > 10_000
+
+
+def test_on_an_inference_server_the_page_says_so_and_stop_ends_the_servers_work(page, tmp_path):
+    model = build_tiny_model(tmp_path / "loops", script=SCRIPT, loop=True)
+    server = TransformersServe(tmp_path / "serve.log")
+    app = App(model, tmp_path / "app.log", None, "--backend", "openai", "--base-url", server.base_url)
+    try:
+        page.goto(app.url)
+        page.wait_for_selector("#model-status:has-text('Inference server')")
+        assert server.base_url in page.inner_text("#model-status")
+        stop_a_long_answer(page)
+        assert answers(page)[-1].startswith("The answer\nThe answer")
+        page.screenshot(path=str(ARTIFACTS / "inference-server.png"), full_page=True)
+        assert server.idle_after_cancel()
+    finally:
+        app.close()
+        server.stop()

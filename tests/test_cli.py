@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, parser, settings_from_args, share_decision
-from orca2_space.config import BatchingSettings, Settings
+from orca2_space.config import BatchingSettings, RemoteSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS_AND_ENV = {
@@ -24,6 +24,11 @@ FLAGS_AND_ENV = {
     "--batching": "ORCA2_BATCHING",
     "--batch-cache-tokens": "ORCA2_BATCH_CACHE_TOKENS",
     "--log-level": "ORCA2_LOG_LEVEL",
+    "--backend": "ORCA2_BACKEND",
+    "--base-url": "ORCA2_BASE_URL",
+    "--api-key": "ORCA2_API_KEY",
+    "--served-model": "ORCA2_SERVED_MODEL",
+    "--server-timeout": "ORCA2_SERVER_TIMEOUT",
 }
 
 
@@ -68,6 +73,31 @@ def test_environment_variables_set_the_defaults(monkeypatch):
         batching=False,
         batch_cache_tokens=4096,
     )
+
+
+def test_an_inference_server_is_chosen_by_flags_or_environment(monkeypatch):
+    monkeypatch.setenv("ORCA2_BACKEND", "openai")
+    monkeypatch.setenv("ORCA2_BASE_URL", "http://gpu-host:8000/v1")
+    monkeypatch.setenv("ORCA2_API_KEY", "sk-server-secret")
+    args = parser().parse_args(["--served-model", "orca2", "--server-timeout", "30"])
+    remote = settings_from_args(args).remote
+    assert remote == RemoteSettings("http://gpu-host:8000/v1", "orca2", "sk-server-secret", read_timeout=30)
+    assert "sk-server-secret" not in repr(settings_from_args(args))
+    assert settings_from_args(parser().parse_args(["--backend", "local"])).remote is None
+
+
+def test_the_openai_backend_needs_a_base_url():
+    result = run_app("--backend", "openai", "--model", "unused")
+    assert result.returncode == 2 and "--base-url" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--base-url", "gpu-host:8000/v1"], "http://"), (["--base-url", "http://h/v1", "--server-timeout", "0"], "positive")],
+)
+def test_a_bad_server_setting_is_refused_clearly(args, says):
+    result = run_app("--backend", "openai", "--model", "unused", *args)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_by_default_greedy_answers_are_batched_eight_at_a_time_in_a_cache_sized_for_the_machine():

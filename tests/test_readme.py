@@ -2,8 +2,17 @@
 
 import contextlib
 import io
+import os
 import re
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
+
+from conftest import free_port
 
 from orca2_space.config import DEFAULT_MODEL
 from orca2_space.publish import HARDWARE, card_metadata
@@ -51,3 +60,49 @@ def test_the_space_preloads_the_files_the_app_loads_at_build_time():
     assert {"tokenizer.model", "config.json", "generation_config.json", "pytorch_model.bin.index.json"} <= set(files)
     shards = sorted(name for name in files if name.startswith("pytorch_model-"))
     assert shards == [f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i in range(1, len(shards) + 1)]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+def test_the_scale_out_commands_work_as_written(tmp_path):
+    """README's transformers serve lines, run in a fresh folder (ports changed, nothing else)."""
+    from gradio_client import Client
+
+    block = re.search(r"<!-- scale-out-transformers -->\n```bash\n(.*?)```", README, re.S).group(1)
+    install, make, serve, app = block.strip().splitlines()
+    assert install.split()[-1].strip('"') in (ROOT / "requirements-dev.txt").read_text().split()
+    server_port, app_port = free_port(), free_port()
+    # A venv's console scripts (`transformers`) sit next to its python.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def command(line: str) -> list[str]:
+        words = shlex.split(line.replace("8000", str(server_port)).removesuffix("&"))
+        words = [sys.executable if word == "python" else word for word in words]
+        return [str(ROOT / word) if (ROOT / word).is_file() else word for word in words]
+
+    subprocess.run(command(make), cwd=tmp_path, env=env, check=True, capture_output=True)
+    logs = tmp_path / "serve.log", tmp_path / "app.log"
+    with open(logs[0], "wb") as serve_log, open(logs[1], "wb") as app_log:
+        server = subprocess.Popen(command(serve), cwd=tmp_path, env=env, stdout=serve_log, stderr=subprocess.STDOUT)
+        ui = subprocess.Popen(
+            [*command(app), "--port", str(app_port)], cwd=tmp_path, env=env, stdout=app_log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until_up(f"http://127.0.0.1:{server_port}/health", server, logs[0])
+            wait_until_up(f"http://127.0.0.1:{app_port}/", ui, logs[1])
+            final = Client(f"http://127.0.0.1:{app_port}/", verbose=False).predict(message="Hi", max_new_tokens=8, api_name="/chat")
+        finally:
+            for process in (ui, server):
+                process.terminate()
+                process.wait(timeout=30)
+    assert final["done"] and final["error"] is None and final["n_tokens"] == 8, final

@@ -1,0 +1,85 @@
+"""A scriptable server for /v1/completions, for what a real server won't do on demand: take token
+ids like vLLM, refuse fields, fail with a 500, fall silent mid-answer.
+
+The real-server tests use `transformers serve`; this covers the faults and dialects around it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Script:
+    takes_ids: bool = True
+    takes_extras: bool = True  # vLLM's top-level top_k / repetition_penalty / stop_token_ids
+    pieces: tuple[str, ...] = ("\nThe", " answer")
+    status: int = 200
+    silent_after_first_piece: float = 0.0  # seconds to stall once the first piece is sent
+    error_in_stream: str | None = None
+    requests: list[dict] = field(default_factory=list)
+
+
+class OpenAIStub:
+    def __init__(self, script: Script):
+        self.script = script
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._json(200, {"object": "list", "data": [{"id": "orca", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.script.requests.append(body)
+                script = stub.script
+                if script.status != 200:
+                    return self._json(script.status, {"error": {"message": "the stub was told to fail"}})
+                if isinstance(body["prompt"], list) and not script.takes_ids:
+                    return self._json(400, {"detail": "prompt must be a string."})
+                extras = {"top_k", "repetition_penalty", "stop_token_ids", "generation_config"} & set(body)
+                if extras and not script.takes_extras:
+                    return self._json(422, {"detail": f"Unexpected fields in the request: {sorted(extras)}"})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for n, piece in enumerate(script.pieces):
+                    self._event({"choices": [{"index": 0, "text": piece, "finish_reason": None}]})
+                    if n == 0 and script.silent_after_first_piece:
+                        time.sleep(script.silent_after_first_piece)
+                        return
+                    if n == 0 and script.error_in_stream:
+                        return self._event({"error": script.error_in_stream})
+                self._event({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _event(self, data: dict) -> None:
+                self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, status: int, data: dict) -> None:
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    def __enter__(self) -> OpenAIStub:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
