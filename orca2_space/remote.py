@@ -217,6 +217,8 @@ class RemoteEngine:
     def _answer(self, generation: RemoteGeneration, input_ids: list[int], prompt_text: str, params: GenerationParams) -> str:
         refusal = ""
         for dialect in (self.dialect,) if self.dialect else DIALECTS:
+            if generation.cancelled.is_set():
+                return "stopped"
             if not dialect.takes_ids and _typed_control_text(input_ids, prompt_text):
                 raise GenerationError(
                     "This inference server reads prompts as text, so the <|im_start|> or <|im_end|> typed in the "
@@ -258,10 +260,7 @@ class RemoteEngine:
             data = line[len("data:") :].strip()
             if data == "[DONE]":
                 break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise GenerationError(f"The inference server failed while answering: {chunk['error']}. The answer so far is kept.")
-            choice = chunk["choices"][0]
+            chunk, choice = _parse_event(data)
             if choice.get("text"):
                 generation.n_tokens += 1
                 if text := control.push(choice["text"]):
@@ -277,6 +276,17 @@ class RemoteEngine:
         if reason is None and not generation.cancelled.is_set():
             raise GenerationError("The inference server ended the stream without finishing the answer. The answer so far is kept.")
         return reason or "stopped"
+
+
+def _parse_event(data: str) -> tuple[dict, dict]:
+    """A streamed completions event and its choice; a server's error event becomes GenerationError."""
+    try:
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise GenerationError(f"The inference server failed while answering: {chunk['error']}. The answer so far is kept.")
+        return chunk, chunk["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise GenerationError(f"The inference server sent something that is not a completions stream: {data[:200]!r}") from None
 
 
 def _typed_control_text(input_ids: list[int], prompt_text: str) -> bool:

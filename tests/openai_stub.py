@@ -21,6 +21,7 @@ class Script:
     status: int = 200
     silent_after_first_piece: float = 0.0  # seconds to stall once the first piece is sent
     error_in_stream: str | None = None
+    garbage_in_stream: bool = False
     requests: list[dict] = field(default_factory=list)
 
 
@@ -57,6 +58,9 @@ class OpenAIStub:
                         return
                     if n == 0 and script.error_in_stream:
                         return self._event({"error": script.error_in_stream})
+                    if n == 0 and script.garbage_in_stream:
+                        self.wfile.write(b"data: <html>Bad Gateway</html>\n\n")
+                        return
                 self._event({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})
                 self.wfile.write(b"data: [DONE]\n\n")
 

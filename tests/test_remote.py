@@ -265,8 +265,9 @@ def test_a_plain_openai_server_gets_text_and_the_user_hears_what_was_not_sent():
         (Script(status=500), "refused the request (500): the stub was told to fail"),
         (Script(silent_after_first_piece=3.0), "sent nothing for 0.5 s"),
         (Script(error_in_stream="CUDA out of memory"), "failed while answering: CUDA out of memory"),
+        (Script(garbage_in_stream=True), "not a completions stream: '<html>Bad Gateway</html>'"),
     ],
-    ids=["500", "silent", "error-event"],
+    ids=["500", "silent", "error-event", "garbage"],
 )
 def test_server_faults_are_clear_and_bounded(script, says):
     with OpenAIStub(script) as stub:
