@@ -296,9 +296,10 @@ def _typed_control_text(input_ids: list[int], prompt_text: str) -> bool:
 
 
 def _probe(settings: RemoteSettings) -> str:
-    """A line for the page: is the server there?"""
+    """A line for the page: is the server there? (Any HTTP answer will do: /models would be the
+    API's own probe, but transformers serve fails on it without a hub cache.)"""
     try:
-        httpx.get(settings.base_url.rstrip("/") + "/models", timeout=settings.connect_timeout)
+        httpx.get(settings.base_url, timeout=settings.connect_timeout)
     except httpx.HTTPError as error:
         return f"not reachable at start-up ({_reason(error)}); answers fail until it is up"
     return "OpenAI-compatible server"
