@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import ModelLoading
 
     # The page is up at once and shows the loading; the model loads meanwhile.
-    loading = ModelLoading(settings.model, settings.quantization, batching=settings.batching_settings(), remote=settings.remote)
+    loading = ModelLoading(settings.model, engine_loader(settings))
     if on_zerogpu():
         # Except on ZeroGPU, which packs the weights for its GPU workers when the app launches;
         # the Space shows "Starting" meanwhile.
@@ -284,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     demo.block_thread()
     return 0
+
+
+def engine_loader(settings: Settings):
+    """What makes the engine: a local model, or a client of an inference server (--backend openai)."""
+    if settings.remote is not None:
+        from .remote import RemoteEngine
+
+        return functools.partial(RemoteEngine.load, settings.model, settings.remote)
+    from .engine import Engine
+
+    return functools.partial(Engine.load, settings.model, settings.quantization, batching=settings.batching_settings())
 
 
 def launch(chat, share: bool = False, block: bool = True):

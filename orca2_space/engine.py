@@ -33,7 +33,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from .batching import Batcher
-from .config import BatchingSettings, GenerationParams, RemoteSettings
+from .config import BatchingSettings, GenerationParams
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
 from .zerogpu import gpu_task, on_zerogpu
 
@@ -88,6 +88,8 @@ class ModelInfo:
     reason: str
     device: str
     context_length: int
+    # The inference server's URL when answers come from one (--backend openai).
+    served_by: str | None = None
 
     def describe(self) -> str:
         return f"{self.name} · {self.quantization} ({self.reason}) · {self.device}"
@@ -494,18 +496,10 @@ def _load_failure_message(model_name: str, error: BaseException) -> str:
 class ModelLoading:
     """The engine, loaded in the background so that the page is up at once and can say so."""
 
-    def __init__(
-        self,
-        model_name: str,
-        quantization: str = "auto",
-        engine: Engine | None = None,
-        batching: BatchingSettings | None = None,
-        remote: RemoteSettings | None = None,
-    ):
+    def __init__(self, model_name: str, load: Callable[..., Engine] | None = None, engine: Engine | None = None):
+        """`load(on_phase=...)` makes the engine (default: Engine.load(model_name))."""
         self.model_name = model_name
-        self.quantization = quantization
-        self.batching = batching
-        self.remote = remote
+        self._load_engine = load or functools.partial(Engine.load, model_name)
         self.phase = "ready" if engine else "starting"
         self.engine = engine
         self.error: str | None = None
@@ -519,16 +513,11 @@ class ModelLoading:
     @classmethod
     def loaded(cls, engine: Engine) -> ModelLoading:
         """An engine that is already loaded."""
-        return cls(engine.info.name, engine.info.quantization, engine)
+        return cls(engine.info.name, engine=engine)
 
     def _load(self) -> None:
         try:
-            if self.remote is not None:
-                from .remote import RemoteEngine
-
-                self.engine = RemoteEngine.load(self.model_name, self.remote, on_phase=self._set_phase)
-            else:
-                self.engine = Engine.load(self.model_name, self.quantization, on_phase=self._set_phase, batching=self.batching)
+            self.engine = self._load_engine(on_phase=self._set_phase)
             self.phase = "ready"
         except ModelLoadError as error:
             self.error = str(error)

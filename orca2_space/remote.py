@@ -174,7 +174,7 @@ class RemoteEngine:
             raise ModelLoadError(_load_failure_message(model_name, error)) from error
         on_phase(f"checking the server at {settings.base_url}")
         reachable = _probe(settings)
-        info = ModelInfo(settings.served_model or model_name, "server", reachable, settings.base_url, DEFAULT_CONTEXT_LENGTH)
+        info = ModelInfo(settings.served_model or model_name, "set by the server", reachable, settings.base_url, DEFAULT_CONTEXT_LENGTH, served_by=settings.base_url)
         log.info("inference server %s: %s", settings.base_url, reachable)
         return cls(tokenizer, info, settings, settings.served_model or model_name)
 

@@ -75,8 +75,8 @@ def _model_status(chat: Chat) -> str:
     loading = chat.loading
     if loading.engine is not None:
         info = loading.engine.info
-        if info.quantization == "server":
-            return f"**Model** {info.name} · **Inference server** {info.device} ({info.reason})"
+        if info.served_by:
+            return f"**Model** {info.name} · **Inference server** {info.served_by} ({info.reason})"
         return f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}"
     icon = "❌" if loading.error else "⏳"
     return f"{icon} {html.escape(loading.describe())}"

@@ -154,6 +154,21 @@ def finish_loading(model: Path, tokenizer: bytes) -> None:
         fifo.write(tokenizer)
 
 
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, what: str) -> None:
+    """Poll url until it answers 200; if the process dies or takes too long, stop it and fail with its log."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    raise AssertionError(f"{what} did not come up at {url}:\n{log.read_text()[-3000:]}")
+
+
 class App:
     """`python app.py` in a subprocess, with its log kept for checks on the server side."""
 
@@ -166,15 +181,7 @@ class App:
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the app exited:\n{self.log()}"
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError(f"the app did not come up:\n{self.log()}")
+        wait_until_up(self.url, self.process, log_path, "the app")
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -197,18 +204,7 @@ class TransformersServe:
         with open(log, "wb") as out:
             env = {**os.environ, "HF_HUB_OFFLINE": "1"}
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        wait_until_up(f"http://127.0.0.1:{self.port}/health", self.process, log, "transformers serve")
 
     def cpu_seconds_over(self, seconds: float = 1.0) -> float:
         """CPU time the server spends in the next `seconds` (about 1 per second per busy core)."""

@@ -7,12 +7,10 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 
-from conftest import free_port
+from conftest import free_port, wait_until_up
 
 from orca2_space.config import DEFAULT_MODEL
 from orca2_space.publish import HARDWARE, card_metadata
@@ -62,18 +60,6 @@ def test_the_space_preloads_the_files_the_app_loads_at_build_time():
     assert shards == [f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i in range(1, len(shards) + 1)]
 
 
-def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
-
-
 def test_the_scale_out_commands_work_as_written(tmp_path):
     """README's transformers serve lines, run in a fresh folder (ports changed, nothing else)."""
     from gradio_client import Client
@@ -98,8 +84,8 @@ def test_the_scale_out_commands_work_as_written(tmp_path):
             [*command(app), "--port", str(app_port)], cwd=tmp_path, env=env, stdout=app_log, stderr=subprocess.STDOUT
         )
         try:
-            wait_until_up(f"http://127.0.0.1:{server_port}/health", server, logs[0])
-            wait_until_up(f"http://127.0.0.1:{app_port}/", ui, logs[1])
+            wait_until_up(f"http://127.0.0.1:{server_port}/health", server, logs[0], "transformers serve")
+            wait_until_up(f"http://127.0.0.1:{app_port}/", ui, logs[1], "the app")
             final = Client(f"http://127.0.0.1:{app_port}/", verbose=False).predict(message="Hi", max_new_tokens=8, api_name="/chat")
         finally:
             for process in (ui, server):
