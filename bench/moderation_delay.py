@@ -28,7 +28,7 @@ from content_safety_server import Behaviour, ContentSafetyServer  # noqa: E402
 from make_tiny_model import build_tiny_model  # noqa: E402
 
 from orca2_space.chat import Chat  # noqa: E402
-from orca2_space.config import ModerationSettings, Settings  # noqa: E402
+from orca2_space.settings import ModerationSettings, Settings  # noqa: E402
 from orca2_space.engine import Engine  # noqa: E402
 from orca2_space.moderation import AzureContentSafety, Moderation  # noqa: E402
 from orca2_space.prompt import IM_END, OrcaTokenizer  # noqa: E402

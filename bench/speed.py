@@ -39,8 +39,9 @@ from conftest import free_port  # noqa: E402
 from make_tiny_model import SIZES, build_tiny_model  # noqa: E402
 from orca2_space.chat import Chat  # noqa: E402
 from orca2_space.cli import launch  # noqa: E402
-from orca2_space.config import BatchingSettings, GenerationParams, Settings  # noqa: E402
+from orca2_space.settings import BatchingSettings, GenerationParams, Settings  # noqa: E402
 from orca2_space.engine import Engine, _generation_config  # noqa: E402
+from orca2_space.prompt import Prompt  # noqa: E402
 
 QUESTION = "How can you determine if a restaurant is popular among locals or mainly attracts tourists?"
 SYSTEM = "You are Orca, an AI language model created by Microsoft. You are a cautious assistant."
@@ -88,7 +89,7 @@ def raw_generate(engine: Engine, ids: list[int], params: GenerationParams) -> di
 
 def engine_stream(engine: Engine, ids: list[int], params: GenerationParams) -> dict:
     start = time.perf_counter()
-    generation = engine.generate(ids, params)
+    generation = engine.generate(Prompt("", ids), params)
     times = [time.perf_counter() for _ in generation]
     n = generation.stats.n_tokens
     return {"tokens_per_s": rate(n, times[0], times[-1]), "ttft_s": times[0] - start, "tokens": n}
@@ -111,7 +112,7 @@ def stop_latency(engine: Engine, ids: list[int]) -> dict:
     forward_ends: list[float] = []
     hook = engine.model.register_forward_hook(lambda *args: forward_ends.append(time.perf_counter()))
     try:
-        generation = engine.generate(ids, GenerationParams(max_new_tokens=4000 - len(ids)))
+        generation = engine.generate(Prompt("", ids), GenerationParams(max_new_tokens=4000 - len(ids)))
         for n, _ in enumerate(generation, 1):
             if n == 20:
                 cancelled = time.perf_counter()

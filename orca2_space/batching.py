@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 
-from .config import BATCH_PAGE_TOKENS, BatchingSettings
+from .settings import BATCH_PAGE_TOKENS, BatchingSettings
 from .prompt import PAD, STOP_IDS
 
 log = logging.getLogger(__name__)

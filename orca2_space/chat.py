@@ -1,4 +1,4 @@
-"""One chat turn end to end: validate, build the exact prompt, stream the engine's answer.
+"""One chat turn end to end: validate, build the exact prompt, stream the backend's answer.
 
 The page and the ``/chat`` API both call ``Chat.respond``, so they cannot drift apart. Nothing
 here imports gradio.
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import GenerationParams, InvalidRequest, Settings, validate_params
-from .engine import Engine, GenerationError, GenerationStats, ModelLoading
+from .settings import GenerationParams, InvalidRequest, Settings, validate_params
+from .backend import Backend, GenerationError, GenerationStats, ModelLoading
 from .moderation import Moderation, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
@@ -137,13 +137,13 @@ def turns_from_messages(messages: Any) -> tuple[list[Turn], list[str]]:
 
 
 class Chat:
-    """The conversation service over one shared engine."""
+    """The conversation service over one shared backend."""
 
     # How often a request that arrived while the model loads hears that it is still waiting.
     LOADING_UPDATE_SECONDS = 1.0
 
-    def __init__(self, engine: Engine | ModelLoading, settings: Settings, moderation: Moderation | None = None):
-        self.loading = engine if isinstance(engine, ModelLoading) else ModelLoading.loaded(engine)
+    def __init__(self, backend: Backend | ModelLoading, settings: Settings, moderation: Moderation | None = None):
+        self.loading = backend if isinstance(backend, ModelLoading) else ModelLoading.loaded(backend)
         self.settings = settings
         self.moderation = moderation
         self._active: dict[str, Any] = {}
@@ -191,19 +191,19 @@ class Chat:
         return message, system_message, turns, notices
 
     @property
-    def engine(self) -> Engine:
-        if self.loading.engine is None:
+    def backend(self) -> Backend:
+        if self.loading.backend is None:
             raise InvalidRequest(f"Orca 2 is not ready. {self.loading.describe()}")
-        return self.loading.engine
+        return self.loading.backend
 
-    def _wait_for_engine(self) -> Iterator[str]:
+    def _wait_for_backend(self) -> Iterator[str]:
         """While the model loads: a line to show every LOADING_UPDATE_SECONDS."""
         while self.loading.wait(self.LOADING_UPDATE_SECONDS) is None and not self.loading.done:
             yield f"Your message is waiting for the model. {self.loading.describe()}"
 
     def _prompt(self, message: str, system_message: str, history: list[Turn], max_new_tokens: int) -> Prompt:
-        return self.engine.tokenizer.build(
-            system_message, history, message, max_new_tokens=max_new_tokens, context_length=self.engine.info.context_length
+        return self.backend.tokenizer.build(
+            system_message, history, message, max_new_tokens=max_new_tokens, context_length=self.backend.info.context_length
         )
 
     def respond(self, request: ChatRequest, owner: str | None = None) -> Iterator[ChatUpdate]:
@@ -216,9 +216,9 @@ class Chat:
         def update(answer: str, **fields: Any) -> ChatUpdate:
             return ChatUpdate(answer, notices=tuple(notices), **{"moderation": state, **fields})
 
-        for waiting in self._wait_for_engine():
+        for waiting in self._wait_for_backend():
             yield update("", waiting=waiting)
-        if self.loading.engine is None:
+        if self.loading.backend is None:
             yield update("", done=True, error=f"Orca 2 could not be loaded, so it can't answer. {self.loading.error}")
             return
         if moderation is not None:
@@ -236,9 +236,9 @@ class Chat:
         if prompt.dropped_turns:
             notices.append(
                 f"The {prompt.dropped_turns} oldest turn(s) were left out to fit Orca 2's "
-                f"{self.engine.info.context_length}-token context."
+                f"{self.backend.info.context_length}-token context."
             )
-        generation = self.engine.generate(prompt.input_ids, request.params, prompt_text=prompt.text)
+        generation = self.backend.generate(prompt, request.params)
         gate = moderation.gate() if moderation is not None else None
         if owner is not None:
             with self._active_lock:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .config import (
+from .settings import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
     MODERATION_CATEGORIES,
@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
 
     from .chat import Chat
-    from .engine import ModelLoading
+    from .backend import ModelLoading
 
     # The page is up at once and shows the loading; the model loads meanwhile.
-    loading = ModelLoading(settings.model, engine_loader(settings))
+    loading = ModelLoading(settings.model, backend_loader(settings))
     if on_zerogpu():
         # Except on ZeroGPU, which packs the weights for its GPU workers when the app launches;
         # the Space shows "Starting" meanwhile.
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def engine_loader(settings: Settings):
-    """What makes the engine: a local model, or a client of an inference server (--backend openai)."""
+def backend_loader(settings: Settings):
+    """What makes the backend: a local model, or a client of an inference server (--backend openai)."""
     if settings.remote is not None:
         from .remote import RemoteEngine
 

@@ -32,22 +32,15 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
 from .batching import Batcher
-from .config import BatchingSettings, GenerationParams
-from .prompt import PAD, STOP_IDS, OrcaTokenizer, StreamDecoder
+from .settings import BatchingSettings, GenerationParams
+from .prompt import PAD, STOP_IDS, OrcaTokenizer, Prompt, StreamDecoder
 from .zerogpu import gpu_task, on_zerogpu
 
 log = logging.getLogger(__name__)
 
 _END = object()
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the model and what to do."""
-
-
-class GenerationError(RuntimeError):
-    """The model failed while answering; the engine stays usable."""
 
 
 @dataclass(frozen=True)
@@ -79,37 +72,6 @@ def plan_load(requested: str, cuda: bool, fp32_bytes: int, ram_bytes: int, zerog
         f"auto: no GPU, and fp32 weights ({fp32_bytes / gib:.1f} GiB) would take more than half "
         f"of RAM ({ram_bytes / gib:.0f} GiB); bf16 halves them",
     )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    quantization: str
-    reason: str
-    device: str
-    context_length: int
-    # The inference server's URL when answers come from one (--backend openai).
-    served_by: str | None = None
-
-    def describe(self) -> str:
-        return f"{self.name} · {self.quantization} ({self.reason}) · {self.device}"
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    n_tokens: int
-    seconds: float
-    # "end_of_turn", "length" (max_new_tokens reached), "stopped" (cancelled) or "error"
-    stop_reason: str
-    seed: int | None
-    # Tokens the model produced after cancel() was called; Stop's promise is at most one.
-    tokens_after_cancel: int | None = None
-    # Decoded in a batch with other answers (greedy), or alone.
-    batched: bool = False
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 class _State:
@@ -147,13 +109,13 @@ class _State:
         """The model has stopped working on this request."""
         self.error = error
         if error is not None:
-            reason = "error"
+            reason = StopReason.ERROR
         elif self.cancel.is_set():
-            reason = "stopped"
+            reason = StopReason.STOPPED
         elif self.last_token in STOP_IDS:
-            reason = "end_of_turn"
+            reason = StopReason.END_OF_TURN
         else:
-            reason = "length"
+            reason = StopReason.LENGTH
         after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
         seconds = time.perf_counter() - self.started
         self.stats = stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched)
@@ -279,9 +241,9 @@ class Engine:
         log.info("model ready: %s", info.describe())
         return engine
 
-    def generate(self, input_ids: list[int], params: GenerationParams, prompt_text: str | None = None) -> Generation:
-        """Start answering; the returned Generation streams the answer's text. (prompt_text, the
-        same prompt as text, is for backends that can't take ids; the model reads the ids.)"""
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        """Start answering; the returned Generation streams the answer's text."""
+        input_ids = prompt.input_ids
         seed = None
         if params.do_sample:
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
@@ -476,73 +438,12 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage(
 
 
 def _load_failure_message(model_name: str, error: BaseException) -> str:
-
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = None
+    reason = error
     if isinstance(error, HFValidationError) and not os.path.exists(model_name):
         reason = "there is no folder at that path, and it is not a hub id (OWNER/NAME)"
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         hint = "There is not enough memory: try --quantization 8bit or 4bit on a GPU, bf16 on CPU, or a smaller model."
     elif isinstance(error, ImportError):
         hint = "A package is missing: pip install -r requirements.txt"
-    else:
-        hint = (
-            "Check the model name, or point --model at a local folder with config.json, the weights and "
-            "tokenizer.model. Offline (no network, or HF_HUB_OFFLINE=1) a hub model must already be in "
-            "the Hugging Face cache (HF_HOME)."
-        )
-    return f"Could not load the model '{model_name}': {reason}\n{hint}"
-
-
-class ModelLoading:
-    """The engine, loaded in the background so that the page is up at once and can say so."""
-
-    def __init__(self, model_name: str, load: Callable[..., Engine] | None = None, engine: Engine | None = None):
-        """`load(on_phase=...)` makes the engine (default: Engine.load(model_name))."""
-        self.model_name = model_name
-        self._load_engine = load or functools.partial(Engine.load, model_name)
-        self.phase = "ready" if engine else "starting"
-        self.engine = engine
-        self.error: str | None = None
-        self._done = threading.Event()
-        self._started = time.monotonic()
-        if engine is None:
-            threading.Thread(target=self._load, name="orca2-load", daemon=True).start()
-        else:
-            self._done.set()
-
-    @classmethod
-    def loaded(cls, engine: Engine) -> ModelLoading:
-        """An engine that is already loaded."""
-        return cls(engine.info.name, engine=engine)
-
-    def _load(self) -> None:
-        try:
-            self.engine = self._load_engine(on_phase=self._set_phase)
-            self.phase = "ready"
-        except ModelLoadError as error:
-            self.error = str(error)
-            self.phase = "failed"
-            log.error("%s", error)
-        finally:
-            self._done.set()
-
-    def _set_phase(self, phase: str) -> None:
-        self.phase = phase
-        log.info("%s: %s", self.model_name, phase)
-
-    def wait(self, timeout: float | None = None) -> Engine | None:
-        """The engine once loaded (None if loading failed or is still going after timeout)."""
-        self._done.wait(timeout)
-        return self.engine
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def describe(self) -> str:
-        if self.engine is not None:
-            return self.engine.info.describe()
-        if self.error is not None:
-            return f"Loading failed: {self.error}"
-        seconds = time.monotonic() - self._started
-        return f"Loading {self.model_name}: {self.phase}… ({seconds:.0f} s)"
+    return load_failure_message(model_name, reason, hint)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .config import ModerationSettings
+from .settings import ModerationSettings
 
 log = logging.getLogger(__name__)
 

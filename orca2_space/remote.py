@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from .config import GenerationParams, RemoteSettings
-from .engine import GenerationError, GenerationStats, ModelInfo, ModelLoadError, _load_failure_message
-from .prompt import BOS, CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, PAD, STOP_IDS, OrcaTokenizer
+from .settings import GenerationParams, RemoteSettings
+from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
+from .prompt import BOS, CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, PAD, STOP_IDS, OrcaTokenizer, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class RemoteEngine:
         try:
             tokenizer = OrcaTokenizer.for_model(model_name)
         except Exception as error:  # noqa: BLE001 - one clear message
-            raise ModelLoadError(_load_failure_message(model_name, error)) from error
+            raise ModelLoadError(load_failure_message(model_name, error)) from error
         on_phase(f"checking the server at {settings.base_url}")
         reachable = _probe(settings)
         info = ModelInfo(settings.served_model or model_name, "set by the server", reachable, settings.base_url, DEFAULT_CONTEXT_LENGTH, served_by=settings.base_url)
@@ -181,9 +181,8 @@ class RemoteEngine:
     def close(self) -> None:
         self._http.close()
 
-    def generate(self, input_ids: list[int], params: GenerationParams, prompt_text: str | None = None) -> RemoteGeneration:
-        if prompt_text is None:
-            raise ValueError("an inference server may need the prompt as text: pass prompt_text")
+    def generate(self, prompt: Prompt, params: GenerationParams) -> RemoteGeneration:
+        input_ids, prompt_text = prompt.input_ids, prompt.text
         seed = params.seed if params.do_sample else None
         return RemoteGeneration(lambda generation: self._run(generation, input_ids, prompt_text, params), seed)
 

@@ -7,7 +7,7 @@ import gradio as gr
 from gradio.utils import get_space
 
 from .chat import Chat, ChatUpdate, split_last_question, system_message_for
-from .config import GenerationParams, InvalidRequest
+from .settings import GenerationParams, InvalidRequest
 from .presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, SYSTEM_PRESETS
 from .prompt import PromptTooLong
 
@@ -73,8 +73,8 @@ def _chat_messages(history: list, message: str, update: ChatUpdate) -> list:
 
 def _model_status(chat: Chat) -> str:
     loading = chat.loading
-    if loading.engine is not None:
-        info = loading.engine.info
+    if loading.backend is not None:
+        info = loading.backend.info
         if info.served_by:
             return f"**Model** {info.name} · **Inference server** {info.served_by} ({info.reason})"
         return f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import build_tiny_model  # noqa: E402
 
 from orca2_space.chat import Chat  # noqa: E402
-from orca2_space.config import Settings  # noqa: E402
+from orca2_space.settings import Settings  # noqa: E402
 from orca2_space.engine import Engine  # noqa: E402
 from orca2_space.prompt import EOS, IM_END, OrcaTokenizer  # noqa: E402
 
@@ -94,7 +94,7 @@ def safety_server():
 def moderated_app(turns_violent):
     """The app launched with moderation on, over the model whose answer turns violent."""
     from orca2_space.cli import launch, moderation_service
-    from orca2_space.config import ModerationSettings
+    from orca2_space.settings import ModerationSettings
 
     with _safety_server() as server:
         rules = ModerationSettings(endpoint=server.endpoint, key=SAFETY_KEY)

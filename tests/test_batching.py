@@ -7,10 +7,10 @@ import time
 import pytest
 
 from orca2_space.batching import BatchingSettings
-from orca2_space.config import GenerationParams
+from orca2_space.settings import GenerationParams
 from orca2_space.engine import Engine
 
-from test_engine import prompt_ids
+from test_engine import prompt_for
 
 QUESTIONS = ["How are you?", "What is 2 + 2?", "Name a colour.", "Why is the sky blue?"]
 
@@ -35,7 +35,7 @@ def batched_never_ends(never_ends):
 
 
 def answer(engine, question, **params):
-    generation = engine.generate(prompt_ids(engine, question), GenerationParams(**{"max_new_tokens": 40, **params}))
+    generation = engine.generate(prompt_for(engine, question), GenerationParams(**{"max_new_tokens": 40, **params}))
     return "".join(generation), generation.stats
 
 
@@ -50,7 +50,7 @@ def test_concurrent_answers_stream_together_and_each_equals_its_answer_alone(bat
     texts: dict[str, str] = {}
 
     def chat(question):
-        generation = batched_tiny.generate(prompt_ids(batched_tiny, question), GenerationParams(max_new_tokens=60))
+        generation = batched_tiny.generate(prompt_for(batched_tiny, question), GenerationParams(max_new_tokens=60))
         parts = []
         for delta in generation:
             arrivals[question].append(time.perf_counter())
@@ -80,7 +80,7 @@ def test_a_batched_answer_ends_at_im_end_or_eos_without_control_text(request, en
 
 
 def test_stop_ends_the_batched_answers_work_within_one_decode_step(batched_never_ends):
-    generation = batched_never_ends.generate(prompt_ids(batched_never_ends), GenerationParams(max_new_tokens=3000))
+    generation = batched_never_ends.generate(prompt_for(batched_never_ends), GenerationParams(max_new_tokens=3000))
     for n, _ in enumerate(generation, 1):
         if n == 5:
             generation.cancel()
@@ -92,7 +92,7 @@ def test_stop_ends_the_batched_answers_work_within_one_decode_step(batched_never
 
 
 def test_an_abandoned_batched_stream_is_dropped_from_the_batch(batched_never_ends):
-    generation = batched_never_ends.generate(prompt_ids(batched_never_ends), GenerationParams(max_new_tokens=3000))
+    generation = batched_never_ends.generate(prompt_for(batched_never_ends), GenerationParams(max_new_tokens=3000))
     stream = iter(generation)
     next(stream)
     state = generation._state
@@ -101,7 +101,7 @@ def test_an_abandoned_batched_stream_is_dropped_from_the_batch(batched_never_end
 
 
 def test_stopping_one_answer_leaves_the_others_running(batched_never_ends):
-    ids = prompt_ids(batched_never_ends)
+    ids = prompt_for(batched_never_ends)
     kept, stopped = (batched_never_ends.generate(ids, GenerationParams(max_new_tokens=60)) for _ in range(2))
     stopped.cancel()
     assert len("".join(kept)) > 0 and kept.stats.stop_reason == "length" and kept.stats.n_tokens == 60
@@ -124,7 +124,7 @@ def test_what_the_batch_cannot_honour_runs_alone_with_its_own_settings(batched_t
 def test_a_seeded_answer_is_repeatable_while_batched_answers_run(batched_tiny):
     sampled = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=1234)
     alone = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
-    background = [batched_tiny.generate(prompt_ids(batched_tiny, q), GenerationParams(max_new_tokens=60)) for q in QUESTIONS]
+    background = [batched_tiny.generate(prompt_for(batched_tiny, q), GenerationParams(max_new_tokens=60)) for q in QUESTIONS]
     during = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
     for generation in background:
         "".join(generation)
@@ -138,7 +138,7 @@ def test_the_batch_cache_must_hold_a_whole_context(tiny_engine):
 
 def test_closing_the_engine_ends_answers_in_flight_instead_of_hanging(never_ends):
     engine = batched(never_ends)
-    generation = engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=3000))
+    generation = engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=3000))
     next(iter(generation))
     engine.close()
     assert generation.wait(timeout=15) and generation.stats.stop_reason in ("error", "stopped")

@@ -1,5 +1,6 @@
 """One chat turn: request validation, history handling, streaming updates, Stop by owner."""
 
+import functools
 import threading
 
 import pytest
@@ -7,8 +8,9 @@ import pytest
 from conftest import finish_loading, slow_loading_model
 
 from orca2_space.chat import Chat, turns_from_messages
-from orca2_space.engine import ModelLoading
-from orca2_space.config import InvalidRequest, Settings
+from orca2_space.backend import ModelLoading
+from orca2_space.engine import Engine
+from orca2_space.settings import InvalidRequest, Settings
 from orca2_space.prompt import Turn
 
 
@@ -112,7 +114,7 @@ def test_inspect_shows_the_exact_prompt(chat, tokenizer):
 def test_while_the_model_loads_a_message_waits_for_it_and_is_then_answered(tmp_path, monkeypatch):
     model, tokenizer_bytes = slow_loading_model(tmp_path / "slow")
     monkeypatch.setattr(Chat, "LOADING_UPDATE_SECONDS", 0.05)
-    chat = Chat(ModelLoading(str(model)), Settings(max_new_tokens_cap=8))
+    chat = Chat(ModelLoading(str(model), functools.partial(Engine.load, str(model))), Settings(max_new_tokens_cap=8))
     with pytest.raises(InvalidRequest, match="Orca 2 is not ready. Loading .*reading the tokenizer"):
         chat.inspect("Hi", "sys", [])
     updates = chat.respond(chat.request("Hi", "sys", []))
@@ -125,7 +127,7 @@ def test_while_the_model_loads_a_message_waits_for_it_and_is_then_answered(tmp_p
 
 
 def test_a_model_that_failed_to_load_answers_every_message_with_the_reason(tmp_path):
-    chat = Chat(ModelLoading(str(tmp_path / "missing")), Settings())
+    chat = Chat(ModelLoading("missing", functools.partial(Engine.load, str(tmp_path / "missing"))), Settings())
     (update,) = [u for u in chat.respond(chat.request("Hi", "sys", [])) if not u.waiting]
     assert update.done and "could not be loaded" in update.error and "missing" in update.error
 
@@ -159,7 +161,7 @@ def test_closing_the_stream_ends_the_generation_thread(never_ends):
 
 from conftest import SAFETY_KEY, VIOLENT_ANSWER  # noqa: E402
 
-from orca2_space.config import ModerationSettings  # noqa: E402
+from orca2_space.settings import ModerationSettings  # noqa: E402
 from orca2_space.moderation import AzureContentSafety, Moderation  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, parser, settings_from_args, share_decision
-from orca2_space.config import BatchingSettings, RemoteSettings, Settings
+from orca2_space.settings import BatchingSettings, RemoteSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS_AND_ENV = {

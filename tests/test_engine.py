@@ -5,19 +5,19 @@ import logging
 import pytest
 import torch
 
-from orca2_space.config import GenerationParams
+from orca2_space.settings import GenerationParams
 from orca2_space.engine import Engine, GenerationError, ModelLoadError, plan_load
-from orca2_space.prompt import IM_END
+from orca2_space.prompt import IM_END, Prompt
 
 
-def prompt_ids(engine, message="How are you?"):
-    return engine.tokenizer.build("You are Orca.", [], message, max_new_tokens=64).input_ids
+def prompt_for(engine, message="How are you?"):
+    return engine.tokenizer.build("You are Orca.", [], message, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("engine_name", ["ends_with_im_end", "ends_with_eos"])
 def test_generation_ends_at_im_end_or_eos_and_shows_no_control_text(request, engine_name):
     engine = request.getfixturevalue(engine_name)
-    generation = engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=50))
+    generation = engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=50))
     text = "".join(generation)
     assert text == "\nThe answer"
     assert generation.stats.stop_reason == "end_of_turn"
@@ -25,14 +25,15 @@ def test_generation_ends_at_im_end_or_eos_and_shows_no_control_text(request, eng
 
 
 def test_tokens_stream_one_by_one(never_ends):
-    generation = never_ends.generate(prompt_ids(never_ends), GenerationParams(max_new_tokens=9))
+    generation = never_ends.generate(prompt_for(never_ends), GenerationParams(max_new_tokens=9))
     assert list(generation) == ["\n", "The", " answer"] * 3
     assert generation.stats.stop_reason == "length"
 
 
 def test_greedy_streaming_equals_the_model_cards_plain_generate(tiny_engine):
-    ids = prompt_ids(tiny_engine)
-    streamed = "".join(tiny_engine.generate(ids, GenerationParams(max_new_tokens=40)))
+    prompt = prompt_for(tiny_engine)
+    ids = prompt.input_ids
+    streamed = "".join(tiny_engine.generate(prompt, GenerationParams(max_new_tokens=40)))
     reference = tiny_engine.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
     new_ids = reference[0, len(ids) :].tolist()
     assert IM_END not in new_ids  # the random model runs to the limit, like the engine
@@ -40,7 +41,7 @@ def test_greedy_streaming_equals_the_model_cards_plain_generate(tiny_engine):
 
 
 def test_stop_ends_the_models_work_within_one_decode_step(never_ends):
-    generation = never_ends.generate(prompt_ids(never_ends), GenerationParams(max_new_tokens=2000))
+    generation = never_ends.generate(prompt_for(never_ends), GenerationParams(max_new_tokens=2000))
     received = []
     for delta in generation:
         received.append(delta)
@@ -53,7 +54,7 @@ def test_stop_ends_the_models_work_within_one_decode_step(never_ends):
 
 
 def test_an_abandoned_stream_stops_the_model(never_ends):
-    generation = never_ends.generate(prompt_ids(never_ends), GenerationParams(max_new_tokens=100_000))
+    generation = never_ends.generate(prompt_for(never_ends), GenerationParams(max_new_tokens=4000))
     stream = iter(generation)
     next(stream)
     state = generation._state
@@ -63,17 +64,17 @@ def test_an_abandoned_stream_stops_the_model(never_ends):
 
 
 def test_same_seed_and_settings_give_the_same_answer(tiny_engine):
-    ids = prompt_ids(tiny_engine)
+    ids = prompt_for(tiny_engine)
     sampled = GenerationParams(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=40, seed=1234)
     first = "".join(tiny_engine.generate(ids, sampled))
     second = "".join(tiny_engine.generate(ids, sampled))
-    other_seed = "".join(tiny_engine.generate(ids, GenerationParams(**{**sampled.__dict__, "seed": 99})))
+    other_seed = "".join(tiny_engine.generate(ids, GenerationParams(**{**sampled.model_dump(), "seed": 99})))
     assert first == second
     assert first != other_seed
 
 
 def test_a_random_seed_is_reported_so_an_answer_can_be_redone(tiny_engine):
-    ids = prompt_ids(tiny_engine)
+    ids = prompt_for(tiny_engine)
     generation = tiny_engine.generate(ids, GenerationParams(do_sample=True, max_new_tokens=20))
     text = "".join(generation)
     seed = generation.stats.seed
@@ -82,24 +83,24 @@ def test_a_random_seed_is_reported_so_an_answer_can_be_redone(tiny_engine):
 
 
 def test_greedy_answers_report_no_seed(tiny_engine):
-    generation = tiny_engine.generate(prompt_ids(tiny_engine), GenerationParams(max_new_tokens=3))
+    generation = tiny_engine.generate(prompt_for(tiny_engine), GenerationParams(max_new_tokens=3))
     list(generation)
     assert generation.stats.seed is None
 
 
 def test_a_failure_during_generation_is_reported_and_the_engine_keeps_serving(tiny_engine):
-    generation = tiny_engine.generate([1, 99_999], GenerationParams(max_new_tokens=5))  # id outside the vocabulary
+    generation = tiny_engine.generate(Prompt("", [1, 99_999]), GenerationParams(max_new_tokens=5))  # id outside the vocabulary
     with pytest.raises(GenerationError, match="failed while answering"):
         list(generation)
     assert generation.stats.stop_reason == "error"
-    after = tiny_engine.generate(prompt_ids(tiny_engine), GenerationParams(max_new_tokens=5))
+    after = tiny_engine.generate(prompt_for(tiny_engine), GenerationParams(max_new_tokens=5))
     assert len("".join(after)) > 0
 
 
 def test_the_model_is_loaded_once_and_shared(tiny_engine):
     model = tiny_engine.model
     for _ in range(3):
-        list(tiny_engine.generate(prompt_ids(tiny_engine), GenerationParams(max_new_tokens=2)))
+        list(tiny_engine.generate(prompt_for(tiny_engine), GenerationParams(max_new_tokens=2)))
     assert tiny_engine.model is model
 
 
@@ -109,14 +110,14 @@ def test_quantized_weights_load_and_answer(tiny_model_dir, quantization, dtype):
     assert engine.info.quantization == quantization
     weight = engine.model.model.layers[0].self_attn.q_proj.weight
     assert weight.dtype == dtype
-    assert len("".join(engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=5)))) > 0
+    assert len("".join(engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=5)))) > 0
 
 
 def test_8bit_cast_warning_is_logged_once_not_per_matmul(tiny_model_dir, caplog):
     engine = Engine.load(str(tiny_model_dir), "8bit")
     with caplog.at_level(logging.WARNING):
-        list(engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=20)))
-        list(engine.generate(prompt_ids(engine), GenerationParams(max_new_tokens=20)))
+        list(engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=20)))
+        list(engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=20)))
     casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
     assert len(casts) <= 1
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 from conftest import SAFETY_KEY
 
-from orca2_space.config import ModerationSettings
+from orca2_space.settings import ModerationSettings
 from orca2_space.moderation import MAX_CHARS, AzureContentSafety, Moderation, split_text
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import free_port, wait_until_up
 
-from orca2_space.config import DEFAULT_MODEL
+from orca2_space.settings import DEFAULT_MODEL
 from orca2_space.publish import HARDWARE, card_metadata
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
 
 from orca2_space.chat import Chat
-from orca2_space.config import GenerationParams, RemoteSettings, Settings
+from orca2_space.settings import GenerationParams, RemoteSettings, Settings
 from orca2_space.prompt import IM_END
 from orca2_space.remote import DIALECTS, RemoteEngine, request_body
 
@@ -51,7 +51,7 @@ def remote_chat(model: Path | str, base_url: str, **settings) -> Chat:
 def sent(chat: Chat) -> list[dict]:
     """The request bodies the app put on the wire, recorded as they leave."""
     bodies = []
-    chat.engine._http.event_hooks["request"].append(lambda request: bodies.append(json.loads(request.content)))
+    chat.backend._http.event_hooks["request"].append(lambda request: bodies.append(json.loads(request.content)))
     return bodies
 
 
@@ -116,7 +116,7 @@ def test_exact_text_is_sent_when_the_server_refuses_ids(server, models):
     expected = chat.inspect("Q2", "Be brief.", history)
     assert bodies[0]["prompt"] == expected.input_ids  # ids first: the most faithful form
     assert bodies[-1]["prompt"] == expected.text  # transformers serve takes only text
-    assert chat.engine.dialect is DIALECTS[1]
+    assert chat.backend.dialect is DIALECTS[1]
     run(chat)
     assert len(bodies) == 3  # the dialect is remembered: no second refusal
 
@@ -171,7 +171,7 @@ def test_sampling_settings_take_effect_on_the_server(server, models):
 def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, safety_server):
     from conftest import SAFETY_KEY
     from orca2_space.cli import moderation_service
-    from orca2_space.config import ModerationSettings
+    from orca2_space.settings import ModerationSettings
 
     rules = ModerationSettings(endpoint=safety_server.endpoint, key=SAFETY_KEY)
     engine = RemoteEngine.load(str(models["violent"]), RemoteSettings(server.base_url))
@@ -237,7 +237,7 @@ def test_the_app_streams_from_the_server_through_gradio_client(app_on_server):
 def test_closed_port_comes_up_and_says_so():
     base_url = f"http://127.0.0.1:{free_port()}/v1"
     chat = remote_chat(TOKENIZER, base_url)
-    assert "not reachable" in chat.engine.info.reason
+    assert "not reachable" in chat.backend.info.reason
     final = run(chat)[-1]
     assert final.done and final.error.startswith(f"Could not reach the inference server at {base_url}")
 
@@ -245,7 +245,7 @@ def test_closed_port_comes_up_and_says_so():
 def test_ids_go_to_a_server_that_takes_them():
     with OpenAIStub(Script()) as stub:
         chat = remote_chat(TOKENIZER, stub.base_url)
-        final = run(chat, **SAMPLED.__dict__)[-1]
+        final = run(chat, **SAMPLED.model_dump())[-1]
     assert final.answer == "The answer" and final.notices == ()
     assert stub.script.requests[0]["prompt"] == chat.inspect("Hi", "Be brief.", []).input_ids
     assert stub.script.requests[0]["top_k"] == 40
@@ -254,8 +254,8 @@ def test_ids_go_to_a_server_that_takes_them():
 def test_a_plain_openai_server_gets_text_and_the_user_hears_what_was_not_sent():
     with OpenAIStub(Script(takes_ids=False, takes_extras=False)) as stub:
         chat = remote_chat(TOKENIZER, stub.base_url)
-        final = run(chat, **SAMPLED.__dict__)[-1]
-    assert final.answer == "The answer" and chat.engine.dialect is DIALECTS[2]
+        final = run(chat, **SAMPLED.model_dump())[-1]
+    assert final.answer == "The answer" and chat.backend.dialect is DIALECTS[2]
     assert any("repetition_penalty=1.1, top_k=40" in notice for notice in final.notices)
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from orca2_space import ui
 from orca2_space.chat import Chat
-from orca2_space.config import ModerationSettings, Settings
+from orca2_space.settings import ModerationSettings, Settings
 from orca2_space.moderation import AzureContentSafety, Moderation
 
 

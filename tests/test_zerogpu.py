@@ -6,11 +6,11 @@ import pytest
 import spaces  # installed, as on a Space: it must change nothing on this (CPU) machine
 
 from orca2_space import engine as engine_module
-from orca2_space.config import GenerationParams
+from orca2_space.settings import GenerationParams
 from orca2_space.engine import Engine, plan_load
 from orca2_space.zerogpu import gpu_task, on_zerogpu
 
-from test_engine import prompt_ids
+from test_engine import prompt_for
 
 
 def test_off_zerogpu_the_gpu_decorator_is_a_pass_through():
@@ -49,13 +49,13 @@ def model_threads():
 
 def test_on_zerogpu_the_answer_is_the_same(zerogpu_engine, never_ends):
     params = GenerationParams(max_new_tokens=12)
-    ids = prompt_ids(never_ends)
+    ids = prompt_for(never_ends)
     assert engine_module._zerogpu_model is never_ends.model
     assert "".join(zerogpu_engine.generate(ids, params)) == "".join(never_ends.generate(ids, params))
 
 
 def test_on_zerogpu_stop_closes_the_gpu_task_and_the_model_stops(zerogpu_engine):
-    generation = zerogpu_engine.generate(prompt_ids(zerogpu_engine), GenerationParams(max_new_tokens=2000))
+    generation = zerogpu_engine.generate(prompt_for(zerogpu_engine), GenerationParams(max_new_tokens=2000))
     for n, _ in enumerate(generation, 1):
         if n == 5:
             generation.cancel()

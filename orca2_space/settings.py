@@ -8,8 +8,14 @@ range is clamped into it and the clamping is reported back.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+import typing
+from dataclasses import dataclass, field
 from typing import Any
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field
+
+from .prompt import DEFAULT_CONTEXT_LENGTH
 
 QUANTIZATIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
 DEFAULT_MODEL = "microsoft/Orca-2-7b"
@@ -128,30 +134,45 @@ class Settings:
         return BatchingSettings(self.concurrency, self.batch_cache_tokens) if self.batching else None
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding settings of one answer. The defaults are the paper's: greedy decoding."""
+class GenerationParams(BaseModel):
+    """Decoding settings of one answer, each declared once: the page's controls, /chat's validation
+    and clamping, and each backend's mapping are derived from these fields. The defaults are the
+    paper's: greedy decoding."""
 
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 512
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    do_sample: bool = Field(False, title="Sample", description="off: greedy decoding, as in the paper")
+    temperature: float = Field(0.7, ge=0.01, le=2.0, title="Temperature", description="used when sampling")
+    top_p: float = Field(0.9, ge=0.01, le=1.0, title="Top-p", description="used when sampling")
+    top_k: int = Field(50, ge=0, le=1000, title="Top-k", description="used when sampling; 0: off")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, title="Repetition penalty", description="1: none")
+    # Bounded again by the server's max_new_tokens_cap.
+    max_new_tokens: int = Field(512, ge=1, le=DEFAULT_CONTEXT_LENGTH, title="Max new tokens")
     # None draws a fresh seed per answer; the seed used is reported so an answer can be redone.
-    seed: int | None = None
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, title="Seed", description="used when sampling; -1: a new one each answer"
+    )
 
 
-# Allowed ranges; values outside are clamped. top_k 0 means "no top-k filter".
-LIMITS: dict[str, tuple[float, float]] = {
-    "temperature": (0.01, 5.0),
-    "top_p": (0.01, 1.0),
-    "top_k": (0, 1000),
-    "repetition_penalty": (1.0, 2.0),
-    "max_new_tokens": (1, 1_000_000),  # the upper bound is the server's cap
-    "seed": (0, 2**32 - 1),
-}
-_INTEGER_FIELDS = {"top_k", "max_new_tokens", "seed"}
+GENERATION_FIELDS = GenerationParams.model_fields
+# Where a caller's number is clamped into (a seed of -1 means random, and is not clamped).
+RANDOM_SEED = -1
+
+
+def bounds(name: str, max_new_tokens_cap: int | None = None) -> tuple[float, float] | None:
+    """The allowed range of a numeric setting (max_new_tokens: within the server's cap)."""
+    metadata = GENERATION_FIELDS[name].metadata
+    low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    if low is None or high is None:
+        return None
+    if name == "max_new_tokens" and max_new_tokens_cap is not None:
+        high = min(high, max_new_tokens_cap)
+    return low, high
+
+
+def _is_integer(name: str) -> bool:
+    return int in (GENERATION_FIELDS[name].annotation, *typing.get_args(GENERATION_FIELDS[name].annotation))
 
 
 def _number(name: str, value: Any, integer: bool) -> float | int:
@@ -171,8 +192,7 @@ def validate_params(raw: dict[str, Any], max_new_tokens_cap: int) -> tuple[Gener
 
     Missing or None values take the defaults. A seed of -1 means "random", like None.
     """
-    known = {f.name for f in fields(GenerationParams)}
-    unknown = set(raw) - known
+    unknown = set(raw) - set(GENERATION_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown setting(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
@@ -180,22 +200,18 @@ def validate_params(raw: dict[str, Any], max_new_tokens_cap: int) -> tuple[Gener
     for name, value in raw.items():
         if value is None:
             continue
-        if name == "do_sample":
+        if GENERATION_FIELDS[name].annotation is bool:
             if not isinstance(value, bool):
-                raise InvalidRequest(f"do_sample must be true or false, got {value!r:.40}")
+                raise InvalidRequest(f"{name} must be true or false, got {value!r:.40}")
             values[name] = value
             continue
-        number = _number(name, value, name in _INTEGER_FIELDS)
-        if name == "seed" and number == -1:
+        number = _number(name, value, _is_integer(name))
+        if name == "seed" and number == RANDOM_SEED:
             continue
-        low, high = LIMITS[name]
-        if name == "max_new_tokens":
-            high = max_new_tokens_cap
+        low, high = bounds(name, max_new_tokens_cap)
         clamped = min(max(number, low), high)
         if clamped != number:
             notices.append(f"{name} {number} is outside [{low}, {high}]; using {clamped}.")
         values[name] = clamped
-    params = replace(GenerationParams(), **values)
-    if params.max_new_tokens > max_new_tokens_cap:
-        params = replace(params, max_new_tokens=max_new_tokens_cap)
-    return params, notices
+    values.setdefault("max_new_tokens", min(GENERATION_FIELDS["max_new_tokens"].default, max_new_tokens_cap))
+    return GenerationParams(**values), notices
