@@ -1,4 +1,8 @@
-"""Command line and environment → Settings, then load the model once and launch the page."""
+"""Command line and environment → Settings, then load the model once and launch the page.
+
+The flags and ORCA2_* variables are derived from settings.Settings: each field (and each field of
+its sections) is one, with its --help line and its checks. To add a server setting, add a field.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,15 @@ import functools
 import logging
 import os
 import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
 
-from .settings import (
-    DEFAULT_MODEL,
-    KNOWN_MODELS,
-    MODERATION_CATEGORIES,
-    MODERATION_THRESHOLDS,
-    QUANTIZATIONS,
-    ModerationSettings,
-    RemoteSettings,
-    Settings,
-)
+from pydantic import TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+
+from .settings import SERVER_CONFIG, Cli, ModerationSettings, RemoteSettings, Section, Settings, on_space
 from .zerogpu import on_zerogpu
 
 log = logging.getLogger("orca2_space")
@@ -26,222 +28,212 @@ SHARE_WITHOUT_AUTH_WARNING = (
     "WARNING: --share makes this app public: anyone with the link can use this machine and its GPU. "
     "Add --auth USER:PASS to require a login."
 )
+ENV_PREFIX = "ORCA2_"
+# What a variable may say for a switch (ORCA2_SHARE=1).
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+# Pydantic's complaints as phrases that follow the value: "'0' must be at least 1".
+PROBLEMS = {
+    "greater_than_equal": "must be at least {ge:g}",
+    "less_than_equal": "must be at most {le:g}",
+    "greater_than": "must be more than {gt:g}",
+    "less_than": "must be less than {lt:g}",
+    "finite_number": "is not a finite number",
+    "too_short": "must list at least {min_length}",
+}
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+@dataclass(frozen=True)
+class Option:
+    """One server setting as the command line and the environment spell it."""
 
+    path: tuple[str, ...]  # where it goes in Settings: ("moderation", "threshold")
+    field: FieldInfo
+    cli: Cli
+    section: Section | None
+    flag: str | None  # None: read from the environment only
+    env: str
 
-def _auth(value: str | None) -> tuple[str, str] | None:
-    if not value:
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def kind(self) -> Any:
+        return _without_none(self.field.annotation)
+
+    @property
+    def switch(self) -> bool:
+        return self.kind is bool and self.cli.words is None
+
+    @property
+    def choices(self) -> dict[str, Any] | None:
+        """The words this option takes, each with its value, where it takes words."""
+        if self.cli.words is not None:
+            return self.cli.words
+        if typing.get_origin(self.kind) is typing.Literal:
+            return {str(choice): choice for choice in typing.get_args(self.kind)}
         return None
-    user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise argparse.ArgumentTypeError("--auth takes USER:PASS")
-    return user, password
+
+
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _marker(field: FieldInfo, kind: type) -> Any:
+    return next((m for m in field.metadata if isinstance(m, kind)), None)
+
+
+def options(cls: type = Settings, section: Section | None = None, path: tuple[str, ...] = ()) -> list[Option]:
+    """The options of a settings class's fields, and of the fields of its sections."""
+    found = []
+    for name, field in cls.__pydantic_fields__.items():
+        subsection = _marker(field, Section)
+        if subsection is not None:
+            found += options(_without_none(field.annotation), subsection, (*path, name))
+            continue
+        cli = _marker(field, Cli) or Cli()
+        flag = cli.flag or "--" + "-".join(filter(None, (section and section.prefix, name))).replace("_", "-")
+        env = cli.env_only or ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+        found.append(Option((*path, name), field, cli, section, None if cli.env_only else flag, env))
+    return found
+
+
+def problem(error: ValidationError) -> str:
+    """Pydantic's first complaint as a phrase ("must be at least 1"); a check's own message as it is."""
+    first = error.errors()[0]
+    if first["type"] == "value_error":
+        phrase = str(first["ctx"]["error"])
+    elif first["type"] in PROBLEMS:
+        phrase = PROBLEMS[first["type"]].format(**first.get("ctx", {}))
+    else:
+        phrase = first["msg"]
+    where = ".".join(map(str, first["loc"]))
+    return f"{where}: {phrase}" if where else phrase
+
+
+def _value(option: Option, text: str) -> Any:
+    """What a flag's or a variable's text means, checked by the field's rules; ValueError says what's wrong."""
+    value = _from_text(option, text)
+    metadata = option.field.metadata
+    rules = typing.Annotated[(option.field.annotation, *metadata)] if metadata else option.field.annotation
+    try:
+        TypeAdapter(rules, config=SERVER_CONFIG).validate_python(value)
+    except ValidationError as error:
+        raise ValueError(f"{text!r} {problem(error)}") from None
+    return value
+
+
+def _from_text(option: Option, text: str) -> Any:
+    if option.cli.parse is not None:
+        return option.cli.parse(text)
+    if option.switch:
+        return _choose(SWITCH_WORDS, text.lower())
+    if option.choices is not None:
+        return _choose(option.choices, text)
+    if typing.get_origin(option.kind) is tuple:
+        item_kind = typing.get_args(option.kind)[0]
+        return tuple(_scalar(item_kind, item.strip()) for item in text.split(",") if item.strip())
+    return _scalar(option.kind, text)
+
+
+def _scalar(kind: Any, text: str) -> Any:
+    if typing.get_origin(kind) is typing.Literal:
+        return _choose({str(choice): choice for choice in typing.get_args(kind)}, text)
+    try:
+        return kind(text) if kind in (int, float) else text
+    except ValueError:
+        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+
+
+def _choose(choices: dict[str, Any], text: str) -> Any:
+    if text not in choices:
+        raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+    return choices[text]
+
+
+def _help(option: Option) -> str:
+    if option.switch:
+        return f"{option.field.description} [{option.env}=1]"
+    default = option.cli.default
+    if default is None and not option.field.is_required():
+        default = _shown(option, option.field.get_default(call_default_factory=True))
+    text = f"{option.field.description} [{option.env}]" + (f" (default {default})" if default is not None else "")
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _shown(option: Option, value: Any) -> str | None:
+    """A default as one would type it."""
+    if value is None:
+        return None
+    if option.cli.words is not None:
+        return next(word for word, meaning in option.cli.words.items() if meaning == value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_flag(group: argparse._ActionsContainer, option: Option) -> None:
+    if option.switch:
+        group.add_argument(option.flag, dest=option.dest, action="store_true", help=_help(option))
+        return
+
+    def parse(text: str) -> Any:
+        try:
+            return _value(option, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    choices = option.choices
+    metavar = option.cli.metavar or ("{" + ",".join(choices) + "}" if choices else option.env.removeprefix(ENV_PREFIX))
+    group.add_argument(option.flag, dest=option.dest, type=parse, metavar=metavar, help=_help(option))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # One line naming the flag or the variable: the usage of thirty flags would bury it.
+        self.exit(2, f"error: {message}\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    on_space = bool(env("SPACE_ID"))
-    p = argparse.ArgumentParser(
+    """The flags, each defaulting to its variable where that is set (an empty one is unset).
+
+    Variables are read here, so a bad one is refused before anything else, --help included."""
+    p = _Parser(
         prog="python app.py",
         description="Chat with Microsoft's Orca 2 in the browser. Every flag has an environment variable "
         "(shown in brackets) for Hugging Face Spaces, where flags can't be passed.",
+        # Unset options stay out of the parsed arguments, so Settings' defaults apply.
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument(
-        "--model",
-        default=env("ORCA2_MODEL", DEFAULT_MODEL),
-        help=f"hub id or local folder [ORCA2_MODEL] (default {DEFAULT_MODEL}; also {', '.join(KNOWN_MODELS[1:])}; "
-        "a tiny offline test model: python tests/make_tiny_model.py DIR)",
-    )
-    p.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=env("ORCA2_QUANTIZATION", "auto"),
-        help="weights format [ORCA2_QUANTIZATION] (default auto: 8bit with CUDA; on CPU fp32, or bf16 if fp32 "
-        "would take over half the RAM)",
-    )
-    p.add_argument(
-        "--host",
-        default=env("ORCA2_HOST", "0.0.0.0" if on_space else "127.0.0.1"),
-        help="address to listen on [ORCA2_HOST] (default 127.0.0.1; 0.0.0.0 on a Space)",
-    )
-    p.add_argument("--port", type=int, default=int(env("ORCA2_PORT", "7860")), help="port [ORCA2_PORT] (default 7860)")
-    p.add_argument(
-        "--share",
-        action="store_true",
-        default=_env_flag("ORCA2_SHARE"),
-        help="also serve through a temporary public gradio.live link [ORCA2_SHARE=1]; ignored on a Space",
-    )
-    p.add_argument(
-        "--auth",
-        type=_auth,
-        default=env("ORCA2_AUTH"),
-        metavar="USER:PASS",
-        help="require this login on the page and the API [ORCA2_AUTH]",
-    )
-    p.add_argument(
-        "--max-new-tokens-cap",
-        type=int,
-        default=int(env("ORCA2_MAX_NEW_TOKENS_CAP", "2048")),
-        help="most tokens one answer may have, whatever a caller asks [ORCA2_MAX_NEW_TOKENS_CAP] (default 2048)",
-    )
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=int(env("ORCA2_CONCURRENCY", "1" if on_zerogpu() else "8")),
-        help="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue "
-        "[ORCA2_CONCURRENCY] (default 8; 1 on ZeroGPU, where each answer borrows its own GPU)",
-    )
-    p.add_argument(
-        "--batching",
-        choices=("on", "off"),
-        default=env("ORCA2_BATCHING", "on"),
-        help="decode concurrent greedy answers together (continuous batching); sampled answers, and any with a "
-        "repetition penalty, always run alone [ORCA2_BATCHING] (default on; never on ZeroGPU)",
-    )
-    p.add_argument(
-        "--batch-cache-tokens",
-        type=int,
-        default=int(env("ORCA2_BATCH_CACHE_TOKENS", "0")) or None,
-        help="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token) "
-        "[ORCA2_BATCH_CACHE_TOKENS] (default 16384 with a GPU, 8192 without)",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=int(env("ORCA2_MAX_QUEUE", "32")),
-        help="requests that may wait; more are told the app is busy [ORCA2_MAX_QUEUE] (default 32)",
-    )
-    r = p.add_argument_group(
-        "inference server",
-        "With --backend openai the app loads no model: answers stream from an OpenAI-compatible server (vLLM, "
-        "TGI, transformers serve). --model then only names where Orca 2's tokenizer.model is read from.",
-    )
-    r.add_argument(
-        "--backend",
-        choices=("local", "openai"),
-        default=env("ORCA2_BACKEND", "local"),
-        help="local: load the model here; openai: stream from --base-url [ORCA2_BACKEND] (default local)",
-    )
-    r.add_argument("--base-url", default=env("ORCA2_BASE_URL"), help="the server's API root, e.g. http://127.0.0.1:8000/v1 [ORCA2_BASE_URL]")
-    r.add_argument(
-        "--api-key",
-        default=env("ORCA2_API_KEY"),
-        help="the server's API key, if it wants one [ORCA2_API_KEY] (prefer the variable: flags show in process lists)",
-    )
-    r.add_argument(
-        "--served-model",
-        default=env("ORCA2_SERVED_MODEL"),
-        help="the server's name for the model [ORCA2_SERVED_MODEL] (default: --model)",
-    )
-    r.add_argument(
-        "--server-timeout",
-        type=float,
-        default=float(env("ORCA2_SERVER_TIMEOUT", "120")),
-        help="seconds to wait for each streamed piece of an answer [ORCA2_SERVER_TIMEOUT] (default 120)",
-    )
-    m = p.add_argument_group(
-        "moderation (Azure AI Content Safety)",
-        "On when CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY are set (on a Space: as secrets). The key is "
-        "read from the environment only, so it never shows in a process list.",
-    )
-    m.add_argument(
-        "--moderation",
-        choices=("on", "off"),
-        default=env("ORCA2_MODERATION", "on"),
-        help="the toggle's default when the service is configured [ORCA2_MODERATION] (default on)",
-    )
-    m.add_argument(
-        "--moderation-required",
-        action="store_true",
-        default=_env_flag("ORCA2_MODERATION_REQUIRED"),
-        help="visitors and API callers can't turn moderation off [ORCA2_MODERATION_REQUIRED=1]",
-    )
-    m.add_argument(
-        "--moderation-threshold",
-        type=int,
-        choices=MODERATION_THRESHOLDS,
-        default=int(env("ORCA2_MODERATION_THRESHOLD", "4")),
-        help="withhold text with a category at this severity or above [ORCA2_MODERATION_THRESHOLD] (default 4, "
-        "as in the model card; 0 and 2 both catch anything not rated safe)",
-    )
-    m.add_argument(
-        "--moderation-categories",
-        default=env("ORCA2_MODERATION_CATEGORIES", ",".join(MODERATION_CATEGORIES)),
-        help=f"comma-separated [ORCA2_MODERATION_CATEGORIES] (default {','.join(MODERATION_CATEGORIES)})",
-    )
-    m.add_argument(
-        "--moderation-on-failure",
-        choices=("closed", "open"),
-        default=env("ORCA2_MODERATION_ON_FAILURE", "closed"),
-        help="when the service fails: hold answers back (closed), or show them marked 'not moderated' (open) "
-        "[ORCA2_MODERATION_ON_FAILURE] (default closed)",
-    )
-    m.add_argument(
-        "--moderation-timeout",
-        type=float,
-        default=float(env("ORCA2_MODERATION_TIMEOUT", "3")),
-        help="seconds to wait for one check [ORCA2_MODERATION_TIMEOUT] (default 3)",
-    )
-    m.add_argument(
-        "--moderation-retries",
-        type=int,
-        default=int(env("ORCA2_MODERATION_RETRIES", "1")),
-        help="retries after a throttled, failed or unreachable check [ORCA2_MODERATION_RETRIES] (default 1)",
-    )
-    p.add_argument(
-        "--log-level",
-        default=env("ORCA2_LOG_LEVEL", "INFO"),
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="[ORCA2_LOG_LEVEL] (default INFO)",
-    )
+    groups: dict[Section | None, argparse._ActionsContainer] = {None: p}
+    for option in options():
+        if option.section not in groups:
+            groups[option.section] = p.add_argument_group(option.section.title, option.section.description)
+        if option.flag is not None:
+            _add_flag(groups[option.section], option)
+        text = os.environ.get(option.env, "").strip()
+        if text:
+            try:
+                p.set_defaults(**{option.dest: _value(option, text)})
+            except ValueError as error:
+                p.error(f"{option.env}: {error}")
     return p
 
 
-def _default_batch_cache_tokens() -> int:
-    import torch
-
-    # Four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM.
-    return 16384 if torch.cuda.is_available() else 8192
-
-
-def _remote(args: argparse.Namespace) -> RemoteSettings | None:
-    if args.backend != "openai":
-        return None
-    if not args.base_url:
-        raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-    return RemoteSettings(args.base_url, args.served_model, args.api_key, read_timeout=args.server_timeout)
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    auth = _auth(args.auth) if isinstance(args.auth, str) else args.auth
-    return Settings(
-        model=args.model,
-        quantization=args.quantization,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        auth=auth,
-        max_new_tokens_cap=args.max_new_tokens_cap,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        batching=args.batching == "on",
-        batch_cache_tokens=args.batch_cache_tokens or _default_batch_cache_tokens(),
-        remote=_remote(args),
-        moderation=ModerationSettings(
-            endpoint=os.environ.get("CONTENT_SAFETY_ENDPOINT") or None,
-            key=os.environ.get("CONTENT_SAFETY_KEY") or None,
-            default_on=args.moderation == "on",
-            required=args.moderation_required,
-            threshold=args.moderation_threshold,
-            categories=tuple(c.strip() for c in args.moderation_categories.split(",") if c.strip()),
-            fail_open=args.moderation_on_failure == "open",
-            timeout=args.moderation_timeout,
-            retries=args.moderation_retries,
-        ),
-    )
+    """Settings from the parsed flags and variables; what neither sets keeps its field's default."""
+    values: dict[str, Any] = {"moderation": {}, "remote": {}}
+    for dest, value in vars(args).items():
+        *section, name = dest.split(".")
+        (values[section[0]] if section else values)[name] = value
+    moderation = ModerationSettings(**values.pop("moderation"))
+    remote = values.pop("remote")
+    # The inference server's settings count only with --backend openai (and without --base-url, Settings says so).
+    if values.get("backend") == "openai" and "base_url" in remote:
+        values["remote"] = RemoteSettings(**remote)
+    return Settings(moderation=moderation, **values)
 
 
 def share_decision(settings: Settings, on_space: bool) -> tuple[bool, str | None]:
@@ -257,19 +249,18 @@ def share_decision(settings: Settings, on_space: bool) -> tuple[bool, str | None
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
     try:
-        settings = settings_from_args(args)
-    except (ValueError, argparse.ArgumentTypeError) as error:
-        p.error(str(error))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    on_space = bool(os.environ.get("SPACE_ID"))
-    share, warning = share_decision(settings, on_space)
+        settings = settings_from_args(p.parse_args(argv))
+    except ValidationError as error:
+        p.error(problem(error))
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    space = on_space()
+    share, warning = share_decision(settings, space)
     if warning:
         print(warning, file=sys.stderr)
 
-    from .chat import Chat
     from .backend import ModelLoading
+    from .chat import Chat
 
     # The page is up at once and shows the loading; the model loads meanwhile.
     loading = ModelLoading(settings.model, backend_loader(settings))
@@ -278,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         # the Space shows "Starting" meanwhile.
         loading.wait()
     demo = launch(Chat(loading, settings, moderation_service(settings.moderation)), share=share, block=False)
-    if loading.wait() is None and not on_space:
+    if loading.wait() is None and not space:
         # Locally there is nobody to read the page: say why and stop. A Space stays up and shows it.
         demo.close()
         print(f"error: {loading.error}", file=sys.stderr)

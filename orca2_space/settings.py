@@ -1,5 +1,8 @@
 """Settings of the server and of one generation request, with their validation.
 
+Each server setting is one field below: cli.py derives its flag, its ORCA2_* environment variable,
+its --help line and its checks from the field (see Cli for the naming rule).
+
 Everything a caller sends is checked here, so the page, the API and tests share one set of rules:
 a wrong type or a non-finite number is refused with a message naming the field; a number out of
 range is clamped into it and the clamping is reported back.
@@ -8,62 +11,145 @@ range is clamped into it and the clamping is reported back.
 from __future__ import annotations
 
 import math
+import os
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from .prompt import DEFAULT_CONTEXT_LENGTH
+from .zerogpu import on_zerogpu
 
-QUANTIZATIONS = ("auto", "8bit", "4bit", "bf16", "fp16", "fp32")
+Quantization = Literal["auto", "8bit", "4bit", "bf16", "fp16", "fp32"]
+QUANTIZATIONS = typing.get_args(Quantization)
 DEFAULT_MODEL = "microsoft/Orca-2-7b"
 KNOWN_MODELS = ("microsoft/Orca-2-7b", "microsoft/Orca-2-13b")
 # Azure AI Content Safety's text categories; severities are 0 (safe), 2, 4, 6.
-MODERATION_CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
-MODERATION_THRESHOLDS = (0, 2, 4, 6)
+ModerationCategory = Literal["Hate", "SelfHarm", "Sexual", "Violence"]
+MODERATION_CATEGORIES = typing.get_args(ModerationCategory)
+ModerationThreshold = Literal[0, 2, 4, 6]
+MODERATION_THRESHOLDS = typing.get_args(ModerationThreshold)
+# The batch KV cache is allocated in pages of this many tokens.
+BATCH_PAGE_TOKENS = 256
 
 
 class InvalidRequest(ValueError):
     """A request the server refuses; the message is meant for the person who sent it."""
 
 
+def on_space() -> bool:
+    """Whether this runs as a Hugging Face Space, which sets SPACE_ID."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
 @dataclass(frozen=True)
+class Cli:
+    """How a server setting is spelled on the command line, where the rule doesn't fit.
+
+    The rule: the field max_queue is the flag --max-queue and the variable ORCA2_MAX_QUEUE; a
+    section's fields start with its prefix (--moderation-threshold); the variable is always named
+    after the flag (--server-timeout: ORCA2_SERVER_TIMEOUT). A bool is a switch (--share;
+    ORCA2_SHARE=1), a tuple is comma-separated, a Literal lists the choices. The --help line is the
+    field's description, then [VARIABLE] and (default D); Field's constraints are the checks.
+    """
+
+    flag: str | None = None
+    # Read from this variable only: no flag (a key in a flag shows in process lists).
+    env_only: str | None = None
+    # The flag's words for the values, where words read better (--batching on|off).
+    words: dict[str, Any] | None = None
+    # Text → value for a syntax of its own; raises ValueError with a phrase ("must be USER:PASS").
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    # The default as --help tells it, where the field's default doesn't (it depends on the machine).
+    default: str | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    """Settings under their own heading in --help; with a prefix, their flags start with it."""
+
+    title: str
+    description: str
+    prefix: str = ""
+
+
+ON_OFF = {"on": True, "off": False}
+# Strict: a string where a number belongs is a bug in the caller, not something to convert.
+SERVER_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+
+# Checks and parsers say what's wrong as a phrase that follows the value: "'x' must start with http://".
+def _user_pass(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("must be USER:PASS")
+    return user, password
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return url
+
+
+@pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
 class ModerationSettings:
     """Azure AI Content Safety on questions and answers; on only when endpoint and key are set."""
 
-    endpoint: str | None = None
-    key: str | None = field(default=None, repr=False)
-    default_on: bool = True
-    # Visitors and API callers can't turn it off (a Space owner's choice).
-    required: bool = False
-    # Flag a category at this severity or above (the model card uses 4).
-    threshold: int = 4
-    categories: tuple[str, ...] = MODERATION_CATEGORIES
-    # When the service fails: hold the answer back (closed) or show it marked "not moderated" (open).
-    fail_open: bool = False
-    timeout: float = 3.0
-    retries: int = 1
-
-    def __post_init__(self):
-        if self.threshold not in MODERATION_THRESHOLDS:
-            raise ValueError(f"moderation threshold must be one of {MODERATION_THRESHOLDS}")
-        unknown = set(self.categories) - set(MODERATION_CATEGORIES)
-        if unknown or not self.categories:
-            raise ValueError(f"moderation categories must be some of {', '.join(MODERATION_CATEGORIES)}")
-        if not 0 < self.timeout <= 60:
-            raise ValueError("moderation timeout must be between 0 and 60 seconds")
-        if not 0 <= self.retries <= 5:
-            raise ValueError("moderation retries must be between 0 and 5")
+    endpoint: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_ENDPOINT")] = None
+    key: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_KEY")] = Field(None, repr=False)
+    default_on: Annotated[bool, Cli(flag="--moderation", words=ON_OFF)] = Field(
+        True, description="the toggle's default when the service is configured"
+    )
+    # A Space owner's choice.
+    required: bool = Field(False, description="visitors and API callers can't turn moderation off")
+    threshold: ModerationThreshold = Field(
+        4,
+        description="withhold text with a category at this severity or above (4 as in the model card; "
+        "0 and 2 both catch anything not rated safe)",
+    )
+    categories: tuple[ModerationCategory, ...] = Field(
+        MODERATION_CATEGORIES, min_length=1, description="the categories that count, comma-separated"
+    )
+    fail_open: Annotated[bool, Cli(flag="--moderation-on-failure", words={"closed": False, "open": True})] = Field(
+        False,
+        description="when the service fails: hold answers back (closed), or show them marked 'not moderated' (open)",
+    )
+    timeout: float = Field(3.0, gt=0, le=60, description="seconds to wait for one check")
+    retries: int = Field(1, ge=0, le=5, description="retries after a throttled, failed or unreachable check")
 
     @property
     def configured(self) -> bool:
         return bool(self.endpoint and self.key)
 
 
-# The batch KV cache is allocated in pages of this many tokens.
-BATCH_PAGE_TOKENS = 256
+@pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
+class RemoteSettings:
+    """An OpenAI-compatible inference server to stream from, instead of a local model."""
+
+    base_url: Annotated[str, AfterValidator(_http_url)] = Field(
+        description="the server's API root, e.g. http://127.0.0.1:8000/v1"
+    )
+    served_model: Annotated[str | None, Cli(default="--model")] = Field(
+        None, description="the server's name for the model"
+    )
+    api_key: str | None = Field(
+        None,
+        repr=False,
+        description="the server's API key, if it wants one (prefer the variable: flags show in process lists)",
+    )
+    connect_timeout: Annotated[float, Cli(flag="--server-connect-timeout")] = Field(
+        5.0, gt=0, description="seconds to connect to the server"
+    )
+    # A queue on the server counts.
+    read_timeout: Annotated[float, Cli(flag="--server-timeout")] = Field(
+        120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,57 +167,90 @@ class BatchingSettings:
             raise ValueError(f"the batch KV cache needs at least {BATCH_PAGE_TOKENS} tokens")
 
 
-@dataclass(frozen=True)
-class RemoteSettings:
-    """An OpenAI-compatible inference server to stream from, instead of a local model."""
-
-    base_url: str  # e.g. http://127.0.0.1:8000/v1
-    served_model: str | None = None  # the server's name for the model (default: --model)
-    api_key: str | None = field(default=None, repr=False)
-    # Seconds to connect, and to wait for each streamed chunk (a queue on the server counts).
-    connect_timeout: float = 5.0
-    read_timeout: float = 120.0
-
-    def __post_init__(self):
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"the server's URL must start with http:// or https://, got {self.base_url!r}")
-        if not (0 < self.connect_timeout < math.inf and 0 < self.read_timeout < math.inf):
-            raise ValueError("server timeouts must be positive numbers of seconds")
-
-
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
 class Settings:
-    """How this server runs. Built by cli.py from flags and ORCA2_* environment variables."""
+    """How this server runs. Each field is also a flag and an ORCA2_* variable (see Cli), read by cli.py."""
 
-    model: str = DEFAULT_MODEL
-    quantization: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 7860
-    share: bool = False
-    auth: tuple[str, str] | None = field(default=None, repr=False)
-    max_new_tokens_cap: int = 2048
-    # Answers generated at once (batched together when greedy); more wait in the queue.
-    concurrency: int = 8
-    max_queue: int = 32
-    batching: bool = True
-    batch_cache_tokens: int = 16384
-    max_message_chars: int = 100_000
-    moderation: ModerationSettings = ModerationSettings()
-    # Set: answers come from this server and no model is loaded here.
-    remote: RemoteSettings | None = None
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=f"hub id or local folder (also {', '.join(KNOWN_MODELS[1:])}; "
+        "a tiny offline test model: python tests/make_tiny_model.py DIR)",
+    )
+    quantization: Quantization = Field(
+        "auto",
+        description="weights format; auto: 8bit with CUDA; on CPU fp32, or bf16 if fp32 would take over half the RAM",
+    )
+    host: Annotated[str, Cli(default="127.0.0.1; 0.0.0.0 on a Space")] = Field(
+        default_factory=lambda: "0.0.0.0" if on_space() else "127.0.0.1", description="address to listen on"
+    )
+    port: int = Field(7860, ge=1, le=65535, description="port")
+    share: bool = Field(False, description="also serve through a temporary public gradio.live link; ignored on a Space")
+    auth: Annotated[tuple[str, str] | None, Cli(parse=_user_pass, metavar="USER:PASS")] = Field(
+        None, repr=False, description="require this login on the page and the API"
+    )
+    max_new_tokens_cap: int = Field(2048, ge=1, description="most tokens one answer may have, whatever a caller asks")
+    max_message_chars: int = Field(100_000, ge=1, description="longest message a caller may send, in characters")
+    concurrency: Annotated[int, Cli(default="8; 1 on ZeroGPU, where each answer borrows its own GPU")] = Field(
+        default_factory=lambda: 1 if on_zerogpu() else 8,
+        ge=1,
+        description="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue",
+    )
+    max_queue: int = Field(32, ge=1, description="requests that may wait; more are told the app is busy")
+    batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
+        True,
+        description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "
+        "with a repetition penalty, always run alone; never on ZeroGPU",
+    )
+    # None: sized for the machine when a local model loads (see batching_settings).
+    batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(
+        None,
+        ge=BATCH_PAGE_TOKENS,
+        description="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token)",
+    )
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: load the model here; openai: stream from an inference server (--base-url)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="the least severe messages the log shows"
+    )
+    moderation: Annotated[
+        ModerationSettings,
+        Section(
+            "moderation (Azure AI Content Safety)",
+            "On when CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY are set (on a Space: as secrets). The key is "
+            "read from the environment only, so it never shows in a process list.",
+            prefix="moderation",
+        ),
+    ] = Field(default_factory=ModerationSettings)
+    # Set exactly when backend is openai: answers come from this server and no model is loaded here.
+    remote: Annotated[
+        RemoteSettings | None,
+        Section(
+            "inference server",
+            "With --backend openai the app loads no model: answers stream from an OpenAI-compatible server "
+            "(vLLM, TGI, transformers serve). --model then only names where Orca 2's tokenizer.model is read from.",
+        ),
+    ] = None
 
     def __post_init__(self):
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
-        for name in ("max_new_tokens_cap", "concurrency", "max_queue", "max_message_chars", "batch_cache_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.batching:
-            self.batching_settings()  # refuses a cache too small to use
+        if self.backend == "openai" and self.remote is None:
+            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "local" and self.remote is not None:
+            raise ValueError("an inference server is only used with backend 'openai'")
 
     def batching_settings(self) -> BatchingSettings | None:
         """How to batch concurrent answers, or None to answer one at a time."""
-        return BatchingSettings(self.concurrency, self.batch_cache_tokens) if self.batching else None
+        if not self.batching:
+            return None
+        return BatchingSettings(self.concurrency, self.batch_cache_tokens or machine_batch_cache_tokens())
+
+
+def machine_batch_cache_tokens() -> int:
+    """The batch KV cache's default size: four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM."""
+    # Imported here, so that --backend openai never imports torch.
+    import torch
+
+    return 16384 if torch.cuda.is_available() else 8192
 
 
 class GenerationParams(BaseModel):
