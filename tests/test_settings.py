@@ -1,10 +1,20 @@
-"""Sampling settings from untrusted callers: wrong types refused, ranges clamped and reported."""
+"""Sampling settings from untrusted callers: wrong types refused, ranges clamped and reported; the server's
+settings: checked when built, immutable, secrets kept out of logs."""
 
+import dataclasses
 import math
 
 import pytest
 
-from orca2_space.settings import GenerationParams, InvalidRequest, Settings, validate_params
+from orca2_space.settings import (
+    BatchingSettings,
+    GenerationParams,
+    InvalidRequest,
+    ModerationSettings,
+    RemoteSettings,
+    Settings,
+    validate_params,
+)
 
 
 def test_defaults_are_the_papers_greedy_decoding():
@@ -81,3 +91,56 @@ def test_the_default_max_new_tokens_respects_a_lower_cap():
 def test_settings_refuse_unknown_quantization():
     with pytest.raises(ValueError, match="quantization"):
         Settings(quantization="3bit")
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda: Settings(port=0), "greater than or equal to 1"),
+        (lambda: Settings(concurrency=0), "greater than or equal to 1"),
+        (lambda: Settings(batch_cache_tokens=100), "greater than or equal to 256"),
+        (lambda: Settings(port="7860"), "valid integer"),
+        (lambda: ModerationSettings(threshold=3), "0, 2, 4 or 6"),
+        (lambda: ModerationSettings(categories=("Hate", "Gore")), "Hate"),
+        (lambda: ModerationSettings(categories=()), "at least 1"),
+        (lambda: ModerationSettings(timeout=0), "greater than 0"),
+        (lambda: ModerationSettings(timeout=61), "less than or equal to 60"),
+        (lambda: ModerationSettings(retries=6), "less than or equal to 5"),
+        (lambda: RemoteSettings("gpu-host:8000/v1"), "http://"),
+        (lambda: RemoteSettings("http://h/v1", read_timeout=math.inf), "finite"),
+        (lambda: Settings(backend="openai"), "--base-url"),
+        (lambda: Settings(remote=RemoteSettings("http://h/v1")), "openai"),
+    ],
+)
+def test_server_settings_refuse_bad_values(make, says):
+    with pytest.raises(ValueError, match=says):
+        make()
+
+
+def test_a_misspelt_server_setting_is_refused():
+    with pytest.raises(ValueError, match="max_new_token_cap"):
+        Settings(max_new_token_cap=100)
+
+
+def test_server_settings_cannot_change_once_built():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModerationSettings().threshold = 2
+
+
+def test_secrets_stay_out_of_repr():
+    settings = Settings(
+        auth=("ann", "login-secret"),
+        backend="openai",
+        remote=RemoteSettings("http://h/v1", api_key="server-secret"),
+        moderation=ModerationSettings(endpoint="https://safety.example", key="safety-secret"),
+    )
+    assert "secret" not in repr(settings)
+    assert settings.moderation.configured and not ModerationSettings(endpoint="https://safety.example").configured
+
+
+def test_the_batch_cache_is_sized_for_the_machine_unless_set():
+    assert Settings(batch_cache_tokens=4096).batching_settings() == BatchingSettings(8, 4096)
+    assert Settings().batching_settings() == BatchingSettings(8, 8192)  # no GPU here
+    assert Settings(batching=False).batching_settings() is None
