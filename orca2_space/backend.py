@@ -137,7 +137,7 @@ class ModelLoading:
             self.error = str(error)
             self.phase = "failed"
             log.error("%s", error)
-        except Exception as error:  # noqa: BLE001 - a loader bug must still end the loading
+        except Exception as error:
             self.error = load_failure_message(self.model_name, error)
             self.phase = "failed"
             log.exception("loading %s failed", self.model_name)

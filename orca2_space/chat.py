@@ -6,16 +6,17 @@ here imports gradio.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import GenerationParams, InvalidRequest, Settings, validate_params
-from .backend import Backend, GenerationError, GenerationStats, ModelLoading
-from .moderation import Moderation, Verdict
+from .backend import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
+from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
+from .settings import GenerationParams, InvalidRequest, Settings, validate_params
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,7 @@ class ChatUpdate:
     stats: GenerationStats | None = None
     error: str | None = None
     notices: tuple[str, ...] = field(default_factory=tuple)
-    # "off", "pending" (text is shown only after it passed), "passed", "flagged", or
-    # "unavailable" (the service failed: the answer is held back, or shown unmoderated if the
-    # server fails open)
-    moderation: str = "off"
+    moderation: ModerationState = ModerationState.OFF
     # Why moderation withheld the question or the answer; shown instead of it.
     withheld: str | None = None
     # Set while the request waits for the model to finish loading.
@@ -54,12 +52,12 @@ class ChatUpdate:
             "answer": self.answer,
             "done": self.done,
             "error": self.error,
-            "stop_reason": stats.stop_reason if stats else None,
+            "stop_reason": stats.stop_reason.value if stats else None,
             "n_tokens": stats.n_tokens if stats else None,
             "tokens_per_second": round(stats.tokens_per_second, 2) if stats else None,
             "seed": stats.seed if stats else None,
             "notices": list(self.notices),
-            "moderation": self.moderation,
+            "moderation": self.moderation.value,
             "withheld": self.withheld,
         }
 
@@ -136,6 +134,10 @@ def turns_from_messages(messages: Any) -> tuple[list[Turn], list[str]]:
     return turns, notices
 
 
+# How long a blocked answer may take to stop: one decode step, with room for a busy machine.
+STOP_GRACE_SECONDS = 10.0
+
+
 class Chat:
     """The conversation service over one shared backend."""
 
@@ -165,7 +167,10 @@ class Chat:
     def moderation_for(self, requested: bool | None) -> tuple[Moderation | None, str | None]:
         """The moderation that applies to a request, and a notice when the request didn't get its way."""
         if self.moderation is None:
-            return None, "Moderation is not configured on this server; the answer is not moderated." if requested else None
+            return (
+                None,
+                "Moderation is not configured on this server; the answer is not moderated." if requested else None,
+            )
         rules = self.moderation.settings
         if rules.required:
             return self.moderation, "Moderation is required on this server." if requested is False else None
@@ -177,7 +182,9 @@ class Chat:
         message, system_message, turns, _ = self._conversation(message, system_message, history)
         reserved = 0
         if max_new_tokens:
-            reserved = validate_params({"max_new_tokens": max_new_tokens}, self.settings.max_new_tokens_cap)[0].max_new_tokens
+            reserved = validate_params({"max_new_tokens": max_new_tokens}, self.settings.max_new_tokens_cap)[
+                0
+            ].max_new_tokens
         return self._prompt(message, system_message, turns, reserved)
 
     def _conversation(self, message: Any, system_message: Any, history: Any) -> tuple[str, str, list[Turn], list[str]]:
@@ -203,84 +210,58 @@ class Chat:
 
     def _prompt(self, message: str, system_message: str, history: list[Turn], max_new_tokens: int) -> Prompt:
         return self.backend.tokenizer.build(
-            system_message, history, message, max_new_tokens=max_new_tokens, context_length=self.backend.info.context_length
+            system_message,
+            history,
+            message,
+            max_new_tokens=max_new_tokens,
+            context_length=self.backend.info.context_length,
         )
 
     def respond(self, request: ChatRequest, owner: str | None = None) -> Iterator[ChatUpdate]:
-        """Stream the answer. Closing the iterator, or stop(owner), ends the model's work."""
-        notices = list(request.notices)
+        """Stream the answer. Closing the iterator, or stop(owner), ends the backend's work."""
         moderation, notice = self.moderation_for(request.moderation)
-        notices += [notice] if notice else []
-        state = "off" if moderation is None else "pending"
-
-        def update(answer: str, **fields: Any) -> ChatUpdate:
-            return ChatUpdate(answer, notices=tuple(notices), **{"moderation": state, **fields})
-
+        reply = _Reply([*request.notices, *([notice] if notice else [])], moderation)
         for waiting in self._wait_for_backend():
-            yield update("", waiting=waiting)
+            yield reply("", waiting=waiting)
         if self.loading.backend is None:
-            yield update("", done=True, error=f"Orca 2 could not be loaded, so it can't answer. {self.loading.error}")
+            yield reply("", done=True, error=f"Orca 2 could not be loaded, so it can't answer. {self.loading.error}")
             return
         if moderation is not None:
             verdict = moderation.check(request.message)
-            if not verdict.allowed:
-                yield update("", done=True, moderation=_state(verdict), withheld=_withheld("Your message was not sent to Orca 2", verdict, moderation))
+            if not reply.heard(verdict):
+                yield reply(
+                    "", done=True, withheld=_withheld("Your message was not sent to Orca 2", verdict, moderation)
+                )
                 return
-            if not verdict.moderated:
-                notices.append(_unmoderated(verdict))
         try:
-            prompt = self._prompt(request.message, request.system_message, request.history, request.params.max_new_tokens)
+            prompt = self._prompt(
+                request.message, request.system_message, request.history, request.params.max_new_tokens
+            )
         except PromptTooLong as error:
-            yield update("", done=True, error=str(error))
+            yield reply("", done=True, error=str(error))
             return
         if prompt.dropped_turns:
-            notices.append(
+            reply.notices.append(
                 f"The {prompt.dropped_turns} oldest turn(s) were left out to fit Orca 2's "
                 f"{self.backend.info.context_length}-token context."
             )
-        generation = self.backend.generate(prompt, request.params)
-        gate = moderation.gate() if moderation is not None else None
+        answer = self.backend.generate(prompt, request.params)
+        with self._owned(owner, answer):
+            yield from _stream(answer, reply, moderation)
+
+    @contextlib.contextmanager
+    def _owned(self, owner: str | None, answer: AnswerStream) -> Iterator[None]:
+        """While the answer streams, stop(owner) can reach it; afterwards the backend's work ends."""
         if owner is not None:
             with self._active_lock:
-                self._active[owner] = generation
-        generated = shown = ""
-        error = None
+                self._active[owner] = answer
         try:
-            try:
-                for delta in generation:
-                    generated += delta
-                    if gate is None:
-                        shown = answer_text(generated)
-                        yield update(shown)
-                        continue
-                    gate.offer(answer_text(generated))
-                    if gate.blocked:
-                        generation.cancel()
-                        generation.wait()  # one decode step at most
-                        break
-                    if (released := gate.released) != shown:
-                        shown = released
-                        yield update(shown)
-            except GenerationError as failure:
-                error = str(failure)
-            notices += generation.notices
-            answer = answer_text(generated)
-            if gate is not None:
-                verdict = gate.finish(answer)
-                state = _state(verdict)
-                if not verdict.allowed:
-                    yield update("", done=True, stats=generation.stats, withheld=_withheld("[Content Filtered] Orca 2's answer was withheld", verdict, moderation))
-                    return
-                if not verdict.moderated:
-                    notices.append(_unmoderated(verdict))
-            yield update(answer, done=True, stats=generation.stats, error=error)
+            yield
         finally:
-            generation.cancel()
-            if gate is not None:
-                gate.close()
+            answer.cancel()
             if owner is not None:
                 with self._active_lock:
-                    if self._active.get(owner) is generation:
+                    if self._active.get(owner) is answer:
                         del self._active[owner]
 
     def stop(self, owner: str) -> bool:
@@ -293,10 +274,61 @@ class Chat:
         return True
 
 
-def _state(verdict: Verdict) -> str:
-    if not verdict.moderated:
-        return "unavailable"
-    return "passed" if verdict.allowed else "flagged"
+class _Reply:
+    """The updates of one turn; notices and the moderation state accumulate as it goes."""
+
+    def __init__(self, notices: list[str], moderation: Moderation | None):
+        self.notices = notices
+        self.state = ModerationState.OFF if moderation is None else ModerationState.PENDING
+
+    def heard(self, verdict: Verdict) -> bool:
+        """Take a moderation verdict into the turn; False if it withholds the text."""
+        if not verdict.allowed:
+            self.state = verdict.state
+            return False
+        if not verdict.moderated:
+            self.notices.append(_unmoderated(verdict))
+        return True
+
+    def __call__(self, answer: str, **fields: Any) -> ChatUpdate:
+        return ChatUpdate(answer, notices=tuple(self.notices), **{"moderation": self.state, **fields})
+
+
+def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) -> Iterator[ChatUpdate]:
+    """The answer's updates: as written without moderation, else only what the gate released."""
+    gate = moderation.gate() if moderation is not None else None
+    generated = shown = ""
+    error = None
+    try:
+        for delta in answer:
+            generated += delta
+            if gate is None:
+                shown = answer_text(generated)
+                yield reply(shown)
+                continue
+            gate.offer(answer_text(generated))
+            if gate.blocked:
+                answer.cancel()
+                answer.wait(STOP_GRACE_SECONDS)  # one decode step
+                break
+            if (released := gate.released) != shown:
+                shown = released
+                yield reply(shown)
+    except GenerationError as failure:
+        error = str(failure)
+    finally:
+        if gate is not None:
+            gate.close()
+    reply.notices += answer.notices
+    text = answer_text(generated)
+    if gate is not None:
+        verdict = gate.finish(text)
+        reply.state = verdict.state
+        if not reply.heard(verdict):
+            withheld = _withheld("[Content Filtered] Orca 2's answer was withheld", verdict, moderation)
+            yield reply("", done=True, stats=answer.stats, withheld=withheld)
+            return
+    yield reply(text, done=True, stats=answer.stats, error=error)
 
 
 def _withheld(what: str, verdict: Verdict, moderation: Moderation) -> str:

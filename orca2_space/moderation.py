@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from .settings import ModerationSettings
@@ -75,13 +76,26 @@ class AzureContentSafety:
                 raise ModerationUnavailable(f"the moderation service failed (HTTP {status})") from None
             except ServiceResponseError:
                 # The service took longer than the timeout; waiting again would double the delay.
-                raise ModerationUnavailable(f"the moderation service did not answer within {self._timeout:g} s") from None
+                raise ModerationUnavailable(
+                    f"the moderation service did not answer within {self._timeout:g} s"
+                ) from None
             except ServiceRequestError:
                 if retry:
                     time.sleep(self._RETRY_PAUSE)
                     continue
                 raise ModerationUnavailable("the moderation service could not be reached") from None
         raise AssertionError("unreachable")
+
+
+class ModerationState(StrEnum):
+    """What moderation did to an answer, as the page and /chat report it."""
+
+    OFF = "off"
+    PENDING = "pending"  # text is shown only after it passed
+    PASSED = "passed"
+    FLAGGED = "flagged"
+    # The service failed: the answer is held back, or shown unmoderated if the server fails open.
+    UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,12 @@ class Verdict:
     @property
     def moderated(self) -> bool:
         return self.error is None
+
+    @property
+    def state(self) -> ModerationState:
+        if not self.moderated:
+            return ModerationState.UNAVAILABLE
+        return ModerationState.PASSED if self.allowed else ModerationState.FLAGGED
 
     def describe(self) -> str:
         return ", ".join(f"{category} (severity {severity})" for category, severity in self.flagged.items())
@@ -131,7 +151,7 @@ class Moderation:
         except ModerationUnavailable as error:
             log.warning("moderation unavailable: %s", error)
             return Verdict(allowed=self.settings.fail_open, error=str(error))
-        except Exception:  # noqa: BLE001 - a moderation bug must not take the chat down
+        except Exception:
             log.exception("moderation check failed")
             return Verdict(allowed=self.settings.fail_open, error="the moderation check failed unexpectedly")
         # Severity 0 means safe, so even the lowest threshold never flags safe text.

@@ -8,24 +8,28 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-import pytest  # noqa: E402
+import httpx
+import psutil
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny_model import build_tiny_model  # noqa: E402
+from make_tiny_model import build_tiny_model
 
-from orca2_space.chat import Chat  # noqa: E402
-from orca2_space.settings import Settings  # noqa: E402
-from orca2_space.engine import Engine  # noqa: E402
-from orca2_space.prompt import EOS, IM_END, OrcaTokenizer  # noqa: E402
+from orca2_space.backend import GenerationStats, ModelInfo, StopReason
+from orca2_space.chat import Chat
+from orca2_space.engine import Engine
+from orca2_space.prompt import EOS, IM_END, OrcaTokenizer, Prompt
+from orca2_space.settings import (
+    GenerationParams,
+    Settings,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +43,63 @@ VIOLENT_ANSWER = "\nThe sky looks blue today. Birds sing in green trees; then a 
 @pytest.fixture(scope="session")
 def tokenizer() -> OrcaTokenizer:
     return OrcaTokenizer(FIXTURES / "orca2-tokenizer" / "tokenizer.model")
+
+
+class FakeAnswer:
+    """An AnswerStream that writes scripted pieces, one per token, in the reader's thread."""
+
+    notices: tuple[str, ...] = ()
+
+    def __init__(self, pieces: list[str], max_tokens: int, forever: bool):
+        self._pieces, self._max_tokens, self._forever = pieces, max_tokens, forever
+        self._cancelled = False
+        self._started = time.perf_counter()
+        self.stats: GenerationStats | None = None
+
+    def __iter__(self):
+        n = 0
+        reason = StopReason.END_OF_TURN
+        while not self._cancelled:
+            if n == self._max_tokens:
+                reason = StopReason.LENGTH
+                break
+            if n == len(self._pieces) and not self._forever:
+                break
+            yield self._pieces[n % len(self._pieces)]
+            n += 1
+        if self._cancelled:
+            reason = StopReason.STOPPED
+        self.stats = GenerationStats(n, time.perf_counter() - self._started, reason, seed=None)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def wait(self, timeout: float) -> bool:
+        return True  # nothing runs outside the reader's thread
+
+
+class FakeBackend:
+    """A backend with no model, like simonw/llm's MockModel: it answers a script and keeps the
+    prompts it was given, so the chat layer's tests run in milliseconds."""
+
+    def __init__(self, tokenizer: OrcaTokenizer, pieces: list[str], forever: bool = False):
+        self.tokenizer = tokenizer
+        self.info = ModelInfo("fake-orca2", "none", "a test double", "nowhere", 4096)
+        self.pieces, self.forever = pieces, forever
+        self.prompts: list[Prompt] = []
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> FakeAnswer:
+        self.prompts.append(prompt)
+        return FakeAnswer(self.pieces, params.max_new_tokens, self.forever)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_backend(tokenizer) -> FakeBackend:
+    """Answers "\nThe answer" (the newline ends the role line, as Orca 2 writes it)."""
+    return FakeBackend(tokenizer, ["\n", "The", " answer"])
 
 
 @pytest.fixture(scope="session")
@@ -177,9 +238,23 @@ class App:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
         self._log = open(log_path, "w")
-        command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(self.port), "--max-new-tokens-cap", "4000", *args]
+        command = [
+            sys.executable,
+            "app.py",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--max-new-tokens-cap",
+            "4000",
+            *args,
+        ]
         self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+            command,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
         wait_until_up(self.url, self.process, log_path, "the app")
 

@@ -4,19 +4,18 @@ import functools
 import threading
 
 import pytest
+from conftest import FakeBackend, finish_loading, slow_loading_model
 
-from conftest import finish_loading, slow_loading_model
-
-from orca2_space.chat import Chat, turns_from_messages
 from orca2_space.backend import ModelLoading
+from orca2_space.chat import Chat, turns_from_messages
 from orca2_space.engine import Engine
-from orca2_space.settings import InvalidRequest, Settings
 from orca2_space.prompt import Turn
+from orca2_space.settings import InvalidRequest, Settings
 
 
 @pytest.fixture
-def chat(ends_with_im_end):
-    return Chat(ends_with_im_end, Settings(max_new_tokens_cap=256, max_message_chars=5000))
+def chat(fake_backend):
+    return Chat(fake_backend, Settings(max_new_tokens_cap=256, max_message_chars=5000))
 
 
 def messages(*pairs):
@@ -93,15 +92,16 @@ def test_clamped_settings_are_reported_with_the_answer(chat):
     assert any("max_new_tokens" in n for n in final.notices)
 
 
-def test_dropped_turns_are_reported(chat):
+def test_dropped_turns_are_reported(chat, fake_backend):
     long_history = messages(*[("word " * 1500, "ok")] * 4)  # about 1,500 tokens each
     final = list(chat.respond(chat.request("Hello?", "sys", long_history, max_new_tokens=256)))[-1]
     assert any("2 oldest turn(s) were left out" in n for n in final.notices)
     assert final.answer == "The answer"
+    assert fake_backend.prompts[-1].dropped_turns == 2
 
 
-def test_a_message_too_long_for_the_context_is_an_error_update(ends_with_im_end):
-    chat = Chat(ends_with_im_end, Settings())
+def test_a_message_too_long_for_the_context_is_an_error_update(fake_backend):
+    chat = Chat(fake_backend, Settings())
     final = list(chat.respond(chat.request("word " * 4500, "sys", [])))[-1]
     assert final.done and "Shorten the message" in final.error
 
@@ -132,20 +132,26 @@ def test_a_model_that_failed_to_load_answers_every_message_with_the_reason(tmp_p
     assert update.done and "could not be loaded" in update.error and "missing" in update.error
 
 
-def test_stop_by_owner_ends_the_running_answer(never_ends):
-    chat = Chat(never_ends, Settings(max_new_tokens_cap=100_000))
+@pytest.mark.parametrize("backend", ["fake", "never_ends"])
+def test_stop_by_owner_ends_the_running_answer(request, tokenizer, backend):
+    backend = (
+        FakeBackend(tokenizer, ["\n", "The", " answer"], forever=True)
+        if backend == "fake"
+        else request.getfixturevalue(backend)
+    )
+    chat = Chat(backend, Settings(max_new_tokens_cap=4000))
     updates = chat.respond(chat.request("Go on forever", "", [], max_new_tokens=3000), owner="session-1")
     next(updates)
     next(updates)
     assert chat.stop("session-1") is True
     final = list(updates)[-1]
     assert final.done and final.stats.stop_reason == "stopped"
-    assert final.stats.tokens_after_cancel <= 1
+    assert (final.stats.tokens_after_cancel or 0) <= 1
     assert chat.stop("session-1") is False  # nothing left running for that owner
 
 
 def test_closing_the_stream_ends_the_generation_thread(never_ends):
-    chat = Chat(never_ends, Settings(max_new_tokens_cap=100_000))
+    chat = Chat(never_ends, Settings(max_new_tokens_cap=4000))
     before = {t for t in threading.enumerate() if t.name == "orca2-generate"}
     updates = chat.respond(chat.request("Go", "", [], max_new_tokens=3000))
     next(updates)
@@ -159,10 +165,10 @@ def test_closing_the_stream_ends_the_generation_thread(never_ends):
 
 # Moderation of a turn: the real Azure client against the local Content Safety server.
 
-from conftest import SAFETY_KEY, VIOLENT_ANSWER  # noqa: E402
+from conftest import SAFETY_KEY, VIOLENT_ANSWER
 
-from orca2_space.settings import ModerationSettings  # noqa: E402
-from orca2_space.moderation import AzureContentSafety, Moderation  # noqa: E402
+from orca2_space.moderation import AzureContentSafety, Moderation
+from orca2_space.settings import ModerationSettings
 
 
 def moderated_chat(engine, server, **policy) -> Chat:
@@ -195,7 +201,9 @@ def test_a_flagged_answer_never_shows_and_the_model_is_stopped(turns_violent, sa
         assert update.moderation == "pending"
     final = updates[-1]
     assert final.done and final.answer == "" and final.moderation == "flagged"
-    assert final.withheld.startswith("[Content Filtered] Orca 2's answer was withheld: moderation flagged it for Violence (severity 6)")
+    assert final.withheld.startswith(
+        "[Content Filtered] Orca 2's answer was withheld: moderation flagged it for Violence (severity 6)"
+    )
     assert final.stats.stop_reason == "stopped" and final.stats.n_tokens < 1000
 
 
@@ -220,8 +228,8 @@ def test_a_server_that_requires_moderation_overrides_the_request(turns_violent, 
     assert "Moderation is required on this server." in final.notices
 
 
-def test_without_a_service_a_moderation_request_is_answered_unmoderated_with_a_notice(ends_with_im_end):
-    chat = Chat(ends_with_im_end, Settings())
+def test_without_a_service_a_moderation_request_is_answered_unmoderated_with_a_notice(fake_backend):
+    chat = Chat(fake_backend, Settings())
     final = list(chat.respond(chat.request("Hi", "", [], moderation=True)))[-1]
     assert final.answer == "The answer" and final.moderation == "off"
     assert any("not configured" in n for n in final.notices)
@@ -253,6 +261,6 @@ def test_a_withheld_answer_is_not_sent_back_to_the_model(ends_with_im_end, safet
     assert "earlier question" not in prompt.text and "Content Filtered" not in prompt.text
 
 
-def test_a_bad_moderation_value_is_refused(ends_with_im_end):
+def test_a_bad_moderation_value_is_refused(fake_backend):
     with pytest.raises(InvalidRequest, match="moderation must be true or false"):
-        Chat(ends_with_im_end, Settings()).request("Hi", "", [], moderation="yes")
+        Chat(fake_backend, Settings()).request("Hi", "", [], moderation="yes")
