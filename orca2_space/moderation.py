@@ -23,6 +23,8 @@ from .settings import ModerationSettings
 log = logging.getLogger(__name__)
 
 MAX_CHARS = 10_000  # the service's limit per request
+# Between tries of a throttled, failed or unreachable check: short, since a visitor is waiting.
+RETRY_PAUSE_SECONDS = 0.2
 
 
 class ModerationUnavailable(Exception):
@@ -38,8 +40,6 @@ class Moderator(Protocol):
 class AzureContentSafety:
     """Azure AI Content Safety. The SDK's own retries are off: they follow Retry-After without a
     cap and spend seconds per call; here a failed call is retried `retries` times, quickly."""
-
-    _RETRY_PAUSE = 0.2
 
     def __init__(self, endpoint: str, key: str, timeout: float, retries: int):
         from azure.ai.contentsafety import ContentSafetyClient
@@ -69,7 +69,7 @@ class AzureContentSafety:
                 if status in (401, 403):
                     raise ModerationUnavailable(f"the moderation service refused the key (HTTP {status})") from None
                 if retry and (status == 429 or (status or 0) >= 500):
-                    time.sleep(self._RETRY_PAUSE)
+                    time.sleep(RETRY_PAUSE_SECONDS)
                     continue
                 if status == 429:
                     raise ModerationUnavailable("the moderation service is throttling requests (HTTP 429)") from None
@@ -81,7 +81,7 @@ class AzureContentSafety:
                 ) from None
             except ServiceRequestError:
                 if retry:
-                    time.sleep(self._RETRY_PAUSE)
+                    time.sleep(RETRY_PAUSE_SECONDS)
                     continue
                 raise ModerationUnavailable("the moderation service could not be reached") from None
         raise AssertionError("unreachable")
@@ -163,7 +163,18 @@ class Moderation:
         return Verdict(allowed=not flagged, flagged=flagged)
 
     def gate(self) -> StreamingGate:
-        return StreamingGate(self.check)
+        # A check in flight ends within the client's timeout per try, plus the pauses between tries.
+        patience = (self.settings.timeout + RETRY_PAUSE_SECONDS) * (self.settings.retries + 1) + 1
+        return StreamingGate(self.check, patience, fail_open=self.settings.fail_open)
+
+
+def _within(seconds: float, check: Callable[[str], Verdict], text: str) -> Verdict | None:
+    """check(text), or None if it has not answered after `seconds` (a hung client must not hang the chat)."""
+    result: list[Verdict] = []
+    worker = threading.Thread(target=lambda: result.append(check(text)), name="orca2-moderation", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None
 
 
 _BOUNDARY = re.compile(r"[.!?…:;](?=\s)|\n")
@@ -181,8 +192,10 @@ class StreamingGate:
     MAX_CHUNK = 400  # release even without a sentence end after this much text
     CONTEXT = 200  # characters of already released text sent along with the next chunk
 
-    def __init__(self, check: Callable[[str], Verdict]):
+    def __init__(self, check: Callable[[str], Verdict], patience: float, fail_open: bool = False):
         self._check = check
+        self._patience = patience
+        self._fail_open = fail_open
         self._text = ""
         self._released = 0
         self._blocking: Verdict | None = None
@@ -219,8 +232,13 @@ class StreamingGate:
         """Check the whole answer; afterwards `released` is all of it, or nothing if it failed."""
         self.offer(text)
         self.close()
-        self._worker.join()
-        verdict = self._blocking or self._unmoderated or self._check(text)
+        self._worker.join(self._patience)
+        verdict = None
+        if not self._worker.is_alive():
+            verdict = self._blocking or self._unmoderated or _within(self._patience, self._check, text)
+        if verdict is None:
+            log.warning("a moderation check outlived its timeout")
+            verdict = Verdict(self._fail_open, error="the moderation service did not answer in time")
         with self._changed:
             self._released = len(text) if verdict.allowed else 0
         return verdict

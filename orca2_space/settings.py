@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import annotated_types
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
@@ -281,8 +280,8 @@ RANDOM_SEED = -1
 def bounds(name: str, max_new_tokens_cap: int | None = None) -> tuple[float, float] | None:
     """The allowed range of a numeric setting (max_new_tokens: within the server's cap)."""
     metadata = GENERATION_FIELDS[name].metadata
-    low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
-    high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    low = next((m.ge for m in metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in metadata if hasattr(m, "le")), None)
     if low is None or high is None:
         return None
     if name == "max_new_tokens" and max_new_tokens_cap is not None:

@@ -246,14 +246,13 @@ def _turn(
     return chat.respond(request, owner=owner)
 
 
-def _wire(demo: gr.Blocks, page: Page, chat: Chat) -> None:
-    private = dict(queue=False, api_visibility="private")
+def _answer_handlers(chat: Chat):
+    """Send and Retry on the page: the answer streams into the chat, the status line follows it."""
 
     # The request comes first: Gradio inserts it by position, and the settings are *values.
     def respond(request: gr.Request, message, history, system_message, moderation, *values) -> Iterator:
-        updates = _turn(
-            chat, message, system_message, history, moderation, dict(zip(PARAM_NAMES, values)), request.session_hash
-        )
+        params = dict(zip(PARAM_NAMES, values))
+        updates = _turn(chat, message, system_message, history, moderation, params, request.session_hash)
         busy = (gr.update(visible=False), gr.update(visible=True))
         update = ChatUpdate("")
         yield "", _chat_messages(history, message, update), _status(update), *busy
@@ -267,6 +266,13 @@ def _wire(demo: gr.Blocks, page: Page, chat: Chat) -> None:
         if not message:
             raise gr.Error("Nothing to retry yet.")
         yield from respond(request, message, earlier, *inputs)
+
+    return respond, retry
+
+
+def _wire(demo: gr.Blocks, page: Page, chat: Chat) -> None:
+    private = dict(queue=False, api_visibility="private")
+    respond, retry = _answer_handlers(chat)
 
     def show_prompt(message, history, system_message, max_new_tokens):
         try:

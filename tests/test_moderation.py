@@ -7,8 +7,8 @@ import threading
 import pytest
 from conftest import SAFETY_KEY
 
-from orca2_space.settings import ModerationSettings
 from orca2_space.moderation import MAX_CHARS, AzureContentSafety, Moderation, split_text
+from orca2_space.settings import ModerationSettings
 
 
 def azure(server, key=SAFETY_KEY, timeout=2.0, retries=1, **policy) -> Moderation:
@@ -144,3 +144,26 @@ def test_the_key_never_appears_in_logs_or_errors(safety_server, caplog):
     assert SAFETY_KEY not in logged
     assert SAFETY_KEY not in failed.error and SAFETY_KEY not in bad_key.error
     assert SAFETY_KEY not in repr(moderation.settings)
+
+
+class StuckService:
+    """A Moderator whose check never returns until released: a hung client, not a slow server."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def analyze(self, text: str) -> dict[str, int]:
+        self.release.wait()
+        return {}
+
+
+def test_a_check_that_outlives_its_timeout_ends_the_answer_as_unavailable():
+    stuck = StuckService()
+    gate = Moderation(stuck, ModerationSettings(endpoint="http://127.0.0.1:9", key="k", timeout=0.1, retries=0)).gate()
+    try:
+        text = "A sentence long enough to be checked on its own, as soon as it ends. And more"
+        verdict = gate.finish(text)  # returns although the check in flight never does
+    finally:
+        stuck.release.set()
+    assert not verdict.allowed and verdict.error == "the moderation service did not answer in time"
+    assert gate.released == ""
