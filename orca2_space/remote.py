@@ -5,24 +5,35 @@ Fidelity: the server gets the exact prompt the local engine would use, as token 
 accepts them (vLLM's /v1/completions does) and otherwise as the exact ChatML text, always through
 the completions endpoint so that no server-side chat template rewrites it; generation stops at
 <|im_end|>, and control text never reaches the page even when a server echoes its stop string.
+
+The client is the `openai` library. Nothing here imports torch or transformers: with this backend
+the app runs on the smaller install of requirements-remote.txt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import httpx
+# The openai library looks httpx up in sys.modules on every call (to accept its types too), without
+# waiting for an import under way: the page imports httpx in another thread while the backend loads.
+# Imported here, it is whole before any client is made.
+import httpx  # noqa: F401
+import httpx2
+import openai
+from openai import Stream, omit
+from openai.types import Completion
 
-from .settings import GenerationParams, RemoteSettings
 from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
 from .prompt import BOS, CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, PAD, STOP_IDS, OrcaTokenizer, Prompt
+from .settings import GenerationParams, RemoteSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +58,12 @@ DIALECTS = (
 )
 
 
-def request_body(model: str, prompt: list[int] | str, params: GenerationParams, dialect: Dialect) -> tuple[dict, list[str]]:
-    """The /v1/completions request for these settings, and what it can't carry (to tell the user)."""
-    body = {
+def completion_request(
+    model: str, prompt: list[int] | str, params: GenerationParams, dialect: Dialect
+) -> tuple[dict, list[str]]:
+    """The arguments of `completions.create` for these settings (fields the OpenAI API lacks go in
+    extra_body), and the settings this dialect can't carry, to tell the user."""
+    request = {
         "model": model,
         "prompt": prompt,
         "max_tokens": params.max_new_tokens,
@@ -58,26 +72,37 @@ def request_body(model: str, prompt: list[int] | str, params: GenerationParams, 
         "stop": list(CONTROL_TEXTS),
     }
     if params.do_sample and params.seed is not None:
-        body["seed"] = params.seed
+        request["seed"] = params.seed
     if dialect.extras == "generation_config":
-        # It replaces the model's generation config (whose do_sample=False would ignore temperature).
-        config = {"do_sample": params.do_sample, "max_new_tokens": params.max_new_tokens, "bos_token_id": BOS,
-                  "eos_token_id": sorted(STOP_IDS), "pad_token_id": PAD, "repetition_penalty": params.repetition_penalty}
-        if params.do_sample:
-            config.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        body["generation_config"] = json.dumps(config)
-        return body, []
+        request["extra_body"] = {"generation_config": json.dumps(_generation_config(params))}
+        return request, []
     # Greedy, the paper's setting, is temperature 0 in the OpenAI API.
-    body["temperature"] = params.temperature if params.do_sample else 0.0
+    request["temperature"] = params.temperature if params.do_sample else 0.0
     if params.do_sample:
-        body["top_p"] = params.top_p
+        request["top_p"] = params.top_p
     extras = {"repetition_penalty": params.repetition_penalty} if params.repetition_penalty != 1.0 else {}
     if params.do_sample and params.top_k:
         extras["top_k"] = params.top_k
     if dialect.extras == "vllm":
-        body.update(extras, stop_token_ids=sorted(STOP_IDS))
-        return body, []
-    return body, [f"{name}={value}" for name, value in extras.items()]
+        request["extra_body"] = {**extras, "stop_token_ids": sorted(STOP_IDS)}
+        return request, []
+    return request, [f"{name}={value}" for name, value in extras.items()]
+
+
+def _generation_config(params: GenerationParams) -> dict:
+    """transformers serve's generation_config. It replaces the model's own, whose do_sample=False
+    would otherwise ignore the temperature."""
+    config = {
+        "do_sample": params.do_sample,
+        "max_new_tokens": params.max_new_tokens,
+        "bos_token_id": BOS,
+        "eos_token_id": sorted(STOP_IDS),
+        "pad_token_id": PAD,
+        "repetition_penalty": params.repetition_penalty,
+    }
+    if params.do_sample:
+        config.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    return config
 
 
 class ControlTextFilter:
@@ -107,200 +132,263 @@ class ControlTextFilter:
         return out
 
 
-class RemoteGeneration:
-    """One answer streaming from the server; the same handle as engine.Generation."""
+class RemoteAnswer:
+    """One answer streaming from the server: a backend.AnswerStream."""
 
-    def __init__(self, run: Callable[[RemoteGeneration], None], seed: int | None):
-        self.texts: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, run: Callable[[RemoteAnswer], None], seed: int | None):
         self.cancelled = threading.Event()
-        self.done = threading.Event()
         self.seed = seed
         self.stats: GenerationStats | None = None
         self.error: str | None = None
-        self.notices: list[str] = []
+        self.notices: tuple[str, ...] = ()
         self.n_tokens = 0  # pieces streamed so far (the server's count, once it sends one)
-        self.response: httpx.Response | None = None
+        self._texts: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._stream: Stream[Completion] | None = None
         self._started = time.perf_counter()
-        self._worker = threading.Thread(target=run, args=(self,), name="orca2-remote", daemon=True)
-        self._worker.start()
-        weakref.finalize(self, self.cancelled.set)
+        threading.Thread(target=run, args=(self,), name="orca2-remote", daemon=True).start()
+
+    def attach(self, stream: Stream[Completion]) -> None:
+        """The open stream, for cancel() to hang up; hung up at once if cancel() came first."""
+        self._stream = stream
+        if self.cancelled.is_set():
+            _hang_up(stream)
 
     def cancel(self) -> None:
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            response = self.response
-            if response is not None:
-                # Closing the stream is how the server learns to stop generating.
-                response.close()
+        if self.cancelled.is_set() or self._done.is_set():
+            return
+        self.cancelled.set()
+        if (stream := self._stream) is not None:
+            _hang_up(stream)
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.done.wait(timeout)
+        return self._done.wait(timeout)
 
-    def finish(self, reason: str) -> None:
+    def put(self, text: str) -> None:
+        if text:
+            self._texts.put(text)
+
+    def finish(self, reason: StopReason) -> None:
         seconds = time.perf_counter() - self._started
         self.stats = GenerationStats(self.n_tokens, seconds, reason, self.seed)
-        self.texts.put(_END)
-        self.done.set()
+        self._texts.put(_END)
+        self._done.set()
 
     def __iter__(self) -> Iterator[str]:
-        while (text := self.texts.get()) is not _END:
+        while (text := self._texts.get()) is not _END:
             yield text
         if self.error is not None:
             raise GenerationError(self.error)
 
 
-class RemoteEngine:
+def _hang_up(stream: Stream[Completion]) -> None:
+    """Close the stream now: closing it is how the server learns to stop generating. shutdown()
+    first, because close() alone leaves a reader blocked in recv() until the next byte or its timeout."""
+    network = stream.response.extensions.get("network_stream")
+    sock = network.get_extra_info("socket") if network is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed: the answer ended meanwhile
+            sock.shutdown(socket.SHUT_RDWR)
+    stream.close()
+
+
+class RemoteBackend:
     """Streams answers from an OpenAI-compatible server; prompts are built here, as locally."""
 
-    def __init__(self, tokenizer: OrcaTokenizer, info: ModelInfo, settings: RemoteSettings, model: str):
+    def __init__(
+        self, tokenizer: OrcaTokenizer, info: ModelInfo, settings: RemoteSettings, model: str, client: openai.OpenAI
+    ):
         self.tokenizer = tokenizer
         self.info = info
         self.settings = settings
         self.model = model
+        self.client = client
         # None until the server has accepted a request; then the dialect it accepted.
         self.dialect: Dialect | None = None
-        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
-        self._http = httpx.Client(base_url=settings.base_url.rstrip("/") + "/", headers=headers, timeout=timeout)
 
     @classmethod
-    def load(cls, model_name: str, settings: RemoteSettings, on_phase: Callable[[str], None] = lambda phase: None) -> RemoteEngine:
+    def load(
+        cls, model_name: str, settings: RemoteSettings, on_phase: Callable[[str], None] = lambda phase: None
+    ) -> RemoteBackend:
         """The tokenizer from `model_name` (a folder or hub id: only tokenizer.model is read); the
         server is checked but need not be up yet."""
         on_phase("reading the tokenizer")
         try:
             tokenizer = OrcaTokenizer.for_model(model_name)
-        except Exception as error:  # noqa: BLE001 - one clear message
+        except Exception as error:  # one clear message, whatever the cause
             raise ModelLoadError(load_failure_message(model_name, error)) from error
         on_phase(f"checking the server at {settings.base_url}")
-        reachable = _probe(settings)
-        info = ModelInfo(settings.served_model or model_name, "set by the server", reachable, settings.base_url, DEFAULT_CONTEXT_LENGTH, served_by=settings.base_url)
+        client = openai.OpenAI(
+            base_url=settings.base_url,
+            # Required by the library; what goes on the wire is _headers' Authorization.
+            api_key=settings.api_key or "unused",
+            timeout=openai.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            # A fault is reported at once; a retry would resend a prompt the server may be working on.
+            max_retries=0,
+        )
+        reachable = _probe(client, settings)
         log.info("inference server %s: %s", settings.base_url, reachable)
-        return cls(tokenizer, info, settings, settings.served_model or model_name)
+        model = settings.served_model or model_name
+        info = ModelInfo(
+            model,
+            "set by the server",
+            reachable,
+            settings.base_url,
+            DEFAULT_CONTEXT_LENGTH,
+            served_by=settings.base_url,
+        )
+        return cls(tokenizer, info, settings, model, client)
 
     def close(self) -> None:
-        self._http.close()
+        self.client.close()
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> RemoteGeneration:
-        input_ids, prompt_text = prompt.input_ids, prompt.text
+    def generate(self, prompt: Prompt, params: GenerationParams) -> RemoteAnswer:
         seed = params.seed if params.do_sample else None
-        return RemoteGeneration(lambda generation: self._run(generation, input_ids, prompt_text, params), seed)
+        return RemoteAnswer(lambda answer: self._run(answer, prompt, params), seed)
 
-    def _run(self, generation: RemoteGeneration, input_ids: list[int], prompt_text: str, params: GenerationParams) -> None:
-        reason = "length"
+    def _run(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> None:
         try:
-            reason = self._answer(generation, input_ids, prompt_text, params)
-        except GenerationError as error:
-            generation.error = str(error)
-            reason = "error"
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            generation.error = f"Could not reach the inference server at {self.settings.base_url} ({_reason(error)}). Is it running?"
-            reason = "error"
-        except httpx.TimeoutException:
-            generation.error = (
-                f"The inference server at {self.settings.base_url} sent nothing for {self.settings.read_timeout:g} s; "
-                "the answer so far is kept. Try again, or raise --server-timeout."
-            )
-            reason = "error"
-        except (httpx.HTTPError, OSError) as error:
-            if generation.cancelled.is_set():
-                reason = "stopped"
+            reason = self._answer(answer, prompt, params)
+        except Exception as error:  # noqa: BLE001 - whatever happens, the reader must hear of it, not wait on
+            if answer.cancelled.is_set() and isinstance(error, openai.APIConnectionError):
+                reason = StopReason.STOPPED  # our own hang-up
             else:
-                generation.error = f"Lost the inference server at {self.settings.base_url}: {_reason(error)}. The answer so far is kept."
-                reason = "error"
-        finally:
-            if generation.cancelled.is_set() and reason != "error":
-                reason = "stopped"
-            generation.finish(reason)
+                answer.error, reason = self._explain(error), StopReason.ERROR
+        if answer.cancelled.is_set() and reason is not StopReason.ERROR:
+            reason = StopReason.STOPPED
+        answer.finish(reason)
 
-    def _answer(self, generation: RemoteGeneration, input_ids: list[int], prompt_text: str, params: GenerationParams) -> str:
-        refusal = ""
+    def _answer(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> StopReason:
+        refusal = None
         for dialect in (self.dialect,) if self.dialect else DIALECTS:
-            if generation.cancelled.is_set():
-                return "stopped"
-            if not dialect.takes_ids and _typed_control_text(input_ids, prompt_text):
+            if answer.cancelled.is_set():
+                return StopReason.STOPPED
+            if not dialect.takes_ids and _typed_control_text(prompt):
                 raise GenerationError(
                     "This inference server reads prompts as text, so the <|im_start|> or <|im_end|> typed in the "
                     "conversation would act as a real control token there. Remove it, or use a server that takes "
                     "token ids (vLLM)."
                 )
-            body, unsent = request_body(self.model, input_ids if dialect.takes_ids else prompt_text, params, dialect)
-            with self._http.stream("POST", "completions", json=body) as response:
-                generation.response = response
-                if response.status_code >= 400:
-                    refusal = self._refusal(response)
-                    if self.dialect is None and response.status_code in (400, 422):
-                        log.info("the server refused %s: %s", dialect.name, refusal)
-                        continue
-                    raise GenerationError(refusal)
-                if self.dialect is None:
-                    self.dialect = dialect
-                    log.info("the inference server takes %s", dialect.name)
-                if unsent:
-                    generation.notices.append(f"Not sent: this inference server has no field for {', '.join(unsent)}.")
-                return self._stream(response, generation)
-        raise GenerationError(refusal)
+            request, unsent = completion_request(
+                self.model, prompt.input_ids if dialect.takes_ids else prompt.text, params, dialect
+            )
+            try:
+                stream = self.client.completions.create(**request, extra_headers=_headers(self.settings))
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+                if self.dialect is not None:
+                    raise
+                log.info("the server refused %s: %s", dialect.name, _detail(error))
+                refusal = error
+                continue
+            if self.dialect is None:
+                self.dialect = dialect
+                log.info("the inference server takes %s", dialect.name)
+            if unsent:
+                answer.notices = (f"Not sent: this inference server has no field for {', '.join(unsent)}.",)
+            return _stream(answer, stream)
+        raise refusal
 
-    def _refusal(self, response: httpx.Response) -> str:
-        message = _error_text(response)
-        text = f"The inference server refused the request ({response.status_code}): {message}"
-        if response.status_code in (400, 404) and ("model" in message.lower() or self.model in message):
+    def _explain(self, error: Exception) -> str:
+        """What the reader is told about a failed answer."""
+        url, cause = self.settings.base_url, error.__cause__ or error
+        if isinstance(error, GenerationError):
+            return str(error)
+        if isinstance(error, openai.APIStatusError):
+            return self._refusal(error)
+        if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return f"Could not reach the inference server at {url} ({_reason(cause)}). Is it running?"
+        if isinstance(error, openai.APITimeoutError):
+            return (
+                f"The inference server at {url} sent nothing for {self.settings.read_timeout:g} s; "
+                "the answer so far is kept. Try again, or raise --server-timeout."
+            )
+        if isinstance(error, openai.APIConnectionError):
+            return f"Lost the inference server at {url}: {_reason(cause)}. The answer so far is kept."
+        if isinstance(error, openai.APIError):  # an error event in the stream
+            return f"The inference server failed while answering: {_detail(error)}. The answer so far is kept."
+        log.exception("answer from %s failed", url)
+        return f"The answer failed: {_reason(error)}. The answer so far is kept."
+
+    def _refusal(self, error: openai.APIStatusError) -> str:
+        message = _detail(error)
+        text = f"The inference server refused the request ({error.status_code}): {message}"
+        if error.status_code in (400, 404) and ("model" in message.lower() or self.model in message):
             text += f" This app asks for the model {self.model!r}; set --served-model to the server's name for it."
         return text
 
-    def _stream(self, response: httpx.Response, generation: RemoteGeneration) -> str:
-        control = ControlTextFilter()
-        reason = None
-        for line in response.iter_lines():
-            if generation.cancelled.is_set():
-                return "stopped"
-            if not line.startswith("data:"):
-                continue
-            data = line[len("data:") :].strip()
-            if data == "[DONE]":
-                break
-            chunk, choice = _parse_event(data)
-            if choice.get("text"):
-                generation.n_tokens += 1
-                if text := control.push(choice["text"]):
-                    generation.texts.put(text)
-            if choice.get("finish_reason"):
-                reason = "end_of_turn" if choice["finish_reason"] == "stop" else "length"
-            if usage := chunk.get("usage"):
-                generation.n_tokens = usage.get("completion_tokens", generation.n_tokens)
-        if tail := control.flush():
-            generation.texts.put(tail)
-        if control.ended:
-            return "end_of_turn"
-        if reason is None and not generation.cancelled.is_set():
-            raise GenerationError("The inference server ended the stream without finishing the answer. The answer so far is kept.")
-        return reason or "stopped"
+
+# The name cli.py imports, until it says RemoteBackend.
+RemoteEngine = RemoteBackend
 
 
-def _parse_event(data: str) -> tuple[dict, dict]:
-    """A streamed completions event and its choice; a server's error event becomes GenerationError."""
+def _stream(answer: RemoteAnswer, stream: Stream[Completion]) -> StopReason:
+    """Pass the streamed text on until the answer ends; the stream is closed however it ends."""
+    answer.attach(stream)
+    control = ControlTextFilter()
+    finish_reason = None
+    with stream:
+        for chunk in _completions(stream):
+            if answer.cancelled.is_set():
+                return StopReason.STOPPED
+            choice = chunk.choices[0]
+            if choice.text:
+                answer.n_tokens += 1
+                answer.put(control.push(choice.text))
+            finish_reason = choice.finish_reason or finish_reason
+            if chunk.usage:
+                answer.n_tokens = chunk.usage.completion_tokens
+            if control.ended:
+                # The server went past its stop string: hanging up ends its work too.
+                return StopReason.END_OF_TURN
+    answer.put(control.flush())
+    if finish_reason is not None:
+        return StopReason.END_OF_TURN if finish_reason == "stop" else StopReason.LENGTH
+    if answer.cancelled.is_set():
+        return StopReason.STOPPED
+    raise GenerationError(
+        "The inference server ended the stream without finishing the answer. The answer so far is kept."
+    )
+
+
+def _completions(stream: Stream[Completion]) -> Iterator[Completion]:
+    """The stream's events; anything that is not a completion is a GenerationError."""
     try:
-        chunk = json.loads(data)
-        if "error" in chunk:
-            raise GenerationError(f"The inference server failed while answering: {chunk['error']}. The answer so far is kept.")
-        return chunk, chunk["choices"][0]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise GenerationError(f"The inference server sent something that is not a completions stream: {data[:200]!r}") from None
+        for chunk in stream:
+            if not isinstance(chunk.choices, list) or not chunk.choices:
+                raise GenerationError(_not_completions(chunk.to_json(indent=None, warnings=False)))
+            yield chunk
+    except json.JSONDecodeError as error:
+        raise GenerationError(_not_completions(error.doc)) from None
 
 
-def _typed_control_text(input_ids: list[int], prompt_text: str) -> bool:
+def _not_completions(data: str) -> str:
+    return f"The inference server sent something that is not a completions stream: {data[:200]!r}"
+
+
+def _typed_control_text(prompt: Prompt) -> bool:
     """Does the conversation contain control text beyond the template's own control tokens?"""
-    in_text = sum(prompt_text.count(text) for text in CONTROL_TEXTS)
-    return in_text > sum(1 for token in input_ids if token in (IM_START, IM_END))
+    in_text = sum(prompt.text.count(text) for text in CONTROL_TEXTS)
+    return in_text > sum(1 for token in prompt.input_ids if token in (IM_START, IM_END))
 
 
-def _probe(settings: RemoteSettings) -> str:
-    """A line for the page: is the server there? (Any HTTP answer will do: /models would be the
-    API's own probe, but transformers serve fails on it without a hub cache.)"""
+def _headers(settings: RemoteSettings) -> dict:
+    """Set on every request. The credentials override what the library would take from OPENAI_*
+    variables, which are meant for OpenAI's own API and must not reach this server. One connection
+    per answer: Stop shuts its socket down, which must never be one the pool has lent to the next answer."""
+    authorization = f"Bearer {settings.api_key}" if settings.api_key else omit
+    return {"Authorization": authorization, "OpenAI-Organization": omit, "OpenAI-Project": omit, "Connection": "close"}
+
+
+def _probe(client: openai.OpenAI, settings: RemoteSettings) -> str:
+    """A line for the page: is the server there? (Any HTTP answer from the API root will do: /models
+    would be the API's own probe, but transformers serve fails on it without a hub cache.)"""
     try:
-        httpx.get(settings.base_url, timeout=settings.connect_timeout)
-    except httpx.HTTPError as error:
-        return f"not reachable at start-up ({_reason(error)}); answers fail until it is up"
+        options = {"headers": _headers(settings), "timeout": settings.connect_timeout}
+        client.get("", cast_to=httpx2.Response, options=options)
+    except openai.APIStatusError:
+        pass  # an answer all the same
+    except openai.APIConnectionError as error:
+        return f"not reachable at start-up ({_reason(error.__cause__ or error)}); answers fail until it is up"
     return "OpenAI-compatible server"
 
 
@@ -309,14 +397,9 @@ def _reason(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def _error_text(response: httpx.Response) -> str:
-    response.read()
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase
-    detail = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
-    if isinstance(detail, dict):
-        detail = detail.get("message", detail)
-    return str(detail)[:500]
-
+def _detail(error: openai.APIError) -> str:
+    """The server's own words: the library has already taken the body's "error" member."""
+    body = error.body
+    if isinstance(body, dict):
+        body = body.get("message", body.get("detail", body))
+    return str(body).strip()[:500] if body else error.message

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Script:
     error_in_stream: str | None = None
     garbage_in_stream: bool = False
     requests: list[dict] = field(default_factory=list)
+    headers: list[dict] = field(default_factory=list)  # each request's, names in lower case
 
 
 class OpenAIStub:
@@ -40,6 +42,7 @@ class OpenAIStub:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.script.requests.append(body)
+                stub.script.headers.append({name.lower(): value for name, value in self.headers.items()})
                 script = stub.script
                 if script.status != 200:
                     return self._json(script.status, {"error": {"message": "the stub was told to fail"}})
@@ -80,7 +83,7 @@ class OpenAIStub:
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_port}/v1"
 
-    def __enter__(self) -> OpenAIStub:
+    def __enter__(self) -> Self:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

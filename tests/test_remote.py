@@ -8,18 +8,21 @@ demand (take token ids like vLLM, fall silent, fail with a 500).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import httpx2
+import openai
 import pytest
-
 from conftest import FIXTURES, SCRIPT, VIOLENT_ANSWER, App, TransformersServe, free_port
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
 
 from orca2_space.chat import Chat
-from orca2_space.settings import GenerationParams, RemoteSettings, Settings
 from orca2_space.prompt import IM_END
-from orca2_space.remote import DIALECTS, RemoteEngine, request_body
+from orca2_space.remote import DIALECTS, RemoteBackend, completion_request
+from orca2_space.settings import GenerationParams, RemoteSettings, Settings
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
@@ -44,14 +47,15 @@ TOKENIZER = FIXTURES / "orca2-tokenizer"  # all --backend openai reads of the mo
 
 
 def remote_chat(model: Path | str, base_url: str, **settings) -> Chat:
-    engine = RemoteEngine.load(str(model), RemoteSettings(base_url, **settings))
-    return Chat(engine, Settings(max_new_tokens_cap=4000))
+    backend = RemoteBackend.load(str(model), RemoteSettings(base_url, **settings))
+    return Chat(backend, Settings(max_new_tokens_cap=4000))
 
 
 def sent(chat: Chat) -> list[dict]:
     """The request bodies the app put on the wire, recorded as they leave."""
     bodies = []
-    chat.backend._http.event_hooks["request"].append(lambda request: bodies.append(json.loads(request.content)))
+    hooks = {"request": [lambda request: bodies.append(json.loads(request.content))]}
+    chat.backend.client = chat.backend.client.with_options(http_client=httpx2.Client(event_hooks=hooks))
     return bodies
 
 
@@ -63,35 +67,40 @@ def run(chat: Chat, message: str = "Hi", history=(), **params) -> list:
 
 
 GREEDY = GenerationParams(max_new_tokens=64)
-SAMPLED = GenerationParams(do_sample=True, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7, max_new_tokens=64)
+SAMPLED = GenerationParams(
+    do_sample=True, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7, max_new_tokens=64
+)
 
 
 def test_vllm_dialect_sends_ids_and_every_setting():
-    body, unsent = request_body("orca", [1, 2, 3], SAMPLED, DIALECTS[0])
-    assert body["prompt"] == [1, 2, 3] and unsent == []
-    assert (body["temperature"], body["top_p"], body["top_k"], body["repetition_penalty"], body["seed"]) == (0.7, 0.9, 40, 1.1, 7)
-    assert body["max_tokens"] == 64 and body["stream"] is True
-    assert body["stop"] == ["<|im_end|>", "<|im_start|>"] and set(body["stop_token_ids"]) == {2, 32001, 32002}
+    request, unsent = completion_request("orca", [1, 2, 3], SAMPLED, DIALECTS[0])
+    assert request["prompt"] == [1, 2, 3] and unsent == []
+    assert (request["temperature"], request["top_p"], request["seed"]) == (0.7, 0.9, 7)
+    extra = request["extra_body"]  # vLLM's fields beyond the OpenAI API
+    assert (extra["top_k"], extra["repetition_penalty"], set(extra["stop_token_ids"])) == (40, 1.1, {2, 32001, 32002})
+    assert request["max_tokens"] == 64 and request["stream"] is True
+    assert request["stop"] == ["<|im_end|>", "<|im_start|>"]
 
 
 def test_greedy_is_temperature_zero():
-    body, unsent = request_body("orca", [1], GREEDY, DIALECTS[0])
-    assert body["temperature"] == 0.0 and "top_p" not in body and "seed" not in body and "top_k" not in body
-    assert unsent == []
+    request, unsent = completion_request("orca", [1], GREEDY, DIALECTS[0])
+    assert request["temperature"] == 0.0 and "top_p" not in request and "seed" not in request
+    assert "top_k" not in request["extra_body"] and unsent == []
 
 
 def test_transformers_dialect_carries_settings_in_its_generation_config():
-    body, unsent = request_body("orca", "text", SAMPLED, DIALECTS[1])
-    config = json.loads(body["generation_config"])
-    assert body["prompt"] == "text" and unsent == [] and body["seed"] == 7
+    request, unsent = completion_request("orca", "text", SAMPLED, DIALECTS[1])
+    config = json.loads(request["extra_body"]["generation_config"])
+    assert request["prompt"] == "text" and unsent == [] and request["seed"] == 7
     assert config["do_sample"] is True and (config["temperature"], config["top_p"], config["top_k"]) == (0.7, 0.9, 40)
     assert config["repetition_penalty"] == 1.1 and set(config["eos_token_id"]) == {2, 32001, 32002}
-    assert json.loads(request_body("orca", "text", GREEDY, DIALECTS[1])[0]["generation_config"])["do_sample"] is False
+    greedy = completion_request("orca", "text", GREEDY, DIALECTS[1])[0]
+    assert json.loads(greedy["extra_body"]["generation_config"])["do_sample"] is False
 
 
 def test_settings_the_openai_api_lacks_are_reported():
-    body, unsent = request_body("orca", "text", SAMPLED, DIALECTS[2])
-    assert "top_k" not in body and "repetition_penalty" not in body and "generation_config" not in body
+    request, unsent = completion_request("orca", "text", SAMPLED, DIALECTS[2])
+    assert "extra_body" not in request and "top_k" not in request and "repetition_penalty" not in request
     assert unsent == ["repetition_penalty=1.1", "top_k=40"]
 
 
@@ -128,27 +137,60 @@ def test_typed_control_text_is_refused_when_the_server_reads_text(server, models
     assert "control token" in final.error and final.answer == ""
 
 
+def steps_a_new_answer_waits(server: TransformersServe, model: Path) -> float:
+    """How long a new answer waits for its first piece, counted in the server's decode steps (its time
+    per token, measured on the same answer, so that a busy machine slows both alike).
+
+    transformers serve writes one answer at a time per model, on one thread (its log says "CB: False":
+    no continuous batching), so an earlier answer still being written holds a new one back until it
+    ends: thousands of steps for an abandoned 4000-token answer, a few for a server that stopped it."""
+    assert f"Model: {model}@main, CB: False" in server.log.read_text()
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+    started, arrivals, usage = time.perf_counter(), [], None
+    for chunk in client.completions.create(model=str(model), prompt="Hi", max_tokens=64, stream=True):
+        arrivals.append(time.perf_counter())
+        usage = chunk.usage or usage
+    per_token = (arrivals[-1] - arrivals[0]) / (usage.completion_tokens - 1)
+    return (arrivals[0] - started) / per_token
+
+
+# The abandoned answers below ask for 4000 tokens; a quarter of that is far above any free server's wait.
+STEPS_OF_A_FREE_SERVER = 1000
+
+
 def test_stop_ends_the_servers_work(server, models):
     chat = remote_chat(models["loops"], server.base_url)
     stream = chat.respond(chat.request("Hi", "", [], max_new_tokens=4000), owner="me")
-    answers = [next(stream).answer for _ in range(5)]
-    assert answers[-1].startswith("The answer")
-    assert server.cpu_seconds_over(1.0) > 0.5  # busy answering
+    answers = [next(stream) for _ in range(5)]
+    assert answers[-1].answer.startswith("The answer") and not answers[-1].done
     assert chat.stop("me")
     final = list(stream)[-1]
     assert final.done and final.stats.stop_reason == "stopped" and final.error is None
     assert final.stats.n_tokens >= len(answers)  # what the server sent before Stop is counted
-    assert server.idle_after_cancel()
+    assert steps_a_new_answer_waits(server, models["loops"]) < STEPS_OF_A_FREE_SERVER
 
 
 def test_a_client_that_leaves_ends_the_servers_work(server, models):
     chat = remote_chat(models["loops"], server.base_url)
     stream = chat.respond(chat.request("Hi", "", [], max_new_tokens=4000))
-    for _ in range(5):
-        next(stream)
-    assert server.cpu_seconds_over(1.0) > 0.5
+    answers = [next(stream) for _ in range(5)]
+    assert answers[-1].answer.startswith("The answer") and not answers[-1].done
     stream.close()
-    assert server.idle_after_cancel()
+    assert steps_a_new_answer_waits(server, models["loops"]) < STEPS_OF_A_FREE_SERVER
+
+
+def test_stopping_a_finished_answer_leaves_the_next_one_alone(server, models):
+    """The chat cancels every answer once it is over, while the next one may be streaming already."""
+    backend = RemoteBackend.load(str(models["loops"]), RemoteSettings(server.base_url))
+    prompt = backend.tokenizer.build("", [], "Hi")
+    first = backend.generate(prompt, GenerationParams(max_new_tokens=8))
+    assert "".join(first).startswith("\nThe answer")
+    second = backend.generate(prompt, GenerationParams(max_new_tokens=64))
+    pieces = iter(second)
+    next(pieces)
+    first.cancel()
+    list(pieces)
+    assert second.stats.stop_reason == "length" and second.error is None
 
 
 def test_sampling_settings_take_effect_on_the_server(server, models):
@@ -170,12 +212,13 @@ def test_sampling_settings_take_effect_on_the_server(server, models):
 
 def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, safety_server):
     from conftest import SAFETY_KEY
+
     from orca2_space.cli import moderation_service
     from orca2_space.settings import ModerationSettings
 
     rules = ModerationSettings(endpoint=safety_server.endpoint, key=SAFETY_KEY)
-    engine = RemoteEngine.load(str(models["violent"]), RemoteSettings(server.base_url))
-    chat = Chat(engine, Settings(max_new_tokens_cap=1000, moderation=rules), moderation_service(rules))
+    backend = RemoteBackend.load(str(models["violent"]), RemoteSettings(server.base_url))
+    chat = Chat(backend, Settings(max_new_tokens_cap=1000, moderation=rules), moderation_service(rules))
     updates = run(chat, max_new_tokens=200)
     assert updates[-1].moderation == "flagged" and "[Content Filtered]" in updates[-1].withheld
     assert not any("violent" in u.answer for u in updates)
@@ -222,12 +265,15 @@ def test_the_app_streams_from_the_server_through_gradio_client(app_on_server):
 
     client = Client(app_on_server.url, verbose=False)
     job = client.submit(message="Hi", system_message="Be brief.", history=[], api_name="/chat")
-    updates = list(job)
-    final = job.result()
+    final = job.result(timeout=60)  # bounded: iterating the job would wait forever on an app that died
+    updates = job.outputs()
     assert final["done"] and final["answer"] == "The answer" and final["stop_reason"] == "end_of_turn"
     assert len({u["answer"] for u in updates if not u["done"]}) > 1
     inspected = client.predict(message="Hi", system_message="Be brief.", history=[], api_name="/inspect_prompt")
-    assert inspected["text"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant"
+    assert (
+        inspected["text"]
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant"
+    )
     assert "the inference server takes exact text" in app_on_server.log()
 
 
@@ -259,6 +305,36 @@ def test_a_plain_openai_server_gets_text_and_the_user_hears_what_was_not_sent():
     assert any("repetition_penalty=1.1, top_k=40" in notice for notice in final.notices)
 
 
+def test_a_server_that_goes_past_its_stop_string_is_hung_up_on():
+    with OpenAIStub(Script(pieces=("\nThe", " answer<|im_", "end|>\n", "<|im_start|>user"))) as stub:
+        final = run(remote_chat(TOKENIZER, stub.base_url))[-1]
+    assert final.answer == "The answer" and final.stats.stop_reason == "end_of_turn" and final.error is None
+
+
+def test_stop_while_the_server_is_silent_ends_the_answer_at_once():
+    with OpenAIStub(Script(silent_after_first_piece=60)) as stub:
+        backend = RemoteBackend.load(str(TOKENIZER), RemoteSettings(stub.base_url, read_timeout=60))
+        answer = backend.generate(backend.tokenizer.build("", [], "Hi"), GREEDY)
+        assert next(iter(answer)) == "\nThe"
+        answer.cancel()
+        # close() alone would leave the reader waiting for the silent server (60 s here); Stop must not.
+        assert answer.wait(timeout=10)
+    assert answer.stats.stop_reason == "stopped" and answer.error is None
+
+
+def test_only_the_servers_own_key_is_sent(monkeypatch):
+    """The openai library reads OPENAI_* variables meant for OpenAI's API; none of them reach this server."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-secret")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer sk-custom-secret")
+    with OpenAIStub(Script()) as stub:
+        run(remote_chat(TOKENIZER, stub.base_url))
+        run(remote_chat(TOKENIZER, stub.base_url, api_key="sk-server-key"))
+    without_key, with_key = stub.script.headers
+    assert "authorization" not in without_key and with_key["authorization"] == "Bearer sk-server-key"
+    assert not any("secret" in value for headers in stub.script.headers for value in headers.values())
+
+
 @pytest.mark.parametrize(
     "script, says",
     [
@@ -274,5 +350,6 @@ def test_server_faults_are_clear_and_bounded(script, says):
         chat = remote_chat(TOKENIZER, stub.base_url, read_timeout=0.5)
         final = run(chat)[-1]
     assert says in final.error
+    assert len(script.requests) == 1  # the library's own retries are off: a fault is reported at once
     if script.status == 200:
         assert final.answer == "The"  # what arrived before the fault stays
