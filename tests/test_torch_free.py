@@ -1,0 +1,109 @@
+"""The front end of an inference server needs no torch: `python app.py --backend openai` starts and
+answers where torch, transformers, accelerate and bitsandbytes are not installed (the smaller
+install of requirements-remote.txt).
+
+They are installed here, for the other tests; the app's process is made to see an environment
+without them by a sitecustomize module that hides them from the import system.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FIXTURES, ROOT, App
+from openai_stub import OpenAIStub, Script
+
+# What requirements.txt has and requirements-remote.txt leaves out.
+LOCAL_ONLY = ("torch", "transformers", "accelerate", "bitsandbytes")
+# Also left out: engine.py's memory check, and ZeroGPU's package (a GPU lent to a local model).
+LEFT_OUT = {*LOCAL_ONLY, "psutil", "spaces"}
+
+# Python imports sitecustomize at start-up from the first folder on PYTHONPATH that has one.
+SITECUSTOMIZE = '''"""These packages look uninstalled: importing one raises ModuleNotFoundError, find_spec finds
+nothing, and importlib.metadata doesn't list them, as in an environment that never had them."""
+
+import importlib.machinery
+import sys
+
+HIDDEN = {hidden!r}
+
+
+def _hidden(name):
+    return (name or "").partition(".")[0].lower().replace("-", "_") in HIDDEN
+
+
+class Uninstalled(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        return None if _hidden(fullname) else super().find_spec(fullname, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        return (d for d in super().find_distributions(*args, **kwargs) if not _hidden(d.metadata["Name"]))
+
+
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Uninstalled
+'''
+
+# Run in the app's environment: how each package looks there.
+LOOK = """
+import importlib.metadata, importlib.util
+for name in {names!r}:
+    try:
+        __import__(name)
+        print(name, "importable")
+    except ModuleNotFoundError:
+        missing = importlib.util.find_spec(name) is None
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            print(name, "missing" if missing else "found by find_spec")
+        else:
+            print(name, "listed by importlib.metadata")
+"""
+
+
+def environment_without(folder: Path, packages: tuple[str, ...] = LOCAL_ONLY) -> dict[str, str]:
+    """Environment variables for a Python process in which `packages` are not installed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(hidden=set(packages)))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def pins(requirements: str) -> dict[str, str]:
+    lines = (ROOT / requirements).read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_requirements_remote_is_requirements_without_the_local_packages():
+    full, remote = pins("requirements.txt"), pins("requirements-remote.txt")
+    assert remote == {name: version for name, version in full.items() if name not in LEFT_OUT}
+
+
+def test_the_environment_lacks_the_local_packages(tmp_path):
+    env = {**os.environ, **environment_without(tmp_path)}
+    look = [sys.executable, "-c", LOOK.format(names=LOCAL_ONLY)]
+    result = subprocess.run(look, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.splitlines() == [f"{name} missing" for name in LOCAL_ONLY]
+
+
+def test_the_inference_server_front_end_answers_without_torch(tmp_path):
+    from gradio_client import Client
+
+    env = environment_without(tmp_path / "site")
+    with OpenAIStub(Script()) as stub:
+        args = ("--backend", "openai", "--base-url", stub.base_url)
+        app = App(FIXTURES / "orca2-tokenizer", tmp_path / "app.log", env, *args)
+        try:
+            client = Client(app.url, verbose=False)
+            job = client.submit(message="Hi", system_message="Be brief.", history=[], api_name="/chat")
+            final = job.result(timeout=60)
+            inspected = client.predict(message="Hi", system_message="Be brief.", history=[], api_name="/inspect_prompt")
+        finally:
+            app.close()
+    assert final["done"] and final["answer"] == "The answer" and final["error"] is None, final
+    assert stub.script.requests[0]["prompt"] == inspected["input_ids"]  # the exact ids, built without torch
+    assert not any(name in app.log() for name in ("No module named", "Traceback"))
