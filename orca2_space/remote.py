@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 _END = object()
 CONTROL_TEXTS = (CONTROL_TEXT[IM_END], CONTROL_TEXT[IM_START])
 
+TYPED_CONTROL_TEXT = (
+    "This inference server reads prompts as text, so the <|im_start|> or <|im_end|> typed in the conversation "
+    "would act as a real control token there. Remove it, or use a server that takes token ids (vLLM)."
+)
+
 
 @dataclass(frozen=True)
 class Dialect:
@@ -259,16 +264,18 @@ class RemoteBackend:
         answer.finish(reason)
 
     def _answer(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> StopReason:
+        stream = self._open(answer, prompt, params)
+        return StopReason.STOPPED if stream is None else _stream(answer, stream)
+
+    def _open(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> Stream[Completion] | None:
+        """The answer's stream, in the first dialect the server accepts (once one has been, only that
+        one); None if the answer was cancelled before a request went out."""
         refusal = None
         for dialect in (self.dialect,) if self.dialect else DIALECTS:
             if answer.cancelled.is_set():
-                return StopReason.STOPPED
+                return None
             if not dialect.takes_ids and _typed_control_text(prompt):
-                raise GenerationError(
-                    "This inference server reads prompts as text, so the <|im_start|> or <|im_end|> typed in the "
-                    "conversation would act as a real control token there. Remove it, or use a server that takes "
-                    "token ids (vLLM)."
-                )
+                raise GenerationError(TYPED_CONTROL_TEXT)
             request, unsent = completion_request(
                 self.model, prompt.input_ids if dialect.takes_ids else prompt.text, params, dialect
             )
@@ -285,7 +292,7 @@ class RemoteBackend:
                 log.info("the inference server takes %s", dialect.name)
             if unsent:
                 answer.notices = (f"Not sent: this inference server has no field for {', '.join(unsent)}.",)
-            return _stream(answer, stream)
+            return stream
         raise refusal
 
     def _explain(self, error: Exception) -> str:
