@@ -10,6 +10,7 @@ import argparse
 import functools
 import logging
 import os
+import socket
 import sys
 import types
 import typing
@@ -258,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     share, warning = share_decision(settings, space)
     if warning:
         print(warning, file=sys.stderr)
+    # What is sure to fail is said in one line before anything starts (the model may take minutes).
+    if not space and (trouble := port_trouble(settings) or preflight(settings)):
+        print(f"error: {trouble}", file=sys.stderr)
+        return 2
 
     from .backend import ModelLoading
     from .chat import Chat
@@ -269,21 +274,61 @@ def main(argv: list[str] | None = None) -> int:
         # the Space shows "Starting" meanwhile.
         loading.wait()
     demo = launch(Chat(loading, settings, moderation_service(settings.moderation)), share=share, block=False)
+    _say_where(demo, settings, share)
     if loading.wait() is None and not space:
-        # Locally there is nobody to read the page: say why and stop. A Space stays up and shows it.
+        # Locally there is nobody to read the page: the loading logged why; stop. A Space stays up and shows it.
         demo.close()
-        print(f"error: {loading.error}", file=sys.stderr)
         return 2
     demo.block_thread()
     return 0
 
 
+def port_trouble(settings: Settings) -> str | None:
+    """Why the page can't listen where it should, before the model loads for nothing."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as error:
+        return (
+            f"can't listen on {settings.host}:{settings.port} ({error.strerror or error}): "
+            "choose another port with --port or ORCA2_PORT"
+        )
+    return None
+
+
+def preflight(settings: Settings) -> str | None:
+    """Why the model can't load, found in a second (a wrong name, a missing folder, no tokenizer), so
+    that the server never starts for it. The weights are loaded later, with the page up."""
+    from huggingface_hub.errors import HFValidationError
+
+    from .backend import load_failure_message
+    from .prompt import OrcaTokenizer
+
+    try:
+        OrcaTokenizer.for_model(settings.model)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
+        if isinstance(error, HFValidationError):
+            error = OSError("there is no folder at that path, and it is not a hub id (OWNER/NAME)")
+        return load_failure_message(settings.model, error)
+    return None
+
+
+def _say_where(demo, settings: Settings, share: bool) -> None:
+    """Gradio's own lines speak of launch(share=True); these speak of this app's flags."""
+    print(f"Orca 2 is at {demo.local_url}", flush=True)
+    if share and demo.share_url:
+        print(f"Public link (temporary): {demo.share_url}", flush=True)
+    elif not share and not on_space():
+        print("For a temporary public link, add --share (and --auth USER:PASS).", flush=True)
+
+
 def backend_loader(settings: Settings):
     """What makes the backend: a local model, or a client of an inference server (--backend openai)."""
     if settings.remote is not None:
-        from .remote import RemoteEngine
+        from .remote import RemoteBackend
 
-        return functools.partial(RemoteEngine.load, settings.model, settings.remote)
+        return functools.partial(RemoteBackend.load, settings.model, settings.remote)
     from .engine import Engine
 
     return functools.partial(Engine.load, settings.model, settings.quantization, batching=settings.batching_settings())
@@ -304,6 +349,8 @@ def launch(chat, share: bool = False, block: bool = True):
         css=ui.CSS,
         theme=ui.THEME,
         prevent_thread_lock=not block,
+        # main() says where the page is, in terms of this app's flags.
+        quiet=True,
         # Errors name the field that was wrong (e.g. a raw API call with too few values).
         show_error=True,
     )

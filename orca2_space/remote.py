@@ -324,10 +324,6 @@ class RemoteBackend:
         return text
 
 
-# The name cli.py imports, until it says RemoteBackend.
-RemoteEngine = RemoteBackend
-
-
 def _stream(answer: RemoteAnswer, stream: Stream[Completion]) -> StopReason:
     """Pass the streamed text on until the answer ends; the stream is closed however it ends."""
     answer.attach(stream)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +34,8 @@ from orca2_space.settings import (
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 180
+# Answers left running ask for 4000 tokens; a quarter of that is far above any free server's wait.
+STEPS_OF_A_FREE_SERVER = 1000
 # "\n", "The", "▁answer": what the scripted models write after "assistant".
 SCRIPT = [13, 1576, 1234]
 # A third clause that moderation flags; every token id is distinct, as scripts require.
@@ -237,7 +239,7 @@ class App:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - open while the app runs; close() closes it
         command = [
             sys.executable,
             "app.py",
@@ -281,17 +283,21 @@ class TransformersServe:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         wait_until_up(f"http://127.0.0.1:{self.port}/health", self.process, log, "transformers serve")
 
-    def cpu_seconds_over(self, seconds: float = 1.0) -> float:
-        """CPU time the server spends in the next `seconds` (about 1 per second per busy core)."""
-        process = psutil.Process(self.process.pid)
-        before = sum(process.cpu_times()[:2])
-        time.sleep(seconds)
-        return sum(process.cpu_times()[:2]) - before
+    def steps_a_new_answer_waits(self, model: Path) -> float:
+        """How long a new answer waits for its first piece, counted in the server's decode steps (its time
+        per token, measured on the same answer, so that a busy machine slows both alike).
 
-    def idle_after_cancel(self) -> bool:
-        """After a grace of a few decode steps (it notices a closed stream at its next token), is the server idle?"""
-        time.sleep(1.0)
-        return self.cpu_seconds_over(1.0) < 0.2
+        transformers serve writes one answer at a time per model, on one thread (its log says "CB: False":
+        no continuous batching), so an earlier answer still being written holds a new one back until it
+        ends: thousands of steps for an abandoned 4000-token answer, a few for a server that stopped it."""
+        assert f"Model: {model}@main, CB: False" in self.log.read_text()
+        client = openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=300)
+        started, arrivals, usage = time.perf_counter(), [], None
+        for chunk in client.completions.create(model=str(model), prompt="Hi", max_tokens=64, stream=True):
+            arrivals.append(time.perf_counter())
+            usage = chunk.usage or usage
+        per_token = (arrivals[-1] - arrivals[0]) / (usage.completion_tokens - 1)
+        return (arrivals[0] - started) / per_token
 
     def stop(self) -> None:
         self.process.kill()

@@ -1,6 +1,7 @@
 """`python app.py`: flags, their environment variables, share safety, and load failures."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,22 @@ def test_a_model_that_cannot_load_exits_non_zero_with_one_clear_message(tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing-model" in errors[0]
     assert "--model" in result.stderr
+
+
+def test_a_model_that_cannot_load_never_starts_the_server(tmp_path):
+    result = run_app("--model", str(tmp_path / "missing-model"))
+    assert result.returncode == 2
+    assert "Orca 2 is at" not in result.stdout and "Running on" not in result.stdout
+    assert result.stderr.count("missing-model") == 1  # said once
+
+
+def test_a_taken_port_is_one_line_naming_the_flag_before_the_model_loads(tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_app("--model", str(tiny_model_dir), "--port", str(port))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: can't listen on 127.0.0.1:") and "--port or ORCA2_PORT" in line
+    assert "GRADIO_SERVER_PORT" not in result.stderr

@@ -8,13 +8,11 @@ demand (take token ids like vLLM, fall silent, fail with a 500).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import httpx2
-import openai
 import pytest
-from conftest import FIXTURES, SCRIPT, VIOLENT_ANSWER, App, TransformersServe, free_port
+from conftest import FIXTURES, SCRIPT, STEPS_OF_A_FREE_SERVER, VIOLENT_ANSWER, App, TransformersServe, free_port
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
 
@@ -137,27 +135,6 @@ def test_typed_control_text_is_refused_when_the_server_reads_text(server, models
     assert "control token" in final.error and final.answer == ""
 
 
-def steps_a_new_answer_waits(server: TransformersServe, model: Path) -> float:
-    """How long a new answer waits for its first piece, counted in the server's decode steps (its time
-    per token, measured on the same answer, so that a busy machine slows both alike).
-
-    transformers serve writes one answer at a time per model, on one thread (its log says "CB: False":
-    no continuous batching), so an earlier answer still being written holds a new one back until it
-    ends: thousands of steps for an abandoned 4000-token answer, a few for a server that stopped it."""
-    assert f"Model: {model}@main, CB: False" in server.log.read_text()
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
-    started, arrivals, usage = time.perf_counter(), [], None
-    for chunk in client.completions.create(model=str(model), prompt="Hi", max_tokens=64, stream=True):
-        arrivals.append(time.perf_counter())
-        usage = chunk.usage or usage
-    per_token = (arrivals[-1] - arrivals[0]) / (usage.completion_tokens - 1)
-    return (arrivals[0] - started) / per_token
-
-
-# The abandoned answers below ask for 4000 tokens; a quarter of that is far above any free server's wait.
-STEPS_OF_A_FREE_SERVER = 1000
-
-
 def test_stop_ends_the_servers_work(server, models):
     chat = remote_chat(models["loops"], server.base_url)
     stream = chat.respond(chat.request("Hi", "", [], max_new_tokens=4000), owner="me")
@@ -167,7 +144,7 @@ def test_stop_ends_the_servers_work(server, models):
     final = list(stream)[-1]
     assert final.done and final.stats.stop_reason == "stopped" and final.error is None
     assert final.stats.n_tokens >= len(answers)  # what the server sent before Stop is counted
-    assert steps_a_new_answer_waits(server, models["loops"]) < STEPS_OF_A_FREE_SERVER
+    assert server.steps_a_new_answer_waits(models["loops"]) < STEPS_OF_A_FREE_SERVER
 
 
 def test_a_client_that_leaves_ends_the_servers_work(server, models):
@@ -176,7 +153,7 @@ def test_a_client_that_leaves_ends_the_servers_work(server, models):
     answers = [next(stream) for _ in range(5)]
     assert answers[-1].answer.startswith("The answer") and not answers[-1].done
     stream.close()
-    assert steps_a_new_answer_waits(server, models["loops"]) < STEPS_OF_A_FREE_SERVER
+    assert server.steps_a_new_answer_waits(models["loops"]) < STEPS_OF_A_FREE_SERVER
 
 
 def test_stopping_a_finished_answer_leaves_the_next_one_alone(server, models):
