@@ -25,6 +25,8 @@ What is shown, for any text:
 
 The output is one line (newlines and tabs as character references) because Gradio passes a string
 message through inspect.cleandoc, which would otherwise strip indentation and expand tabs.
+Gradio's per-message "copy" and "copy_all" buttons copy a message's content, that is this HTML; a
+code block's own copy button, and selecting the text, copy what is shown.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ __all__ = ["CHATBOT_OPTIONS", "for_display", "raw"]
 
 # KaTeX finds math between these, in text the browser shows. They are Unicode noncharacters
 # (reserved for a program's internal use), so no text can contain them: for_display replaces any it
-# finds with U+FFFD. Message text such as "$$" or "\(" therefore never reaches KaTeX unless for_display says so,
-# and Gradio's own math extraction (it runs on these delimiters) sees only the math marked here.
+# finds with U+FFFD. Text such as "$$" or "\(" in a message thus reaches KaTeX (which Gradio runs over
+# the message with these delimiters) only where for_display marked math.
 _DISPLAY = ("\ufdd0", "\ufdd1")
 _INLINE = ("\ufdd2", "\ufdd3")
 _SENTINELS = re.compile("[\ufdd0-\ufdd3]")
@@ -54,7 +56,7 @@ _SENTINELS = re.compile("[\ufdd0-\ufdd3]")
 CHATBOT_OPTIONS: dict[str, Any] = dict(
     # The message is HTML made by for_display/raw; Gradio must not run its own Markdown on it.
     render_markdown=False,
-    # Defence in depth: Gradio's sanitizer still runs (the HTML from here needs nothing it removes).
+    # Defence in depth: Gradio's sanitizer still runs over the HTML (it only trims the copy button's icons).
     sanitize_html=True,
     # No tags from the message are let through as tags (there are none: all of it is text).
     allow_tags=False,
