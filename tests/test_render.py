@@ -159,6 +159,7 @@ LOADERS = [
     '<input type="image" src="http://HOST/input.png">',
     "&lt;img src=http://HOST/entity.png&gt;",
     "<http://HOST/autolink.png>",
+    "http://HOST/bare.png",  # a whole message that is an image's address (Gradio 6 keeps a string as text)
     "http://example.com/`<img src=http://HOST/after-url.png>`",
     "$$\\includegraphics{http://HOST/katex.png}$$ \\(\\href{http://HOST/href}{x}\\)",
     "```mermaid\ngraph TD\n  A[\"<img src='http://HOST/mermaid.png'>\"]\n```",
