@@ -1,1 +1,3 @@
-"""Orca 2 in the browser: a Gradio chat that runs Microsoft's Orca 2 exactly as its model card does."""
+"""Orca 2 in the browser: exact prompts, streaming, moderation, and a workbench for its reasoning."""
+
+__version__ = "0.3.0"

@@ -36,6 +36,8 @@ class ChatUpdate:
     """The answer so far; the last update of a turn has done=True and, unless it failed, stats."""
 
     answer: str
+    # The ids of the answer so far, where the backend knows them (an inference server may send text only).
+    answer_ids: tuple[int, ...] | None = None
     done: bool = False
     stats: GenerationStats | None = None
     error: str | None = None
@@ -45,11 +47,14 @@ class ChatUpdate:
     withheld: str | None = None
     # Set while the request waits for the model to finish loading.
     waiting: str | None = None
+    # On the last update: the settings the answer was made with, a sampled answer's seed included.
+    params: GenerationParams | None = None
 
     def as_api_dict(self) -> dict[str, Any]:
         stats = self.stats
         return {
             "answer": self.answer,
+            "answer_ids": None if self.answer_ids is None else list(self.answer_ids),
             "done": self.done,
             "error": self.error,
             "stop_reason": stats.stop_reason.value if stats else None,
@@ -152,14 +157,26 @@ class Chat:
         self._active_lock = threading.Lock()
 
     def request(
-        self, message: Any, system_message: Any, history: Any, moderation: Any = None, **params: Any
+        self,
+        message: Any,
+        system_message: Any,
+        history: Any,
+        moderation: Any = None,
+        single_turn: Any = False,
+        **params: Any,
     ) -> ChatRequest:
-        """A validated request from untrusted values; raises InvalidRequest with a clear message."""
+        """A validated request from untrusted values; raises InvalidRequest with a clear message.
+
+        single_turn answers the message on its own, as Orca 2's card intends and its paper evaluates:
+        the history is then not sent to the model."""
         message, system_message, turns, history_notices = self._conversation(message, system_message, history)
         if not message.strip():
             raise InvalidRequest("The message is empty.")
-        if moderation is not None and not isinstance(moderation, bool):
-            raise InvalidRequest(f"moderation must be true or false, got {moderation!r:.40}")
+        for name, value in (("moderation", moderation), ("single_turn", single_turn)):
+            if value is not None and not isinstance(value, bool):
+                raise InvalidRequest(f"{name} must be true or false, got {value!r:.40}")
+        if single_turn:
+            turns, history_notices = [], []
         generation, param_notices = validate_params(params, self.settings.max_new_tokens_cap)
         notices = tuple(param_notices + history_notices)
         return ChatRequest(message, system_message, turns, generation, moderation, notices)
@@ -220,7 +237,7 @@ class Chat:
     def respond(self, request: ChatRequest, owner: str | None = None) -> Iterator[ChatUpdate]:
         """Stream the answer. Closing the iterator, or stop(owner), ends the backend's work."""
         moderation, notice = self.moderation_for(request.moderation)
-        reply = _Reply([*request.notices, *([notice] if notice else [])], moderation)
+        reply = _Reply([*request.notices, *([notice] if notice else [])], moderation, request.params)
         for waiting in self._wait_for_backend():
             yield reply("", waiting=waiting)
         if self.loading.backend is None:
@@ -277,9 +294,10 @@ class Chat:
 class _Reply:
     """The updates of one turn; notices and the moderation state accumulate as it goes."""
 
-    def __init__(self, notices: list[str], moderation: Moderation | None):
+    def __init__(self, notices: list[str], moderation: Moderation | None, params: GenerationParams):
         self.notices = notices
         self.state = ModerationState.OFF if moderation is None else ModerationState.PENDING
+        self.params = params
 
     def heard(self, verdict: Verdict) -> bool:
         """Take a moderation verdict into the turn; False if it withholds the text."""
@@ -291,6 +309,10 @@ class _Reply:
         return True
 
     def __call__(self, answer: str, **fields: Any) -> ChatUpdate:
+        if fields.get("done"):
+            stats = fields.get("stats")
+            seeded = stats is not None and stats.seed is not None
+            fields["params"] = self.params.model_copy(update={"seed": stats.seed}) if seeded else self.params
         return ChatUpdate(answer, notices=tuple(self.notices), **{"moderation": self.state, **fields})
 
 

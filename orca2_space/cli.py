@@ -298,20 +298,27 @@ def port_trouble(settings: Settings) -> str | None:
 
 
 def preflight(settings: Settings) -> str | None:
-    """Why the model can't load, found in a second (a wrong name, a missing folder, no tokenizer), so
-    that the server never starts for it. The weights are loaded later, with the page up."""
+    """Why the model can't load, seen without reading it (the page shows the loading itself): a path
+    that is no folder nor hub id, a folder without its files, a hub model offline and not cached."""
+    from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     from .backend import load_failure_message
-    from .prompt import OrcaTokenizer
 
-    try:
-        OrcaTokenizer.for_model(settings.model)
-    except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
-        if isinstance(error, HFValidationError):
-            error = OSError("there is no folder at that path, and it is not a hub id (OWNER/NAME)")
-        return load_failure_message(settings.model, error)
-    return None
+    model = settings.model
+    needed = ["tokenizer.model"] if settings.remote else ["tokenizer.model", "config.json"]
+    if os.path.isdir(model):
+        missing = [name for name in needed if not os.path.exists(os.path.join(model, name))]
+        problem = f"the folder has no {' or '.join(missing)}" if missing else None
+    else:
+        try:
+            validate_repo_id(model)
+            cached = isinstance(try_to_load_from_cache(model, "tokenizer.model"), str)
+            problem = None if cached or not constants.HF_HUB_OFFLINE else "offline, and not in the Hugging Face cache"
+        except HFValidationError:
+            problem = "there is no folder at that path, and it is not a hub id (OWNER/NAME)"
+    return load_failure_message(model, OSError(problem)) if problem else None
 
 
 def _say_where(demo, settings: Settings, share: bool) -> None:

@@ -19,12 +19,13 @@ from huggingface_hub.errors import HfHubHTTPError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What the Space runs: the entry point, the package, its pins, its card, and the card's images.
+# What the Space runs: the entry point, the package (its subpackages too), its pins, its card, the
+# pages the card links to, and the card's images.
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
-SPACE_GLOBS = ("orca2_space/*.py", "assets/*.png")
+SPACE_GLOBS = ("orca2_space/**/*.py", "docs/*.md", "assets/*.png")
 # Remote files under these that are no longer in the allow-list are removed (a deleted module must
 # not linger on the Space).
-STALE_PATTERNS = ["orca2_space/*", "assets/*"]
+STALE_PATTERNS = ["orca2_space/*", "docs/*", "assets/*"]
 SECRET_NAMES = ("CONTENT_SAFETY_ENDPOINT", "CONTENT_SAFETY_KEY")
 HARDWARE = [hardware.value for hardware in SpaceHardware]
 
@@ -76,7 +77,9 @@ def make_plan(space_id: str, private: bool, hardware: str | None, environ=os.env
         raise PublishError(f"unknown hardware '{hardware}'; one of: {', '.join(HARDWARE)}")
     secrets = tuple(name for name in SECRET_NAMES if environ.get(name))
     if len(secrets) == 1:
-        raise PublishError(f"{secrets[0]} is set but {(set(SECRET_NAMES) - set(secrets)).pop()} is not: moderation needs both")
+        raise PublishError(
+            f"{secrets[0]} is set but {(set(SECRET_NAMES) - set(secrets)).pop()} is not: moderation needs both"
+        )
     return Plan(space_id, private, hardware, space_files(root), card_metadata(root), secrets)
 
 
@@ -121,7 +124,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("space_id", metavar="OWNER/NAME", help="the Space to create or update")
     p.add_argument("--private", action="store_true", help="create the Space private")
-    p.add_argument("--hardware", metavar="FLAVOR", help=f"request this hardware (paid), e.g. a10g-small or zero-a10g; one of {', '.join(HARDWARE)}")
+    p.add_argument(
+        "--hardware",
+        metavar="FLAVOR",
+        help=f"request this hardware (paid), e.g. a10g-small or zero-a10g; one of {', '.join(HARDWARE)}",
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would be uploaded and set, without network")
     return p
 

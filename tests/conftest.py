@@ -235,11 +235,11 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, what: str) -> 
 class App:
     """`python app.py` in a subprocess, with its log kept for checks on the server side."""
 
-    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, *args: str):
-        self.port = free_port()
+    def __init__(self, model_dir: Path, log_path: Path, env: dict | None = None, *args: str, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - open while the app runs; close() closes it
+        self._log = open(log_path, "a")  # noqa: SIM115 - open while the app runs; close() closes it
         command = [
             sys.executable,
             "app.py",
@@ -302,3 +302,42 @@ class TransformersServe:
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
+
+
+# Debian's Chromium, driven by Playwright (never `playwright install`); browser tests skip without it.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def plain_app(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser")
+    app = App(build_tiny_model(folder / "tiny"), folder / "app.log")
+    yield app
+    app.close()

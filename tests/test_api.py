@@ -6,21 +6,27 @@ import threading
 import time
 
 import pytest
-from gradio_client.exceptions import AppError
-
 from conftest import FIXTURES, SAFETY_KEY
+from gradio_client.exceptions import AppError
 
 REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 
 
 def as_messages(pairs):
-    return [m for user, answer in pairs for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+    return [
+        m
+        for user, answer in pairs
+        for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})
+    ]
 
 
 @pytest.mark.parametrize("case", REFERENCE, ids=[c["name"] for c in REFERENCE])
 def test_inspect_prompt_returns_the_reference_ids(client, case):
     result = client.predict(
-        message=case["user"], system_message=case["system"], history=as_messages(case["history"]), api_name="/inspect_prompt"
+        message=case["user"],
+        system_message=case["system"],
+        history=as_messages(case["history"]),
+        api_name="/inspect_prompt",
     )
     assert result["input_ids"] == case["input_ids"]
     assert result["n_tokens"] == len(case["input_ids"])
@@ -157,13 +163,18 @@ def test_hostile_calls_are_refused_or_clamped_clearly(client, fields, message):
     assert client.predict(message="next visitor", max_new_tokens=3, api_name="/chat")["done"]
 
 
-@pytest.mark.parametrize("raw_value, message", [("NaN", "temperature must be a finite number"), ("Infinity", "temperature must be a finite number")])
+@pytest.mark.parametrize(
+    "raw_value, message",
+    [("NaN", "temperature must be a finite number"), ("Infinity", "temperature must be a finite number")],
+)
 def test_non_finite_numbers_sent_as_raw_json_are_refused(launched_chat, raw_value, message):
     import httpx
 
     _, url = launched_chat
-    body = f'{{"data": ["hi", null, null, null, true, {raw_value}, 0.9, 50, 1.0, 5, null, null]}}'
-    event = httpx.post(url + "gradio_api/call/chat", content=body, headers={"content-type": "application/json"}, timeout=30)
+    body = f'{{"data": ["hi", null, null, null, true, {raw_value}, 0.9, 50, 1.0, 5, null, null, false]}}'
+    event = httpx.post(
+        url + "gradio_api/call/chat", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     stream = httpx.get(url + f"gradio_api/call/chat/{event.json()['event_id']}", timeout=60).text
     assert "event: error" in stream and message in stream
 

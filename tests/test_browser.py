@@ -5,35 +5,27 @@ import re
 from pathlib import Path
 
 import pytest
-
-from conftest import SAFETY_KEY, SCRIPT, VIOLENT_ANSWER, App, TransformersServe, _safety_server, finish_loading, slow_loading_model
+from conftest import (
+    CHROMIUM,
+    SAFETY_KEY,
+    SCRIPT,
+    STEPS_OF_A_FREE_SERVER,
+    VIOLENT_ANSWER,
+    App,
+    TransformersServe,
+    _safety_server,
+    finish_loading,
+    slow_loading_model,
+)
 from make_tiny_model import build_tiny_model
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 DONE = "#answer-status [data-state=done]"
 NEW_DONE = "#answer-status [data-state=done]:not([data-seen])"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
-
-
-@pytest.fixture(scope="module")
-def plain_app(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browser")
-    app = App(build_tiny_model(folder / "tiny"), folder / "app.log")
-    yield app
-    app.close()
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +37,6 @@ def moderated_app(tmp_path_factory, tokenizer):
         app = App(model, folder / "app.log", env)
         yield app
         app.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    yield page
-    context.close()
 
 
 def open_app(page, app, model_ready=True):
@@ -125,7 +100,9 @@ def test_while_the_model_loads_the_page_says_so_and_a_message_waits_for_it(page,
     app = App(model, tmp_path / "app.log")
     try:
         open_app(page, app, model_ready=False)
-        assert "Loading" in page.inner_text("#model-status") and "reading the tokenizer" in page.inner_text("#model-status")
+        assert "Loading" in page.inner_text("#model-status") and "reading the tokenizer" in page.inner_text(
+            "#model-status"
+        )
         page.fill("#message textarea", "Are you there?")
         mark_status_seen(page)
         page.click("#send")
@@ -189,13 +166,15 @@ def test_stop_ends_the_generation_on_the_server(page, plain_app):
     stop_a_long_answer(page)
     assert "Stopped" in page.inner_text("#answer-status")
     page.wait_for_selector("#send")
-    finished = re.findall(r"generation finished \((\w+)\): (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log())
+    finished = re.findall(
+        r"generation finished \((\w+)\): (\w+), (\d+) tokens.*, (\w+) tokens after cancel", plain_app.log()
+    )
     path, reason, n_tokens, after_cancel = finished[-1]
     # The app batches greedy answers by default: Stop reaches the batch too.
     assert path == "batched" and reason == "stopped" and int(n_tokens) < 4000 and int(after_cancel) <= 1
 
 
-def test_retry_undo_and_clear(page, plain_app):
+def test_retry_undo_and_new_chat(page, plain_app):
     open_app(page, plain_app)
     send(page, "First question")
     send(page, "Second question")
@@ -211,7 +190,7 @@ def test_retry_undo_and_clear(page, plain_app):
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 1")
     assert page.input_value("#message textarea") == "Second question"
 
-    page.click("#clear")
+    page.click("#new-chat")
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 0")
 
 
@@ -233,7 +212,7 @@ def test_choosing_a_preset_changes_the_inspected_prompt(page, plain_app):
 
 
 def sampled_answer(page, seed):
-    page.click("#clear")
+    page.click("#new-chat")
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=user]').length == 0")
     set_number(page, "#seed input", seed)
     send(page, "Surprise me")
@@ -318,7 +297,7 @@ def test_on_an_inference_server_the_page_says_so_and_stop_ends_the_servers_work(
         stop_a_long_answer(page)
         assert answers(page)[-1].startswith("The answer\nThe answer")
         page.screenshot(path=str(ARTIFACTS / "inference-server.png"), full_page=True)
-        assert server.idle_after_cancel()
+        assert server.steps_a_new_answer_waits(model) < STEPS_OF_A_FREE_SERVER
     finally:
         app.close()
         server.stop()

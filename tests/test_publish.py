@@ -11,13 +11,15 @@ import pytest
 from orca2_space import publish
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = sorted(p.name for p in (ROOT / "orca2_space").glob("*.py"))
+MODULES = sorted(p.relative_to(ROOT / "orca2_space").as_posix() for p in (ROOT / "orca2_space").rglob("*.py"))
+DOCS = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
 
 
 def run_publish(*args, env=None, cwd=ROOT):
     environ = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", *publish.SECRET_NAMES)}
     return subprocess.run(
         [sys.executable, "-m", "orca2_space.publish", *args],
+        check=False,
         cwd=cwd,
         env={**environ, **(env or {})},
         capture_output=True,
@@ -33,8 +35,10 @@ def test_the_plan_uploads_exactly_the_app_its_package_requirements_card_and_scre
         "requirements.txt",
         "README.md",
         *(f"orca2_space/{name}" for name in MODULES),
+        *(f"docs/{name}" for name in DOCS),
         "assets/screenshot.png",
     ]
+    assert "orca2_space/ui/page.py" in paths and "docs/api.md" in paths
 
 
 def test_caches_venvs_tests_local_models_and_dotenv_files_stay_behind(tmp_path):
@@ -59,8 +63,13 @@ def test_caches_venvs_tests_local_models_and_dotenv_files_stay_behind(tmp_path):
 
 
 def test_dry_run_prints_the_plan_without_network_and_names_secrets_without_their_values():
-    secrets = {"CONTENT_SAFETY_ENDPOINT": "https://example.cognitiveservices.azure.com/", "CONTENT_SAFETY_KEY": "k3y-v4lue-never-shown"}
-    result = run_publish("me/orca2", "--dry-run", "--hardware", "a10g-small", "--private", env={"HF_HUB_OFFLINE": "1", **secrets})
+    secrets = {
+        "CONTENT_SAFETY_ENDPOINT": "https://example.cognitiveservices.azure.com/",
+        "CONTENT_SAFETY_KEY": "k3y-v4lue-never-shown",
+    }
+    result = run_publish(
+        "me/orca2", "--dry-run", "--hardware", "a10g-small", "--private", env={"HF_HUB_OFFLINE": "1", **secrets}
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "https://huggingface.co/spaces/me/orca2 (private)" in out
@@ -94,4 +103,6 @@ def test_mistakes_are_refused_before_anything_is_sent(args, env, message):
 
 def test_preloaded_files_the_model_repository_lacks_are_caught(tiny_model_dir):
     card = {"preload_from_hub": ["me/tiny config.json,tokenizer.model,pytorch_model-00001-of-00003.bin"]}
-    assert publish.missing_preloads(card, lambda repo: os.listdir(tiny_model_dir)) == ["me/tiny/pytorch_model-00001-of-00003.bin"]
+    assert publish.missing_preloads(card, lambda repo: os.listdir(tiny_model_dir)) == [
+        "me/tiny/pytorch_model-00001-of-00003.bin"
+    ]

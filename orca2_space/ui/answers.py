@@ -1,0 +1,174 @@
+"""The page's conversation: Send, Retry and Undo stream answers into it, and the visitor's
+conversations are kept in their browser (a gr.BrowserState holding a conversation.Store), listed,
+opened, deleted, exported and imported.
+
+Every handler takes the store as the browser sent it and returns the new one; the server keeps
+nothing between requests.
+"""
+
+import json
+
+import gradio as gr
+
+from ..chat import Chat, ChatUpdate
+from ..conversation import Conversation, Exchange, Stats, Store, export, parse_export, to_markdown
+from ..prompt import PromptTooLong
+from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest
+from .messages import chat_messages, status
+
+PARAM_NAMES = tuple(GENERATION_FIELDS)
+
+
+def turn(chat: Chat, message, system_message, history, moderation, single_turn, params: dict, owner: str | None):
+    """One answer's updates, for the page and /chat alike; bad input is a gr.Error naming the field."""
+    try:
+        request = chat.request(message, system_message, history, moderation, single_turn, **params)
+    except InvalidRequest as error:
+        raise gr.Error(str(error)) from error
+    return chat.respond(request, owner=owner)
+
+
+def history_messages(conversation: Conversation) -> list[dict]:
+    return [
+        message
+        for t in conversation.history()
+        for message in ({"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant})
+    ]
+
+
+def chat_choices(store: Store) -> dict:
+    """The update for the list of the visitor's conversations."""
+    return gr.update(choices=[(c.title, c.id) for c in store.conversations], value=store.open)
+
+
+def controls(exchange: Exchange | None) -> list:
+    """System message, single-turn switch and settings as an exchange used them (to redo it)."""
+    if exchange is None:
+        return [gr.skip()] * (2 + len(PARAM_NAMES))
+    settings = exchange.settings.model_dump()
+    settings["seed"] = RANDOM_SEED if settings["seed"] is None else settings["seed"]
+    return [exchange.system_message, exchange.single_turn, *(settings[name] for name in PARAM_NAMES)]
+
+
+class ConversationEvents:
+    """The handlers; each one's inputs and outputs are listed where page.py wires it."""
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+
+    # The request comes first: Gradio inserts it by position, and the settings are *values.
+    def respond(self, request: gr.Request, message, stored, system_message, moderation, single_turn, show_raw, *values):
+        store = Store.load(stored)
+        conversation = store.current()
+        history = history_messages(conversation)
+        params = dict(zip(PARAM_NAMES, values))
+        updates = turn(
+            self.chat, message, system_message, history, moderation, single_turn, params, request.session_hash
+        )
+        busy = (gr.update(visible=False), gr.update(visible=True))
+        unchanged = (gr.skip(), gr.skip())  # the store and the list change once the answer is done
+        update = ChatUpdate("")
+        yield "", chat_messages(conversation, show_raw, message, update), status(update), *busy, *unchanged
+        for update in updates:
+            if not update.done:
+                view = chat_messages(conversation, show_raw, message, update)
+                yield gr.skip(), view, status(update), *busy, *unchanged
+        conversation.exchanges.append(_exchange(message, system_message, single_turn, update))
+        store = store.save(conversation)
+        view = chat_messages(conversation, show_raw)
+        yield gr.skip(), view, status(update, single_turn), *reversed(busy), store.model_dump(), chat_choices(store)
+
+    def retry(self, request: gr.Request, stored, *inputs):
+        store = Store.load(stored)
+        conversation = store.current()
+        if not conversation.exchanges:
+            raise gr.Error("Nothing to retry yet.")
+        last = conversation.exchanges.pop()
+        yield from self.respond(request, last.question, store.save(conversation).model_dump(), *inputs)
+
+    def undo(self, stored, show_raw):
+        """Take the last exchange back; its question returns to the message box."""
+        store = Store.load(stored)
+        conversation = store.current()
+        question = conversation.exchanges.pop().question if conversation.exchanges else ""
+        store = store.save(conversation)
+        return chat_messages(conversation, show_raw), question, "", store.model_dump(), chat_choices(store)
+
+    def new(self, stored):
+        store = Store.load(stored).model_copy(update={"open": None})
+        return [], "", store.model_dump(), chat_choices(store)
+
+    def open(self, conversation_id, stored, show_raw):
+        store = Store.load(stored).model_copy(update={"open": conversation_id})
+        conversation = store.current()
+        last = conversation.exchanges[-1] if conversation.exchanges else None
+        return chat_messages(conversation, show_raw), "", store.model_dump(), *controls(last)
+
+    def delete(self, stored):
+        store = Store.load(stored)
+        store = store.delete(store.open)
+        return [], "", store.model_dump(), chat_choices(store)
+
+    def show(self, stored, show_raw):
+        """The open conversation, as the page loads or the raw switch changes."""
+        store = Store.load(stored)
+        return chat_messages(store.current(), show_raw), chat_choices(store)
+
+    def export_json(self, stored) -> str:
+        return self._export(stored, "json")
+
+    def export_markdown(self, stored) -> str:
+        return self._export(stored, "markdown")
+
+    def _export(self, stored, kind: str) -> str:
+        """What the browser downloads: {"filename", "mime", "text"} as JSON (see page.DOWNLOAD_JS)."""
+        conversation = Store.load(stored).current()
+        if not conversation.exchanges:
+            raise gr.Error("Nothing to export yet: ask a question first.")
+        backend = self.chat.backend
+        prompts = [self._prompt_ids(conversation, index) for index in range(len(conversation.exchanges))]
+        exported = export(conversation, backend.info, prompts)
+        name = f"orca2-{conversation.created[:10]}-{conversation.id}"
+        if kind == "markdown":
+            return _download(f"{name}.md", "text/markdown", to_markdown(exported))
+        return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
+
+    def _prompt_ids(self, conversation: Conversation, index: int) -> list[int]:
+        """The ids the model read for an exchange, rebuilt from the record as it was then."""
+        e = conversation.exchanges[index]
+        earlier = Conversation(exchanges=conversation.exchanges[:index])
+        history = [] if e.single_turn else history_messages(earlier)
+        try:
+            return self.chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
+        except (InvalidRequest, PromptTooLong):
+            return []
+
+    def import_(self, data: bytes, stored, show_raw):
+        try:
+            conversation = parse_export(data)
+        except InvalidRequest as error:
+            raise gr.Error(str(error)) from error
+        store = Store.load(stored).save(conversation)
+        last = conversation.exchanges[-1] if conversation.exchanges else None
+        view = chat_messages(conversation, show_raw)
+        return view, "", store.model_dump(), chat_choices(store), *controls(last)
+
+
+def _exchange(question: str, system_message: str, single_turn: bool, update: ChatUpdate) -> Exchange:
+    settings = update.params or GenerationParams()
+    return Exchange(
+        question=question,
+        answer=update.answer,
+        system_message=system_message,
+        single_turn=bool(single_turn),
+        settings=settings,
+        answer_ids=update.answer_ids,
+        stats=Stats.of(update.stats) if update.stats else None,
+        moderation=update.moderation,
+        withheld=update.withheld,
+        error=update.error,
+    )
+
+
+def _download(filename: str, mime: str, text: str) -> str:
+    return json.dumps({"filename": filename, "mime": mime, "text": text})
