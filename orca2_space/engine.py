@@ -3,6 +3,10 @@
 The engine knows ids and text, nothing of chats, moderation or pages. Each request runs
 ``model.generate`` (the model card's own call) in a worker thread; a per-request event checked by a
 StoppingCriteria after every decode step lets Stop end the model's work, not just the stream.
+
+Nothing waits forever: a reader waiting for the next token checks, every WAIT_SECONDS, that the
+thread writing its answer is still there, and a failure of the model ends the answer with a
+GenerationError while the engine goes on serving.
 """
 
 from __future__ import annotations
@@ -34,13 +38,18 @@ from transformers.generation.streamers import BaseStreamer
 
 from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
 from .batching import Batcher
-from .settings import BatchingSettings, GenerationParams
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, Prompt, StreamDecoder
+from .settings import BatchingSettings, GenerationParams
 from .zerogpu import gpu_task, on_zerogpu
 
 log = logging.getLogger(__name__)
 
 _END = object()
+# How often a wait for the model's side checks that the model's side is still there.
+WAIT_SECONDS = 1.0
+# A decode step, or even a long prompt's prefill on a slow CPU, ends well within this after Stop;
+# past it the model thread is stuck, and the answer ends with an error instead of holding the engine.
+MODEL_STOP_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class _State:
         self.cancel = threading.Event()
         # How the model's side stops working on this request (besides seeing `cancel`).
         self.on_cancel: Callable[[], None] = lambda: None
+        # Whether the model's side (its thread, or the batch's dispatcher) is still there to close it.
+        self.alive: Callable[[], bool] = lambda: True
+        self._close_lock = threading.Lock()
         self.n_tokens = 0
         self.tokens_at_cancel: int | None = None
         self.last_token: int | None = None
@@ -106,7 +118,12 @@ class _State:
             self.on_cancel()
 
     def close(self, error: BaseException | None = None) -> None:
-        """The model has stopped working on this request."""
+        """The model has stopped working on this request (the first call says how)."""
+        with self._close_lock:
+            if not self.done.is_set():
+                self._close(error)
+
+    def _close(self, error: BaseException | None) -> None:
         self.error = error
         if error is not None:
             reason = StopReason.ERROR
@@ -121,8 +138,12 @@ class _State:
         self.stats = stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched)
         log.info(
             "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s), %s tokens after cancel",
-            "batched" if self.batched else "single", stats.stop_reason, stats.n_tokens, stats.seconds,
-            stats.tokens_per_second, stats.tokens_after_cancel,
+            "batched" if self.batched else "single",
+            stats.stop_reason,
+            stats.n_tokens,
+            stats.seconds,
+            stats.tokens_per_second,
+            stats.tokens_after_cancel,
         )
         self.tokens.put(_END)
         self.done.set()
@@ -148,7 +169,7 @@ class Generation:
     def cancel(self) -> None:
         self._state.request_cancel()
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float) -> bool:
         """Wait until the model has stopped working on this answer; True once it has."""
         return self._state.done.wait(timeout)
 
@@ -157,20 +178,39 @@ class Generation:
         decoder = StreamDecoder(self._tokenizer)
         ended = False
         while not ended:
-            # Token by token while the reader keeps up; a reader that fell behind (a slow network)
-            # gets what has piled up in one piece instead of a backlog of updates.
-            tokens = [state.tokens.get()]
-            while not state.tokens.empty():
-                tokens.append(state.tokens.get())
-            if ended := tokens[-1] is _END:
-                tokens.pop()
+            tokens = self._next_tokens()
+            if ended := _END in tokens:
+                tokens = tokens[: tokens.index(_END)]
             delta = "".join(decoder.push(token) for token in tokens if token not in STOP_IDS)
             if delta:
                 yield delta
         if tail := decoder.flush():
             yield tail
         if state.error is not None:
-            raise GenerationError(f"The model failed while answering: {state.error}") from state.error
+            raise GenerationError(_reader_message(state.error)) from state.error
+
+    def _next_tokens(self) -> list:
+        """Token by token while the reader keeps up; a reader that fell behind (a slow network) gets
+        what has piled up in one piece instead of a backlog of updates."""
+        state = self._state
+        while True:
+            try:
+                tokens = [state.tokens.get(timeout=WAIT_SECONDS)]
+                break
+            except queue.Empty:
+                if not state.alive():  # nothing will close the answer: end it here
+                    state.close(RuntimeError("the model's side stopped without finishing the answer"))
+        while not state.tokens.empty():
+            tokens.append(state.tokens.get_nowait())
+        return tokens
+
+
+def _reader_message(error: BaseException) -> str:
+    """What a visitor reads when the model failed mid-answer: one line, and no allocator report."""
+    text = str(error).strip()
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text.lower():
+        return "The model ran out of memory while answering. Try again, or ask for a shorter answer."
+    return f"The model failed while answering: {text.splitlines()[0] if text else type(error).__name__}"
 
 
 class Engine:
@@ -187,7 +227,9 @@ class Engine:
             # Each answer borrows a GPU for its own duration: nothing persistent to batch on.
             global _zerogpu_model
             _zerogpu_model = model
-            self._stream_tokens = lambda input_ids, params, seed, cancel: _stream_tokens_on_zerogpu(input_ids, params, seed)
+            self._stream_tokens = lambda input_ids, params, seed, cancel: _stream_tokens_on_zerogpu(
+                input_ids, params, seed
+            )
         else:
             self._stream_tokens = functools.partial(stream_tokens, model)
             if batching is not None:
@@ -211,12 +253,14 @@ class Engine:
             return cls._load(model_name, quantization, on_phase, batching)
         except ModelLoadError:
             raise
-        except Exception as error:  # noqa: BLE001 - every failure becomes one clear message
+        except Exception as error:  # every failure becomes one clear message
             log.debug("model load failed", exc_info=True)
             raise ModelLoadError(_load_failure_message(model_name, error)) from error
 
     @classmethod
-    def _load(cls, model_name: str, quantization: str, on_phase: Callable[[str], None], batching: BatchingSettings | None) -> Engine:
+    def _load(
+        cls, model_name: str, quantization: str, on_phase: Callable[[str], None], batching: BatchingSettings | None
+    ) -> Engine:
         on_phase("reading the tokenizer")
         tokenizer = OrcaTokenizer.for_model(model_name)
         on_phase("reading the config")
@@ -226,7 +270,9 @@ class Engine:
         plan = plan_load(quantization, cuda, _fp32_bytes(config), psutil.virtual_memory().total, zerogpu)
         log.info("loading %s as %s (%s)", model_name, plan.quantization, plan.reason)
         on_phase(f"downloading and loading the weights as {plan.quantization}")
-        model = AutoModelForCausalLM.from_pretrained(model_name, **_load_kwargs(plan.quantization, cuda and not zerogpu))
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name, **_load_kwargs(plan.quantization, cuda and not zerogpu)
+        )
         if zerogpu:
             model.to("cuda")  # ZeroGPU keeps it on CPU until a spaces.GPU task borrows a GPU
         model.eval()
@@ -249,21 +295,26 @@ class Engine:
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         if self._batcher is not None and batchable(params):
             state = _State(seed, batched=True)
+            state.alive = self._batcher.alive
             state.on_cancel = self._batcher.submit(input_ids, params.max_new_tokens, state)
             return Generation(state, self.tokenizer)
         state = _State(seed, batched=False)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
-        threading.Thread(
+        worker = threading.Thread(
             target=contextvars.copy_context().run,
             args=(self._run, state, input_ids, params, seed),
             name="orca2-generate",
             daemon=True,
-        ).start()
+        )
+        worker.start()
+        state.alive = worker.is_alive
         return Generation(state, self.tokenizer)
 
     def _run(self, state: _State, input_ids: list[int], params: GenerationParams, seed) -> None:
         error = None
         try:
+            # Waits for the answer ahead (its holder releases the lock in `finally`, and everything
+            # it waits on is bounded), looking for Stop meanwhile.
             while not self._lock.acquire(timeout=0.05):
                 if state.cancel.is_set():
                     return
@@ -279,7 +330,7 @@ class Engine:
                             break
             finally:
                 self._lock.release()
-        except Exception as failure:  # noqa: BLE001 - reported to the consumer, the engine goes on
+        except Exception as failure:  # reported to the reader once, here; the engine goes on
             log.exception("generation failed")
             error = failure
         finally:
@@ -292,7 +343,9 @@ def batchable(params: GenerationParams) -> bool:
     return not params.do_sample and params.repetition_penalty == 1.0
 
 
-def stream_tokens(model, input_ids: list[int], params: GenerationParams, seed: int | None, cancel: threading.Event | None) -> Iterator[int]:
+def stream_tokens(
+    model, input_ids: list[int], params: GenerationParams, seed: int | None, cancel: threading.Event | None
+) -> Iterator[int]:
     """The ids model.generate writes, one by one (the model card's own call, with a streamer).
 
     Closing the iterator, or setting `cancel`, ends the model's work after the current decode
@@ -323,13 +376,25 @@ def stream_tokens(model, input_ids: list[int], params: GenerationParams, seed: i
     worker = threading.Thread(target=run, name="orca2-model", daemon=True)
     worker.start()
     try:
-        while (token := tokens.get()) is not _END:
+        while (token := _next_token(tokens, worker)) is not _END:
             yield token
     finally:
         closed.set()
-        worker.join()
+        worker.join(timeout=MODEL_STOP_SECONDS)
+        if worker.is_alive():
+            raise RuntimeError(f"the model did not stop within {MODEL_STOP_SECONDS:.0f} s of being asked to")
     if failure:
         raise failure[0]
+
+
+def _next_token(tokens: queue.SimpleQueue, worker: threading.Thread):
+    """The model thread's next token, or _END (which it puts last, even when it fails)."""
+    while True:
+        try:
+            return tokens.get(timeout=WAIT_SECONDS)
+        except queue.Empty:
+            if not worker.is_alive() and tokens.empty():
+                raise RuntimeError("the model thread ended without finishing the answer") from None
 
 
 def _gpu_seconds(input_ids: list[int], params: GenerationParams, seed: int | None) -> float:

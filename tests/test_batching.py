@@ -5,19 +5,20 @@ import threading
 import time
 
 import pytest
-
-from orca2_space.batching import BatchingSettings
-from orca2_space.settings import GenerationParams
-from orca2_space.engine import Engine
-
 from test_engine import prompt_for
+
+from orca2_space.batching import Batcher, BatchingSettings, still_held
+from orca2_space.engine import Engine
+from orca2_space.settings import GenerationParams
 
 QUESTIONS = ["How are you?", "What is 2 + 2?", "Name a colour.", "Why is the sky blue?"]
 
 
 def batched(engine: Engine, max_concurrent: int = 4) -> Engine:
     """The same loaded model, served through the batcher."""
-    return Engine(engine.model, engine.tokenizer, engine.info, BatchingSettings(max_concurrent=max_concurrent, cache_tokens=8192))
+    return Engine(
+        engine.model, engine.tokenizer, engine.info, BatchingSettings(max_concurrent=max_concurrent, cache_tokens=8192)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,9 @@ def test_what_the_batch_cannot_honour_runs_alone_with_its_own_settings(batched_t
 def test_a_seeded_answer_is_repeatable_while_batched_answers_run(batched_tiny):
     sampled = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=1234)
     alone = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
-    background = [batched_tiny.generate(prompt_for(batched_tiny, q), GenerationParams(max_new_tokens=60)) for q in QUESTIONS]
+    background = [
+        batched_tiny.generate(prompt_for(batched_tiny, q), GenerationParams(max_new_tokens=60)) for q in QUESTIONS
+    ]
     during = answer(batched_tiny, QUESTIONS[2], **sampled)[0]
     for generation in background:
         "".join(generation)
@@ -142,3 +145,45 @@ def test_closing_the_engine_ends_answers_in_flight_instead_of_hanging(never_ends
     next(iter(generation))
     engine.close()
     assert generation.wait(timeout=15) and generation.stats.stop_reason in ("error", "stopped")
+
+
+def test_an_idle_batch_sleeps_instead_of_polling(batched_tiny, monkeypatch):
+    answer(batched_tiny, QUESTIONS[0], max_new_tokens=3)  # it has worked, and is idle again
+    batcher = batched_tiny._batcher
+    wakeups = []
+    dispatch_once = batcher._dispatch_once
+
+    def counted():
+        wakeups.append(1)
+        dispatch_once()
+
+    monkeypatch.setattr(batcher, "_dispatch_once", counted)
+    time.sleep(2)
+    # Polling the manager every 0.02 s, as it once did, would be about 100 wake-ups.
+    assert len(wakeups) <= 3
+
+
+def test_still_held_reads_transformers_internals_that_mean_what_it_assumes(tiny_engine):
+    """transformers has no public way to learn that a cancelled request is gone. If this fails, its
+    internals changed and batching.still_held must change with them."""
+    batcher = Batcher(tiny_engine.model, BatchingSettings(max_concurrent=2, cache_tokens=8192), context_length=4096)
+    manager = batcher._manager  # used directly: the batcher's dispatcher sleeps while it has no requests
+    try:
+        manager.add_request(prompt_for(tiny_engine).input_ids, request_id="probe", max_new_tokens=2000, streaming=True)
+        first = manager.get_result(timeout=60)
+        assert first.request_id == "probe" and not first.is_finished()
+        with manager.pause():  # the model thread waits, having taken in its queues: the cancel stays queued
+            manager.cancel_request("probe")
+            assert not manager.cancel_queue.empty()
+            assert "probe" in manager.batch_processor.scheduler.active_requests
+            assert still_held(manager, {"probe"}) == {"probe"}
+        deadline = time.monotonic() + 60  # only so that a change fails instead of hanging
+        while still_held(manager, {"probe"}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler = manager.batch_processor.scheduler
+        assert "probe" not in scheduler.active_requests and "probe" not in scheduler.waiting_requests
+        # And no last output says so: the reason still_held exists.
+        outputs = iter(lambda: manager.get_result(timeout=0.5), None)
+        assert not any(output.is_finished() for output in outputs)
+    finally:
+        batcher.close()

@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 
-from orca2_space.settings import GenerationParams
 from orca2_space.engine import Engine, GenerationError, ModelLoadError, plan_load
 from orca2_space.prompt import IM_END, Prompt
+from orca2_space.settings import GenerationParams
 
 
 def prompt_for(engine, message="How are you?"):
@@ -89,7 +89,8 @@ def test_greedy_answers_report_no_seed(tiny_engine):
 
 
 def test_a_failure_during_generation_is_reported_and_the_engine_keeps_serving(tiny_engine):
-    generation = tiny_engine.generate(Prompt("", [1, 99_999]), GenerationParams(max_new_tokens=5))  # id outside the vocabulary
+    outside_the_vocabulary = Prompt("", [1, 99_999])
+    generation = tiny_engine.generate(outside_the_vocabulary, GenerationParams(max_new_tokens=5))
     with pytest.raises(GenerationError, match="failed while answering"):
         list(generation)
     assert generation.stats.stop_reason == "error"
