@@ -73,6 +73,9 @@ class AnswerStream(Protocol):
 
     # What the reader should know about how this answer was made (settings a server can't take).
     notices: tuple[str, ...]
+    # The ids of the answer read so far, after the prompt and without the end-of-turn token; None
+    # where the backend only sees text (an inference server).
+    token_ids: list[int] | None
 
     @property
     def stats(self) -> GenerationStats | None: ...

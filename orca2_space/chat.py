@@ -291,6 +291,10 @@ class Chat:
         return True
 
 
+def _ids(answer: AnswerStream) -> tuple[int, ...] | None:
+    return None if answer.token_ids is None else tuple(answer.token_ids)
+
+
 class _Reply:
     """The updates of one turn; notices and the moderation state accumulate as it goes."""
 
@@ -326,7 +330,7 @@ def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) 
             generated += delta
             if gate is None:
                 shown = answer_text(generated)
-                yield reply(shown)
+                yield reply(shown, answer_ids=_ids(answer))
                 continue
             gate.offer(answer_text(generated))
             if gate.blocked:
@@ -335,7 +339,7 @@ def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) 
                 break
             if (released := gate.released) != shown:
                 shown = released
-                yield reply(shown)
+                yield reply(shown)  # no ids: they could spell out what moderation has not passed
     except GenerationError as failure:
         error = str(failure)
     finally:
@@ -350,7 +354,7 @@ def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) 
             withheld = _withheld("[Content Filtered] Orca 2's answer was withheld", verdict, moderation)
             yield reply("", done=True, stats=answer.stats, withheld=withheld)
             return
-    yield reply(text, done=True, stats=answer.stats, error=error)
+    yield reply(text, done=True, stats=answer.stats, error=error, answer_ids=_ids(answer))
 
 
 def _withheld(what: str, verdict: Verdict, moderation: Moderation) -> str:

@@ -136,14 +136,15 @@ class _State:
         after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
         seconds = time.perf_counter() - self.started
         self.stats = stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched)
+        after_cancel = "" if after is None else f", {after} tokens after cancel"
         log.info(
-            "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s), %s tokens after cancel",
+            "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s)%s",
             "batched" if self.batched else "single",
             stats.stop_reason,
             stats.n_tokens,
             stats.seconds,
             stats.tokens_per_second,
-            stats.tokens_after_cancel,
+            after_cancel,
         )
         self.tokens.put(_END)
         self.done.set()
@@ -159,6 +160,9 @@ class Generation:
     def __init__(self, state: _State, tokenizer: OrcaTokenizer):
         self._state = state
         self._tokenizer = tokenizer
+        # The ids read so far: what Orca 2 wrote after the prompt (the newline that ends its role line
+        # included, the end-of-turn token not).
+        self.token_ids: list[int] = []
         weakref.finalize(self, state.request_cancel)
 
     @property
@@ -181,7 +185,9 @@ class Generation:
             tokens = self._next_tokens()
             if ended := _END in tokens:
                 tokens = tokens[: tokens.index(_END)]
-            delta = "".join(decoder.push(token) for token in tokens if token not in STOP_IDS)
+            tokens = [token for token in tokens if token not in STOP_IDS]
+            self.token_ids += tokens
+            delta = "".join(decoder.push(token) for token in tokens)
             if delta:
                 yield delta
         if tail := decoder.flush():
@@ -269,7 +275,8 @@ class Engine:
         cuda = torch.cuda.is_available()
         plan = plan_load(quantization, cuda, _fp32_bytes(config), psutil.virtual_memory().total, zerogpu)
         log.info("loading %s as %s (%s)", model_name, plan.quantization, plan.reason)
-        on_phase(f"downloading and loading the weights as {plan.quantization}")
+        fetch = "loading" if os.path.isdir(model_name) else "downloading (once) and loading"
+        on_phase(f"{fetch} the weights as {plan.quantization}")
         model = AutoModelForCausalLM.from_pretrained(
             model_name, **_load_kwargs(plan.quantization, cuda and not zerogpu)
         )

@@ -146,6 +146,8 @@ class RemoteAnswer:
         self.stats: GenerationStats | None = None
         self.error: str | None = None
         self.notices: tuple[str, ...] = ()
+        # Servers send text: the ids of what they wrote are not known here.
+        self.token_ids: list[int] | None = None
         self.n_tokens = 0  # pieces streamed so far (the server's count, once it sends one)
         self._texts: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()

@@ -51,6 +51,7 @@ class FakeAnswer:
     """An AnswerStream that writes scripted pieces, one per token, in the reader's thread."""
 
     notices: tuple[str, ...] = ()
+    token_ids: list[int] | None = None  # it writes text, like an inference server
 
     def __init__(self, pieces: list[str], max_tokens: int, forever: bool):
         self._pieces, self._max_tokens, self._forever = pieces, max_tokens, forever

@@ -43,6 +43,16 @@ def test_chat_streams_partial_answers_then_a_final_one(client):
     assert len(partials) > 1
 
 
+def test_every_update_carries_the_answers_token_ids(client, tokenizer):
+    job = client.submit(message="Tell me more", max_new_tokens=12, api_name="/chat")
+    updates = list(job)
+    final = job.result()
+    assert len(final["answer_ids"]) == final["n_tokens"] == 12
+    assert tokenizer.decode(final["answer_ids"]) == "\n" + final["answer"]  # the role line's newline first
+    for update in updates:
+        assert final["answer_ids"][: len(update["answer_ids"] or [])] == (update["answer_ids"] or [])
+
+
 def test_chat_takes_every_setting_by_name(client):
     final = client.predict(
         message="Hi",
