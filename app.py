@@ -8,7 +8,7 @@ if on_zerogpu():
     # ZeroGPU's package must be imported before torch initialises CUDA.
     import spaces  # noqa: F401
 
-from orca2_space.cli import main  # noqa: E402
+from orca2_space.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gradio_client import Client  # noqa: E402
-from make_tiny_model import build_tiny_model  # noqa: E402
+from gradio_client import Client
+from make_tiny_model import build_tiny_model
 
 
 def run_load(url: str, clients: int, requests: int, max_new_tokens: int, timeout: float) -> list[dict]:
@@ -44,9 +44,14 @@ def run_load(url: str, clients: int, requests: int, max_new_tokens: int, timeout
         for n in range(requests):
             start = time.perf_counter()
             try:
-                job = client.submit(message=f"visitor {index}, question {n}", max_new_tokens=max_new_tokens, api_name="/chat")
+                job = client.submit(
+                    message=f"visitor {index}, question {n}", max_new_tokens=max_new_tokens, api_name="/chat"
+                )
                 final = job.result(timeout=timeout)
-                outcome = {"outcome": "ok" if final["done"] and not final["error"] else "error", "tokens": final["n_tokens"] or 0}
+                outcome = {
+                    "outcome": "ok" if final["done"] and not final["error"] else "error",
+                    "tokens": final["n_tokens"] or 0,
+                }
             except Exception as error:  # noqa: BLE001 - each refusal is counted, not raised
                 busy = "queue is full" in str(error).lower()
                 outcome = {"outcome": "busy" if busy else "error", "tokens": 0, "message": str(error)[:200]}
@@ -73,7 +78,9 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: a tiny random Orca-2-shaped model)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-queue", type=int, default=8)
-    parser.add_argument("--timeout", type=float, default=120, help="seconds one request may take before it counts as hung")
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds one request may take before it counts as hung"
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "load.json"))
     args = parser.parse_args()
 
@@ -82,9 +89,23 @@ def main() -> None:
         port = 7800 + os.getpid() % 100
         url = f"http://127.0.0.1:{port}/"
         server = subprocess.Popen(
-            [sys.executable, "app.py", "--model", model, "--port", str(port), "--concurrency", str(args.concurrency),
-             "--max-queue", str(args.max_queue), "--log-level", "WARNING"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "app.py",
+                "--model",
+                model,
+                "--port",
+                str(port),
+                "--concurrency",
+                str(args.concurrency),
+                "--max-queue",
+                str(args.max_queue),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             for _ in range(600):

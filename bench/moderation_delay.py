@@ -24,14 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from content_safety_server import Behaviour, ContentSafetyServer  # noqa: E402
-from make_tiny_model import build_tiny_model  # noqa: E402
+from content_safety_server import Behaviour, ContentSafetyServer
+from make_tiny_model import build_tiny_model
 
-from orca2_space.chat import Chat  # noqa: E402
-from orca2_space.settings import ModerationSettings, Settings  # noqa: E402
-from orca2_space.engine import Engine  # noqa: E402
-from orca2_space.moderation import AzureContentSafety, Moderation  # noqa: E402
-from orca2_space.prompt import IM_END, OrcaTokenizer  # noqa: E402
+from orca2_space.chat import Chat
+from orca2_space.engine import Engine
+from orca2_space.moderation import AzureContentSafety, Moderation
+from orca2_space.prompt import IM_END, OrcaTokenizer
+from orca2_space.settings import ModerationSettings, Settings
 
 # Sentences whose token ids are all distinct, as a scripted model needs.
 ANSWER = "\nLocals often visit on weekdays. Menus written only in English may hint at tourists; reviews help too! Done"
@@ -40,7 +40,9 @@ ANSWER = "\nLocals often visit on weekdays. Menus written only in English may hi
 def timed_answer(chat: Chat, moderation: bool) -> dict[str, float]:
     start = time.perf_counter()
     first_visible = None
-    for update in chat.respond(chat.request("Is this restaurant popular with locals?", "", [], moderation=moderation, max_new_tokens=200)):
+    for update in chat.respond(
+        chat.request("Is this restaurant popular with locals?", "", [], moderation=moderation, max_new_tokens=200)
+    ):
         if update.answer and first_visible is None:
             first_visible = time.perf_counter() - start
     return {"first_visible_s": first_visible or float("nan"), "done_s": time.perf_counter() - start}
@@ -54,7 +56,10 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = OrcaTokenizer(ROOT / "tests" / "fixtures" / "orca2-tokenizer" / "tokenizer.model")
-    with tempfile.TemporaryDirectory() as folder, ContentSafetyServer(Behaviour(key="bench", delay=args.latency)) as server:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        ContentSafetyServer(Behaviour(key="bench", delay=args.latency)) as server,
+    ):
         engine = Engine.load(str(build_tiny_model(folder, script=[*tokenizer.encode_text(ANSWER), IM_END])))
         rules = ModerationSettings(endpoint=server.endpoint, key="bench", default_on=False)
         moderation = Moderation(AzureContentSafety(server.endpoint, "bench", rules.timeout, rules.retries), rules)
@@ -64,8 +69,10 @@ def main() -> None:
         checks_per_answer = len(server.requests) / args.answers
 
     result = {"latency_s": args.latency, "answers": args.answers, "checks_per_answer": checks_per_answer}
-    print(f"moderation stand-in latency {args.latency * 1000:.0f} ms per check, {checks_per_answer:.1f} checks per answer "
-          f"(question, sentences, whole answer)\n")
+    print(
+        f"moderation stand-in latency {args.latency * 1000:.0f} ms per check, {checks_per_answer:.1f} checks per answer "
+        f"(question, sentences, whole answer)\n"
+    )
     print(f"{'metric':<22}{'off (baseline)':>16}{'on':>10}{'added':>10}{'ratio':>8}")
     for metric in ("first_visible_s", "done_s"):
         off = statistics.median(r[metric] for r in runs["off"])

@@ -31,17 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from gradio_client import Client  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
+import torch
+from conftest import free_port
+from gradio_client import Client
+from make_tiny_model import SIZES, build_tiny_model
+from transformers.generation.streamers import BaseStreamer
 
-from conftest import free_port  # noqa: E402
-from make_tiny_model import SIZES, build_tiny_model  # noqa: E402
-from orca2_space.chat import Chat  # noqa: E402
-from orca2_space.cli import launch  # noqa: E402
-from orca2_space.settings import BatchingSettings, GenerationParams, Settings  # noqa: E402
-from orca2_space.engine import Engine, _generation_config  # noqa: E402
-from orca2_space.prompt import Prompt  # noqa: E402
+from orca2_space.chat import Chat
+from orca2_space.cli import launch
+from orca2_space.engine import Engine, _generation_config
+from orca2_space.prompt import Prompt
+from orca2_space.settings import BatchingSettings, GenerationParams, Settings
 
 QUESTION = "How can you determine if a restaurant is popular among locals or mainly attracts tourists?"
 SYSTEM = "You are Orca, an AI language model created by Microsoft. You are a cautious assistant."
@@ -81,10 +81,17 @@ def raw_generate(engine: Engine, ids: list[int], params: GenerationParams) -> di
     with torch.inference_mode():
         tensor = torch.tensor([ids], device=engine.model.device)
         engine.model.generate(
-            input_ids=tensor, attention_mask=torch.ones_like(tensor), generation_config=_generation_config(params), streamer=clock
+            input_ids=tensor,
+            attention_mask=torch.ones_like(tensor),
+            generation_config=_generation_config(params),
+            streamer=clock,
         )
     tokens = clock.times[1:]  # the first put is the prompt
-    return {"tokens_per_s": rate(len(tokens), tokens[0], tokens[-1]), "ttft_s": tokens[0] - start, "tokens": len(tokens)}
+    return {
+        "tokens_per_s": rate(len(tokens), tokens[0], tokens[-1]),
+        "ttft_s": tokens[0] - start,
+        "tokens": len(tokens),
+    }
 
 
 def engine_stream(engine: Engine, ids: list[int], params: GenerationParams) -> dict:
@@ -175,7 +182,10 @@ def bench_model(name: str, workdir: Path, new_tokens: int) -> dict:
     client_stream(client, params)  # warm-up
     result["end_to_end"] = median_run(lambda: client_stream(client, params))
     result["crowds"] = {
-        label: {str(n): crowd(lambda: client_stream(Client(app.local_url, verbose=False), params), n) for n in CROWDS}
+        label: {
+            str(n): crowd(lambda url=app.local_url: client_stream(Client(url, verbose=False), params), n)
+            for n in CROWDS
+        }
         for label, app in apps.items()
     }
     # The same crowds straight on the engine: what the batch gives before Gradio's share of the CPU.
@@ -191,15 +201,26 @@ def table(result: dict) -> str:
     base = result["raw_generate"]["tokens_per_s"]
     rows = [f"{result['model']} ({result['weights']}, {result['device']}, prompt {result['prompt_tokens']} tokens)"]
     rows.append(f"  {'path':<28}{'tokens/s':>10}{'× raw':>8}{'TTFT ms':>10}")
-    for key, label in (("raw_generate", "raw model.generate"), ("engine", "engine, alone"), ("engine_batched", "engine, batch of 1"), ("end_to_end", "gradio_client → app")):
+    for key, label in (
+        ("raw_generate", "raw model.generate"),
+        ("engine", "engine, alone"),
+        ("engine_batched", "engine, batch of 1"),
+        ("end_to_end", "gradio_client → app"),
+    ):
         r = result[key]
-        rows.append(f"  {label:<28}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>8.2f}{r['ttft_s'] * 1000:>10.0f}")
+        rows.append(
+            f"  {label:<28}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>8.2f}{r['ttft_s'] * 1000:>10.0f}"
+        )
     for key, r in result["stop"].items():
-        rows.append(f"  Stop, {key:<22} {r['stop_latency_s'] * 1000:.0f} ms after cancel, {r['steps_after_cancel']} forward step(s)")
+        rows.append(
+            f"  Stop, {key:<22} {r['stop_latency_s'] * 1000:.0f} ms after cancel, {r['steps_after_cancel']} forward step(s)"
+        )
     rows.append(f"  {'N chats at once':<28}{'tokens/s':>10}{'× 1 chat':>10}{'TTFT p50':>10}{'p95 ms':>8}")
     for label, crowds in result["crowds"].items():
         one = crowds["1"]["aggregate_tokens_per_s"]
-        label = {"batched": "app, batched", "one_at_a_time": "app, one at a time", "engine_batched": "engine, batched"}[label]
+        label = {"batched": "app, batched", "one_at_a_time": "app, one at a time", "engine_batched": "engine, batched"}[
+            label
+        ]
         for n, r in crowds.items():
             row = f"  {label + ', ' + n:<28}{r['aggregate_tokens_per_s']:>10.1f}{r['aggregate_tokens_per_s'] / one:>10.2f}"
             rows.append(row + f"{r['ttft_p50_s'] * 1000:>10.0f}{r['ttft_p95_s'] * 1000:>8.0f}")
@@ -218,7 +239,9 @@ def main() -> None:
         for name in args.models.split(","):
             results.append(bench_model(name.strip(), Path(workdir), args.new_tokens))
             print(table(results[-1]), flush=True)
-    Path(args.json).write_text(json.dumps({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results}, indent=2))
+    Path(args.json).write_text(
+        json.dumps({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results}, indent=2)
+    )
     print(f"wrote {args.json}")
 
 

@@ -28,8 +28,12 @@ DEFAULT_PRESET = "Cautious (model card default)"
 
 # The two prompts of the model card.
 EXAMPLES: list[str] = [
-    "How can you determine if a restaurant is popular among locals or mainly attracts tourists, and why "
-    "might this information be useful?",
-    "\" \n :You can't just say, \"\"that's crap\"\" and remove it without gaining a consensus. You already "
-    "know this, based on your block history. —/ \" \nIs the comment obscene? \nOptions : Yes, No.",
+    (
+        "How can you determine if a restaurant is popular among locals or mainly attracts tourists, and why "
+        "might this information be useful?"
+    ),
+    (
+        '" \n :You can\'t just say, ""that\'s crap"" and remove it without gaining a consensus. You already '
+        'know this, based on your block history. —/ " \nIs the comment obscene? \nOptions : Yes, No.'
+    ),
 ]

@@ -109,9 +109,7 @@ class OrcaTokenizer:
         """
         head = [BOS, *self.encode_text(SPIECE_UNDERLINE), *self._message("system", system)]
         tail = [*self._message("user", user), IM_START, *self.encode_text("assistant")]
-        turns = [
-            self._message("user", t.user) + self._message("assistant", t.assistant) for t in history
-        ]
+        turns = [self._message("user", t.user) + self._message("assistant", t.assistant) for t in history]
         room = context_length - max_new_tokens - len(head) - len(tail)
         if room < 0:
             raise PromptTooLong(

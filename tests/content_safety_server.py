@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
 PATH = "/contentsafety/text:analyze"
@@ -113,7 +114,7 @@ class ContentSafetyServer:
         self.endpoint = f"http://{host}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
-    def __enter__(self) -> ContentSafetyServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

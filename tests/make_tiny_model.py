@@ -15,6 +15,7 @@ makes "stops at <|im_end|>" or "runs until Stop" checkable on a real forward pas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -53,7 +54,7 @@ def _script(model: LlamaForCausalLM, script: list[int], loop: bool) -> None:
     chain = [PROMPT_LAST_ID, *script]
     if len(set(chain)) != len(chain):
         raise ValueError("script ids must be distinct and must not include the prompt's last id")
-    successor = dict(zip(chain, chain[1:]))
+    successor = dict(itertools.pairwise(chain))
     if loop:
         successor[chain[-1]] = script[0]
     with torch.no_grad():

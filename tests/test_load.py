@@ -5,14 +5,14 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
 from orca2_space.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from load import run_load  # noqa: E402
+from load import run_load
 
 
 @pytest.fixture(scope="module")

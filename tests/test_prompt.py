@@ -3,10 +3,9 @@
 import json
 
 import pytest
+from conftest import FIXTURES
 
 from orca2_space.prompt import IM_END, IM_START, PromptTooLong, StreamDecoder, Turn, answer_text, render
-
-from conftest import FIXTURES
 
 REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 

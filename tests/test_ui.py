@@ -4,8 +4,8 @@ import pytest
 
 from orca2_space import ui
 from orca2_space.chat import Chat
-from orca2_space.settings import ModerationSettings, Settings
 from orca2_space.moderation import AzureContentSafety, Moderation
+from orca2_space.settings import ModerationSettings, Settings
 
 
 def toggle(chat):

@@ -4,13 +4,12 @@ import threading
 
 import pytest
 import spaces  # installed, as on a Space: it must change nothing on this (CPU) machine
+from test_engine import prompt_for
 
 from orca2_space import engine as engine_module
-from orca2_space.settings import GenerationParams
 from orca2_space.engine import Engine, plan_load
+from orca2_space.settings import GenerationParams
 from orca2_space.zerogpu import gpu_task, on_zerogpu
-
-from test_engine import prompt_for
 
 
 def test_off_zerogpu_the_gpu_decorator_is_a_pass_through():
