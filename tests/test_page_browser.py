@@ -177,7 +177,11 @@ def test_an_exported_sampled_answer_replays_through_the_page_and_chat(browser, p
         (turn,) = exported["exchanges"]
         answer = turn["answer"]  # exactly as written (the page, like any Markdown, drops a leading space)
         assert exported["model"] and exported["weights"] and exported["app_version"]
-        assert " ".join(answer.split()) == " ".join(shown.split()) and turn["settings"]["seed"] == 4321 and turn["settings"]["do_sample"]
+        assert (
+            " ".join(answer.split()) == " ".join(shown.split())
+            and turn["settings"]["seed"] == 4321
+            and turn["settings"]["do_sample"]
+        )
         assert turn["prompt_ids"][:3] == [1, 29871, 32001] and turn["stats"]["n_tokens"] == 24
         assert "Surprise me" in download(page, "#export-markdown")
         saved = tmp_path / "conversation.json"
