@@ -157,9 +157,9 @@ def _layout(chat: Chat) -> dict:
 
 
 def _conversation_column() -> dict:
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, elem_id="chats")
-        new_chat = gr.Button("＋ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
+        new_chat = gr.Button("+ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
         delete_chat = gr.Button("🗑 Delete", size="sm", scale=1, min_width=80, elem_id="delete-chat")
     chatbot = gr.Chatbot(
         label="Chat",
@@ -275,7 +275,9 @@ def _wire(demo: gr.Blocks, page: Page, chat: Chat) -> None:
     page.undo.click(
         events.undo, [page.store, page.raw], [page.chatbot, page.message, page.answer_status, *listed], **private
     )
-    page.new_chat.click(events.new, [page.store], [page.chatbot, page.answer_status, *listed], **private)
+    # The Chatbot's own trash button clears the view: it starts a new chat too (the old one stays listed).
+    for trigger in (page.new_chat.click, page.chatbot.clear):
+        trigger(events.new, [page.store], [page.chatbot, page.answer_status, *listed], **private)
     page.delete_chat.click(events.delete, [page.store], [page.chatbot, page.answer_status, *listed], **private)
     page.chats.input(
         events.open,
