@@ -27,6 +27,7 @@ from orca2_space.chat import Chat
 from orca2_space.engine import Engine
 from orca2_space.prompt import EOS, IM_END, OrcaTokenizer, Prompt
 from orca2_space.settings import (
+    BatchingSettings,
     GenerationParams,
     Settings,
 )
@@ -114,6 +115,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir) -> Engine:
     return Engine.load(str(tiny_model_dir))
+
+
+def batched(engine: Engine, max_concurrent: int = 4) -> Engine:
+    """The same loaded model, served through the batcher."""
+    return Engine(
+        engine.model, engine.tokenizer, engine.info, BatchingSettings(max_concurrent=max_concurrent, cache_tokens=8192)
+    )
+
+
+@pytest.fixture(scope="module")
+def batched_tiny(tiny_engine):
+    """The tiny model through the batch (one batch per test module)."""
+    engine = batched(tiny_engine)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

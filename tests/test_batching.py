@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from conftest import batched
 from test_engine import prompt_for
 
 from orca2_space.batching import Batcher, BatchingSettings, still_held
@@ -12,20 +13,6 @@ from orca2_space.engine import Engine
 from orca2_space.settings import GenerationParams
 
 QUESTIONS = ["How are you?", "What is 2 + 2?", "Name a colour.", "Why is the sky blue?"]
-
-
-def batched(engine: Engine, max_concurrent: int = 4) -> Engine:
-    """The same loaded model, served through the batcher."""
-    return Engine(
-        engine.model, engine.tokenizer, engine.info, BatchingSettings(max_concurrent=max_concurrent, cache_tokens=8192)
-    )
-
-
-@pytest.fixture(scope="module")
-def batched_tiny(tiny_engine):
-    engine = batched(tiny_engine)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ question is answered as before. Each test ends because the answers' iteration en
 
 import pytest
 import torch
-from test_batching import QUESTIONS, answer, batched
+from test_batching import QUESTIONS, answer
 from test_engine import prompt_for
 
 from orca2_space import engine as engine_module
@@ -42,13 +42,6 @@ def fault(tiny_engine):
     handle = tiny_engine.model.model.layers[0].register_forward_pre_hook(fault)
     yield fault
     handle.remove()
-
-
-@pytest.fixture(scope="module")
-def batched_tiny(tiny_engine):
-    engine = batched(tiny_engine)
-    yield engine
-    engine.close()
 
 
 def start_answers(engine, n: int = 3) -> tuple[list[Generation], list]:
