@@ -107,10 +107,12 @@ class Store(BaseModel):
             return cls()
 
     def current(self) -> Conversation:
+        """The open conversation; one emptied by Retry or Undo keeps its id (it is listed again once it
+        has an exchange)."""
         for conversation in self.conversations:
             if conversation.id == self.open:
                 return conversation
-        return Conversation()
+        return Conversation(id=self.open) if self.open else Conversation()
 
     def save(self, conversation: Conversation) -> Store:
         """The store with this conversation open and first in the list."""

@@ -97,3 +97,11 @@ def test_markdown_shows_every_question_and_answer_verbatim():
     text = to_markdown(export(conversation, INFO, [[1]]))
     assert "`````\n````\nfenced\n````\n`````" in text
     assert f"````\n{tricky}\n````" in text
+
+
+def test_a_conversation_emptied_by_undo_keeps_its_id():
+    conversation = Conversation(exchanges=[exchange("only")])
+    store = Store().save(conversation)
+    emptied = store.current().model_copy(update={"exchanges": []})
+    store = store.save(emptied)
+    assert store.conversations == [] and store.current().id == conversation.id
