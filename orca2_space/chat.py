@@ -7,8 +7,12 @@ here imports gradio.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
+import queue
+import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +21,11 @@ from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
 from .settings import GenerationParams, InvalidRequest, Settings, validate_params
+
+log = logging.getLogger(__name__)
+
+# A comparison sets 2 to 4 system messages side by side: enough to contrast strategies, few enough to read.
+COMPARED = range(2, 5)
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,8 @@ class Chat:
         self.loading = backend if isinstance(backend, ModelLoading) else ModelLoading.loaded(backend)
         self.settings = settings
         self.moderation = moderation
-        self._active: dict[str, Any] = {}
+        # The answers each owner (a page session) has running, for stop(owner).
+        self._active: dict[str, set[AnswerStream | _Comparison]] = {}
         self._active_lock = threading.Lock()
 
     def request(
@@ -267,28 +277,113 @@ class Chat:
             yield from _stream(answer, reply, moderation)
 
     @contextlib.contextmanager
-    def _owned(self, owner: str | None, answer: AnswerStream) -> Iterator[None]:
+    def _owned(self, owner: str | None, answer: AnswerStream | _Comparison) -> Iterator[None]:
         """While the answer streams, stop(owner) can reach it; afterwards the backend's work ends."""
         if owner is not None:
             with self._active_lock:
-                self._active[owner] = answer
+                self._active.setdefault(owner, set()).add(answer)
         try:
             yield
         finally:
             answer.cancel()
             if owner is not None:
                 with self._active_lock:
-                    if self._active.get(owner) is answer:
-                        del self._active[owner]
+                    running = self._active.get(owner, set())
+                    running.discard(answer)
+                    if not running:
+                        self._active.pop(owner, None)
 
     def stop(self, owner: str) -> bool:
-        """End the owner's running answer after the current decode step; True if one was running."""
+        """End the owner's running answers after the current decode step; True if any was running."""
         with self._active_lock:
-            generation = self._active.get(owner)
-        if generation is None:
-            return False
-        generation.cancel()
-        return True
+            running = list(self._active.get(owner, ()))
+        for answer in running:
+            answer.cancel()
+        return bool(running)
+
+    def compare_requests(
+        self, message: Any, system_messages: Any, moderation: Any = None, **params: Any
+    ) -> list[ChatRequest]:
+        """One single-turn request per system message, validated, with the same settings: a sampled
+        comparison draws one seed for all, so that the answers differ by their system message alone."""
+        if not isinstance(system_messages, list | tuple) or len(system_messages) not in COMPARED:
+            raise InvalidRequest(
+                f"system_messages must be a list of {COMPARED.start} to {COMPARED.stop - 1} texts; got {_describe(system_messages)}"
+            )
+        requests = [
+            self.request(message, _string(system, f"system_messages[{index}]"), None, moderation, True, **params)
+            for index, system in enumerate(system_messages)
+        ]
+        shared = requests[0].params
+        if shared.do_sample and shared.seed is None:
+            shared = shared.model_copy(update={"seed": secrets.randbelow(2**32)})
+        return [dataclasses.replace(request, params=shared) for request in requests]
+
+    def compare(self, requests: Sequence[ChatRequest], owner: str | None = None) -> Iterator[tuple[ChatUpdate, ...]]:
+        """Stream the answers side by side: each update holds every answer's latest state, in order.
+
+        Each answer is respond()'s, in a thread of its own, so greedy ones share the batch's decode
+        steps. stop(owner), or closing the iterator, stops them all; each still ends with its final update."""
+        comparison = _Comparison(self, f"compare-{secrets.token_hex(8)}")
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        for index, request in enumerate(requests):
+            threading.Thread(
+                target=comparison.answer_into,
+                args=(index, request, updates),
+                name="orca2-compare",
+                daemon=True,
+            ).start()
+        latest = [ChatUpdate("") for _ in requests]
+        running = len(requests)
+        with self._owned(owner, comparison):
+            while running:
+                # A reader that fell behind gets the latest state of every answer in one update.
+                for index, update in _drain(updates):
+                    if update is None:
+                        running -= 1
+                    else:
+                        latest[index] = update
+                yield tuple(latest)
+
+
+class _Comparison:
+    """What stop(owner) reaches of a comparison: each of its answers, those still to start included."""
+
+    def __init__(self, chat: Chat, key: str):
+        self._chat = chat
+        self._key = key  # the owner its answers run under
+        self._stopped = threading.Event()
+
+    def cancel(self) -> None:
+        self._stopped.set()
+        self._chat.stop(self._key)
+
+    def answer_into(self, index: int, request: ChatRequest, updates: queue.SimpleQueue) -> None:
+        """One answer's updates, put as (index, update), then (index, None)."""
+        try:
+            for update in self._chat.respond(request, self._key):
+                updates.put((index, update))
+                if self._stopped.is_set():  # an answer that started after Stop stops now
+                    self._chat.stop(self._key)
+        except Exception as error:
+            log.exception("a compared answer failed")
+            updates.put((index, ChatUpdate("", done=True, error=f"This answer failed: {error}")))
+        finally:
+            updates.put((index, None))
+
+
+def _drain(updates: queue.SimpleQueue) -> list:
+    """The next item (waiting for it), and any that are already there."""
+    items = [updates.get()]
+    while not updates.empty():
+        items.append(updates.get_nowait())
+    return items
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return f"{len(value)} of them"
+    return f"a {type(value).__name__}"
 
 
 def _ids(answer: AnswerStream) -> tuple[int, ...] | None:

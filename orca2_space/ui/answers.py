@@ -28,6 +28,15 @@ def turn(chat: Chat, message, system_message, history, moderation, single_turn, 
     return chat.respond(request, owner=owner)
 
 
+def comparison(chat: Chat, message, system_messages, moderation, params: dict, owner: str | None):
+    """The side-by-side answers' updates, for the page and /compare alike."""
+    try:
+        requests = chat.compare_requests(message, system_messages, moderation, **params)
+    except InvalidRequest as error:
+        raise gr.Error(str(error)) from error
+    return chat.compare(requests, owner=owner)
+
+
 def history_messages(conversation: Conversation) -> list[dict]:
     return [
         message

@@ -9,7 +9,7 @@ import gradio as gr
 from ..chat import Chat, system_message_for
 from ..prompt import PromptTooLong
 from ..settings import GENERATION_FIELDS, InvalidRequest
-from .answers import turn
+from .answers import comparison, turn
 
 GENERATION_CONCURRENCY_ID = "generation"
 
@@ -22,10 +22,6 @@ def add_endpoints(chat: Chat) -> None:
         moderation, single_turn = args.pop("moderation"), args.pop("single_turn")
         for update in turn(chat, message, system, history, moderation, single_turn, args, owner=None):
             yield update.as_api_dict()
-
-    chat_endpoint.__signature__ = CHAT_SIGNATURE
-    chat_endpoint.__annotations__ = {p.name: p.annotation for p in CHAT_SIGNATURE.parameters.values()}
-    chat_endpoint.__doc__ = CHAT_DOC
 
     def inspect_prompt(
         message: str,
@@ -42,8 +38,24 @@ def add_endpoints(chat: Chat) -> None:
             raise gr.Error(str(error)) from error
         return {"text": prompt.text, "input_ids": prompt.input_ids, "n_tokens": prompt.n_tokens}
 
+    def compare_endpoint(*values) -> Iterator[dict]:
+        args = COMPARE_SIGNATURE.bind(*values).arguments
+        message, system_messages, moderation = args.pop("message"), args.pop("system_messages"), args.pop("moderation")
+        for updates in comparison(chat, message, system_messages, moderation, args, owner=None):
+            yield {"answers": [update.as_api_dict() for update in updates]}
+
+    _declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
+    _declare(compare_endpoint, COMPARE_SIGNATURE, COMPARE_DOC)
     gr.api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
+    gr.api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
     gr.api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
+
+
+def _declare(endpoint, signature: inspect.Signature, doc: str) -> None:
+    """What gr.api reads to describe an endpoint taking *values: its parameters and its help."""
+    endpoint.__signature__ = signature
+    endpoint.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    endpoint.__doc__ = doc
 
 
 def _system_message(system_message, preset) -> str:
@@ -53,26 +65,43 @@ def _system_message(system_message, preset) -> str:
         raise gr.Error(str(error)) from error
 
 
-def _chat_signature() -> inspect.Signature:
-    """/chat's parameters: the conversation, every generation setting as declared, then the switches."""
-    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    conversation = [
-        inspect.Parameter("message", keyword, annotation=str),
-        inspect.Parameter("system_message", keyword, default=None, annotation=str | None),
-        inspect.Parameter("preset", keyword, default=None, annotation=str | None),
-        inspect.Parameter("history", keyword, default=None, annotation=list[dict] | None),
-    ]
+_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _settings_parameters() -> list[inspect.Parameter]:
+    """Every generation setting as declared, then the moderation switch."""
     settings = [
-        inspect.Parameter(name, keyword, default=field.default, annotation=field.annotation)
+        inspect.Parameter(name, _KEYWORD, default=field.default, annotation=field.annotation)
         for name, field in GENERATION_FIELDS.items()
     ]
-    switches = [
-        inspect.Parameter("moderation", keyword, default=None, annotation=bool | None),
-        inspect.Parameter("single_turn", keyword, default=False, annotation=bool),
+    return [*settings, inspect.Parameter("moderation", _KEYWORD, default=None, annotation=bool | None)]
+
+
+def _chat_signature() -> inspect.Signature:
+    """/chat's parameters: the conversation, the settings, then the single-turn switch."""
+    conversation = [
+        inspect.Parameter("message", _KEYWORD, annotation=str),
+        inspect.Parameter("system_message", _KEYWORD, default=None, annotation=str | None),
+        inspect.Parameter("preset", _KEYWORD, default=None, annotation=str | None),
+        inspect.Parameter("history", _KEYWORD, default=None, annotation=list[dict] | None),
     ]
-    return inspect.Signature([*conversation, *settings, *switches], return_annotation=Iterator[dict])
+    single_turn = inspect.Parameter("single_turn", _KEYWORD, default=False, annotation=bool)
+    return inspect.Signature([*conversation, *_settings_parameters(), single_turn], return_annotation=Iterator[dict])
 
 
+def _compare_signature() -> inspect.Signature:
+    """/compare's parameters: the question, the system messages, then the settings they share."""
+    question = [
+        inspect.Parameter("message", _KEYWORD, annotation=str),
+        inspect.Parameter("system_messages", _KEYWORD, annotation=list[str]),
+    ]
+    return inspect.Signature([*question, *_settings_parameters()], return_annotation=Iterator[dict])
+
+
+_SETTINGS_DOC = [
+    f"{name}: {field.title}" + (f" ({field.description})" if field.description else "")
+    for name, field in GENERATION_FIELDS.items()
+]
 CHAT_SIGNATURE = _chat_signature()
 CHAT_DOC = "\n".join(
     [
@@ -83,9 +112,17 @@ CHAT_DOC = "\n".join(
             "moderation: None for the server's default; the server may require it. single_turn: answer the message "
             "on its own (the history is not sent), as Orca 2's card intends and its paper evaluates."
         ),
-        *(
-            f"{name}: {field.title}" + (f" ({field.description})" if field.description else "")
-            for name, field in GENERATION_FIELDS.items()
+        *_SETTINGS_DOC,
+    ]
+)
+COMPARE_SIGNATURE = _compare_signature()
+COMPARE_DOC = "\n".join(
+    [
+        (
+            "Answer one question under 2 to 4 system messages at once, with the same settings (a sampled "
+            'comparison uses one seed for all). Streams {"answers": [...]}: one /chat-style update per system '
+            "message, in order. Each question is answered on its own (single turn)."
         ),
+        *_SETTINGS_DOC,
     ]
 )
