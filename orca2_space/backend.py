@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from .prompt import OrcaTokenizer, Prompt
+from .prompt import OrcaTokenizer, Prompt, StreamDecoder
 from .settings import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ class ModelLoadError(RuntimeError):
 
 class GenerationError(RuntimeError):
     """The answer failed; the backend stays usable and the message is meant for the reader."""
+
+
+class ScoringUnavailable(RuntimeError):
+    """This backend can't give token probabilities; the message says why, for the reader."""
 
 
 class StopReason(StrEnum):
@@ -67,6 +71,27 @@ class GenerationStats:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """A token the model could have written at a position, and the probability it gave it."""
+
+    id: int
+    text: str  # the token on its own (OrcaTokenizer.piece_text): " answer", "\n", "<|im_end|>"
+    probability: float
+
+
+@dataclass(frozen=True)
+class TokenProbability:
+    """One token of an answer: the probability the model gave it, and its most likely alternatives."""
+
+    id: int
+    # What this token adds to the answer's text: the texts of an answer's tokens join to exactly its
+    # decoded text (the bytes of a character split over several tokens are on the one that completes it).
+    text: str
+    probability: float
+    top: tuple[Alternative, ...]  # most likely first; the token itself is among them when it ranks
+
+
 class AnswerStream(Protocol):
     """One answer being written. Iterating gives text deltas (and raises GenerationError if the
     answer failed); cancel() ends the backend's work on it; stats is set once that work is over."""
@@ -96,7 +121,37 @@ class Backend(Protocol):
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> AnswerStream: ...
 
+    def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
+        """The probability of each answer id given the prompt and the answer ids before it, at
+        temperature 1 (the model's own distribution, whatever the answer was sampled with), with the
+        `top` most likely ids at each position. Exact for whatever ids are given: greedy, sampled,
+        batched or not. Raises ScoringUnavailable where the backend can't."""
+        ...
+
     def close(self) -> None: ...
+
+
+def scored_tokens(
+    tokenizer: OrcaTokenizer,
+    answer_ids: list[int],
+    probabilities: list[float],
+    alternatives: list[list[tuple[int, float]]],
+) -> list[TokenProbability]:
+    """The answer's tokens with their texts, from what a backend computed: each answer id's
+    probability and each position's (id, probability) alternatives, most likely first."""
+    decoder = StreamDecoder(tokenizer)
+    texts = [decoder.push(token) for token in answer_ids]
+    if texts and (tail := decoder.flush()):
+        texts[-1] += tail
+    return [
+        TokenProbability(
+            token,
+            text,
+            probability,
+            tuple(Alternative(alt, tokenizer.piece_text(alt), p) for alt, p in top),
+        )
+        for token, text, probability, top in zip(answer_ids, texts, probabilities, alternatives, strict=True)
+    ]
 
 
 def load_failure_message(model_name: str, error: BaseException, hint: str | None = None) -> str:

@@ -36,7 +36,17 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
+from .backend import (
+    GenerationError,
+    GenerationStats,
+    ModelInfo,
+    ModelLoadError,
+    ScoringUnavailable,
+    StopReason,
+    TokenProbability,
+    load_failure_message,
+    scored_tokens,
+)
 from .batching import Batcher
 from .prompt import PAD, STOP_IDS, OrcaTokenizer, Prompt, StreamDecoder
 from .settings import BatchingSettings, GenerationParams
@@ -236,8 +246,10 @@ class Engine:
             self._stream_tokens = lambda input_ids, params, seed, cancel: _stream_tokens_on_zerogpu(
                 input_ids, params, seed
             )
+            self._score_ids = _score_ids_on_zerogpu
         else:
             self._stream_tokens = functools.partial(stream_tokens, model)
+            self._score_ids = functools.partial(score_ids, model)
             if batching is not None:
                 self._batcher = Batcher(model, batching, info.context_length)
 
@@ -316,6 +328,34 @@ class Engine:
         worker.start()
         state.alive = worker.is_alive
         return Generation(state, self.tokenizer)
+
+    def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
+        """Each answer id's probability given the prompt and the ids before it (temperature 1), and
+        the `top` most likely ids at each position: one forward pass over prompt + answer.
+
+        It takes no lock. The lock keeps unbatched generates one at a time for the global RNG's sake
+        (seeds); a forward pass draws nothing from it and keeps no state (no cache), and the batch's
+        thread and an unbatched generate already run the same model side by side. So scoring runs
+        at once beside them instead of waiting out a long answer, sharing the machine meanwhile.
+        """
+        answer_ids = list(answer_ids)
+        if not answer_ids:
+            return []
+        total = len(prompt.input_ids) + len(answer_ids)
+        if total > self.info.context_length:
+            raise ValueError(
+                f"The prompt ({len(prompt.input_ids)} tokens) and the answer ({len(answer_ids)}) are "
+                f"{total} tokens, past Orca 2's {self.info.context_length}-token context."
+            )
+        attention = self.model.config._attn_implementation
+        if attention.startswith("paged"):
+            # The batch switched an eager model to paged attention, which runs only inside the batch.
+            raise ScoringUnavailable(
+                f"Token probabilities are unavailable while the batch runs the model with {attention} attention; "
+                "load the model with sdpa attention (the default) or run without batching."
+            )
+        probabilities, alternatives = self._score_ids(prompt.input_ids + answer_ids, len(prompt.input_ids), top)
+        return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
 
     def _run(self, state: _State, input_ids: list[int], params: GenerationParams, seed) -> None:
         error = None
@@ -404,6 +444,39 @@ def _next_token(tokens: queue.SimpleQueue, worker: threading.Thread):
                 raise RuntimeError("the model thread ended without finishing the answer") from None
 
 
+# Positions whose output head runs at once: 256 positions of 32003 float32 log-probabilities is
+# 33 MB, where a whole 4096-token answer at once would be half a gigabyte, several times over.
+HEAD_CHUNK = 256
+
+
+def score_ids(
+    model, input_ids: list[int], n_prompt: int, top: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """For each id after the first n_prompt: its probability given the ids before it, and the `top`
+    (id, probability) pairs most likely there, from one forward pass (log_softmax in float32).
+
+    The transformer runs once over every id but the last (the last predicts nothing scored); the
+    output head then runs on the answer's positions only, a chunk at a time. For a causal LM that
+    is the model's own forward (Orca 2 is a LlamaForCausalLM: final norm in the base model, then
+    lm_head). On ZeroGPU this runs in the GPU worker process, so it returns plain numbers.
+    """
+    targets = input_ids[n_prompt:]
+    probabilities: list[float] = []
+    alternatives: list[list[tuple[int, float]]] = []
+    with torch.inference_mode():
+        ids = torch.tensor([input_ids[:-1]], device=model.device)
+        hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        states = hidden.last_hidden_state[0, n_prompt - 1 :]
+        head = model.get_output_embeddings()
+        for start in range(0, len(targets), HEAD_CHUNK):
+            logprobs = torch.log_softmax(head(states[start : start + HEAD_CHUNK]).float(), dim=-1)
+            chosen = torch.tensor(targets[start : start + HEAD_CHUNK], device=logprobs.device)
+            probabilities += logprobs.gather(1, chosen[:, None])[:, 0].exp().tolist()
+            best, best_ids = logprobs.topk(top, dim=-1)
+            alternatives += [list(zip(i, p, strict=True)) for i, p in zip(best_ids.tolist(), best.exp().tolist())]
+    return probabilities, alternatives
+
+
 def _gpu_seconds(input_ids: list[int], params: GenerationParams, seed: int | None) -> float:
     """ZeroGPU time to ask for: a little for the prompt, then a generous 20 tokens per second."""
     return min(30 + params.max_new_tokens / 20, 300)
@@ -420,6 +493,14 @@ def _zerogpu_stream_tokens(input_ids: list[int], params: GenerationParams, seed:
 
 
 _stream_tokens_on_zerogpu = gpu_task(_zerogpu_stream_tokens, duration=_gpu_seconds)
+
+
+def _zerogpu_score_ids(input_ids: list[int], n_prompt: int, top: int):
+    return score_ids(_zerogpu_model, input_ids, n_prompt, top)
+
+
+# One forward pass: seconds even for a full context on the GPU.
+_score_ids_on_zerogpu = gpu_task(_zerogpu_score_ids, duration=lambda input_ids, n_prompt, top: 30)
 
 
 def _generation_config(params: GenerationParams):

@@ -128,6 +128,27 @@ class OrcaTokenizer:
         """Text of generated ids; control ids are not text and are left out."""
         return self._sp.decode([i for i in ids if i not in NON_TEXT_IDS and i < self._n_pieces])
 
+    @property
+    def vocab_size(self) -> int:
+        """How many ids there are: SentencePiece's pieces, then [PAD], <|im_start|>, <|im_end|>."""
+        return max(self._n_pieces, IM_END + 1)
+
+    def piece_text(self, token_id: int) -> str:
+        """One id on its own as a reader would see it, for listing alternatives: "▁" as a space, a
+        byte piece as its character when it is a whole one (else as the piece, "<0xE2>"), and a
+        control id as its control text ("<|im_end|>": ending the turn is an alternative too)."""
+        if token_id in CONTROL_TEXT:
+            return CONTROL_TEXT[token_id]
+        if token_id == PAD:
+            return "[PAD]"
+        piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_byte(token_id):
+            byte = int(piece[3:-1], 16)
+            return chr(byte) if byte < 0x80 else piece
+        if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
+            return piece
+        return piece.replace(SPIECE_UNDERLINE, " ")
+
 
 def render(system: str, history: list[Turn], user: str) -> str:
     """The ChatML text of a conversation, as the model card writes it."""
