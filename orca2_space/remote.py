@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import queue
 import socket
 import threading
@@ -31,7 +32,17 @@ import openai
 from openai import Stream, omit
 from openai.types import Completion
 
-from .backend import GenerationError, GenerationStats, ModelInfo, ModelLoadError, StopReason, load_failure_message
+from .backend import (
+    GenerationError,
+    GenerationStats,
+    ModelInfo,
+    ModelLoadError,
+    ScoringUnavailable,
+    StopReason,
+    TokenProbability,
+    load_failure_message,
+    scored_tokens,
+)
 from .prompt import BOS, CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, PAD, STOP_IDS, OrcaTokenizer, Prompt
 from .settings import GenerationParams, RemoteSettings
 
@@ -324,6 +335,78 @@ class RemoteBackend:
         if error.status_code in (400, 404) and ("model" in message.lower() or self.model in message):
             text += f" This app asks for the model {self.model!r}; set --served-model to the server's name for it."
         return text
+
+    def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
+        """The answer's token probabilities from the server's own prompt log-probabilities: vLLM
+        returns them for a prompt of token ids ("prompt_logprobs"); a server that reads text does not."""
+        answer_ids = list(answer_ids)
+        if not answer_ids:
+            return []
+        if self.dialect is not None and not self.dialect.takes_ids:
+            raise ScoringUnavailable(NO_PROMPT_LOGPROBS)
+        request = scoring_request(self.model, prompt.input_ids + answer_ids, top)
+        try:
+            completion = self.client.completions.create(**request, extra_headers=_headers(self.settings))
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+            log.info("the server refused prompt_logprobs: %s", _detail(error))
+            raise ScoringUnavailable(f"{NO_PROMPT_LOGPROBS} (It said: {_detail(error)[:200]})") from error
+        except openai.APIError as error:
+            raise GenerationError(self._scoring_failure(error)) from error
+        choices = completion.choices if isinstance(completion, Completion) else None
+        positions = getattr(choices[0], "prompt_logprobs", None) if choices else None
+        if not isinstance(positions, list):
+            raise ScoringUnavailable(NO_PROMPT_LOGPROBS)
+        try:
+            probabilities, alternatives = read_prompt_logprobs(positions, len(prompt.input_ids), answer_ids, top)
+        except (KeyError, TypeError, ValueError) as error:
+            raise GenerationError(f"The inference server's prompt_logprobs could not be read: {error}") from error
+        return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
+
+    def _scoring_failure(self, error: openai.APIError) -> str:
+        url, cause = self.settings.base_url, error.__cause__ or error
+        if isinstance(error, openai.APIStatusError):
+            return f"The inference server at {url} could not score the answer ({error.status_code}): {_detail(error)}"
+        if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return f"Could not reach the inference server at {url} ({_reason(cause)}). Is it running?"
+        return f"The inference server at {url} could not score the answer: {_reason(cause)}"
+
+
+NO_PROMPT_LOGPROBS = (
+    "Token probabilities are unavailable on this inference server: they come from the server's log-probabilities "
+    "of the prompt's tokens, which only servers that take token ids and return prompt_logprobs give (vLLM does; "
+    "transformers serve does not)."
+)
+
+
+def scoring_request(model: str, input_ids: list[int], top: int) -> dict:
+    """vLLM's completions request for the prompt's log-probabilities: the ids as the prompt, one new
+    token (the least a completion may ask for), at temperature 1 so the numbers are the model's own."""
+    return {
+        "model": model,
+        "prompt": input_ids,
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "stream": False,
+        "extra_body": {"prompt_logprobs": top},
+    }
+
+
+def read_prompt_logprobs(
+    positions: list, n_prompt: int, answer_ids: list[int], top: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each answer id's probability and each position's `top` alternatives, from vLLM's
+    prompt_logprobs: one entry per prompt id (None for the first), each {id: {"logprob", "rank",
+    "decoded_token"}} holding the `top` most likely ids and the prompt's own id."""
+    if len(positions) != n_prompt + len(answer_ids):
+        raise ValueError(f"{len(positions)} positions for a prompt of {n_prompt + len(answer_ids)} ids")
+    probabilities, alternatives = [], []
+    for token, entry in zip(answer_ids, positions[n_prompt:], strict=True):
+        listed = sorted(((int(key), value) for key, value in entry.items()), key=lambda item: -item[1]["logprob"])
+        probabilities.append(math.exp(dict(listed)[token]["logprob"]))
+        # The prompt's own id is always listed; it is an alternative only if it ranks among the top.
+        ranking = [(i, math.exp(v["logprob"])) for i, v in listed if i != token or v["rank"] <= top]
+        alternatives.append(ranking[:top])
+    return probabilities, alternatives
 
 
 def _stream(answer: RemoteAnswer, stream: Stream[Completion]) -> StopReason:

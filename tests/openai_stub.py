@@ -7,6 +7,7 @@ The real-server tests use `transformers serve`; this covers the faults and diale
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,37 @@ class Script:
     silent_after_first_piece: float = 0.0  # seconds to stall once the first piece is sent
     error_in_stream: str | None = None
     garbage_in_stream: bool = False
+    # Answers a request for "prompt_logprobs" as vLLM does (with stub_prompt_logprobs); False: leaves them out.
+    prompt_logprobs: bool = True
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)  # each request's, names in lower case
+
+
+def stub_prompt_logprobs(ids: list[int], k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs, made up but of its shape: None for the first id, then per position
+    {id: {"logprob", "rank", "decoded_token"}} with the k most likely ids and the prompt's own. At even
+    positions the prompt's id ranks first (p 0.5); at odd ones it ranks 9th (p 0.01), after k others."""
+    positions: list[dict | None] = [None]
+    for position, token in enumerate(ids[1:], 1):
+        others = [(token + n) % 32000 for n in range(1, k + 2)]
+        if position % 2 == 0:
+            ranked = [(token, 0.5), *zip(others[: k - 1], (0.2, 0.1, 0.05, 0.02, 0.01), strict=False)]
+        else:
+            ranked = [*zip(others[:k], (0.4, 0.2, 0.1, 0.05, 0.02), strict=False), (token, 0.01)]
+        entry = {}
+        for rank, (other, p) in enumerate(ranked, 1):
+            entry[str(other)] = {"logprob": math.log(p), "rank": rank if other != token or rank == 1 else 9}
+            entry[str(other)]["decoded_token"] = f"<{other}>"
+        positions.append(entry)
+    return positions
+
+
+def completion(body: dict, script: Script) -> dict:
+    """A whole (not streamed) completion: the script's pieces, and prompt_logprobs if asked for."""
+    choice = {"index": 0, "text": "".join(script.pieces), "finish_reason": "length", "logprobs": None}
+    if body.get("prompt_logprobs") is not None and script.prompt_logprobs and isinstance(body["prompt"], list):
+        choice["prompt_logprobs"] = stub_prompt_logprobs(body["prompt"], body["prompt_logprobs"])
+    return {"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]}
 
 
 class OpenAIStub:
@@ -51,6 +81,8 @@ class OpenAIStub:
                 extras = {"top_k", "repetition_penalty", "stop_token_ids", "generation_config"} & set(body)
                 if extras and not script.takes_extras:
                     return self._json(422, {"detail": f"Unexpected fields in the request: {sorted(extras)}"})
+                if not body.get("stream"):
+                    return self._json(200, completion(body, script))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
