@@ -1,29 +1,46 @@
 """System-message presets and example prompts shown on the page."""
 
+from dataclasses import dataclass
+
 CAUTIOUS = (
     "You are Orca, an AI language model created by Microsoft. You are a cautious assistant. You carefully "
     "follow instructions. You are helpful and harmless and you follow ethical guidelines and promote "
     "positive behavior."
 )
 
+
+@dataclass(frozen=True)
+class Preset:
+    # What the system message asks of the model, in a few words: the choice the page shows.
+    asks: str
+    text: str
+
+
 # Orca 2 was trained to pick a reasoning strategy per task ("Cautious Reasoning"); these presets ask
-# for the main strategies explicitly. "Empty" is the setting the paper evaluates zero-shot.
-SYSTEM_PRESETS: dict[str, str] = {
-    "Cautious (model card default)": CAUTIOUS,
-    "Empty (paper's evaluation setting)": "",
-    "Step-by-step": (
+# for the main strategies explicitly. "Empty" is the setting the paper evaluates zero-shot. The names
+# are what /chat's `preset` takes.
+PRESETS: dict[str, Preset] = {
+    "Cautious (model card default)": Preset("be careful, helpful and harmless", CAUTIOUS),
+    "Empty (paper's evaluation setting)": Preset("nothing: Orca 2 picks its own strategy", ""),
+    "Step-by-step": Preset(
+        "reason in justified steps, then answer",
         "You are Orca, an AI language model created by Microsoft. You will be given a task. "
-        "Think step by step and justify each step, then state the final answer."
+        "Think step by step and justify each step, then state the final answer.",
     ),
-    "Explain, then answer": (
+    "Explain, then answer": Preset(
+        "the relevant facts first, the answer last",
         "You are Orca, an AI language model created by Microsoft. First explain the relevant facts and "
-        "how they lead to the answer, then give the answer on its own line."
+        "how they lead to the answer, then give the answer on its own line.",
     ),
-    "Direct answer": (
+    "Direct answer": Preset(
+        "just the answer, no reasoning shown",
         "You are Orca, an AI language model created by Microsoft. Answer directly and concisely, "
-        "without showing your reasoning."
+        "without showing your reasoning.",
     ),
 }
+SYSTEM_PRESETS: dict[str, str] = {name: preset.text for name, preset in PRESETS.items()}
+# The page's choices: (what it shows, the preset's name).
+PRESET_CHOICES: list[tuple[str, str]] = [(f"{name} — {preset.asks}", name) for name, preset in PRESETS.items()]
 DEFAULT_PRESET = "Cautious (model card default)"
 
 # The two prompts of the model card.

@@ -17,6 +17,21 @@ from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, Invalid
 from .messages import chat_messages, status
 
 PARAM_NAMES = tuple(GENERATION_FIELDS)
+# Everything that runs the model (answers, comparisons, scoring) shares one concurrency group.
+GENERATION_CONCURRENCY_ID = "generation"
+
+# Downloads are made in the browser from the text the server returns: nothing is written server-side.
+DOWNLOAD_JS = """
+(payload) => {
+  if (!payload) return;
+  const {filename, mime, text} = JSON.parse(payload);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], {type: mime}));
+  link.download = filename;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+"""
 
 
 def turn(chat: Chat, message, system_message, history, moderation, single_turn, params: dict, owner: str | None):
@@ -82,7 +97,7 @@ class ConversationEvents:
             if not update.done:
                 view = chat_messages(conversation, show_raw, message, update)
                 yield gr.skip(), view, status(update), *busy, *unchanged
-        conversation.exchanges.append(_exchange(message, system_message, single_turn, update))
+        conversation.exchanges.append(exchange_of(message, system_message, single_turn, update))
         store = store.save(conversation)
         view = chat_messages(conversation, show_raw)
         yield gr.skip(), view, status(update, single_turn), *reversed(busy), store.model_dump(), chat_choices(store)
@@ -130,27 +145,7 @@ class ConversationEvents:
         return self._export(stored, "markdown")
 
     def _export(self, stored, kind: str) -> str:
-        """What the browser downloads: {"filename", "mime", "text"} as JSON (see page.DOWNLOAD_JS)."""
-        conversation = Store.load(stored).current()
-        if not conversation.exchanges:
-            raise gr.Error("Nothing to export yet: ask a question first.")
-        backend = self.chat.backend
-        prompts = [self._prompt_ids(conversation, index) for index in range(len(conversation.exchanges))]
-        exported = export(conversation, backend.info, prompts)
-        name = f"orca2-{conversation.created[:10]}-{conversation.id}"
-        if kind == "markdown":
-            return _download(f"{name}.md", "text/markdown", to_markdown(exported))
-        return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
-
-    def _prompt_ids(self, conversation: Conversation, index: int) -> list[int]:
-        """The ids the model read for an exchange, rebuilt from the record as it was then."""
-        e = conversation.exchanges[index]
-        earlier = Conversation(exchanges=conversation.exchanges[:index])
-        history = [] if e.single_turn else history_messages(earlier)
-        try:
-            return self.chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
-        except (InvalidRequest, PromptTooLong):
-            return []
+        return download(self.chat, Store.load(stored).current(), kind)
 
     def import_(self, data: bytes, stored, show_raw):
         try:
@@ -163,7 +158,30 @@ class ConversationEvents:
         return view, "", store.model_dump(), chat_choices(store), *controls(last)
 
 
-def _exchange(question: str, system_message: str, single_turn: bool, update: ChatUpdate) -> Exchange:
+def download(chat: Chat, conversation: Conversation, kind: str) -> str:
+    """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
+    if not conversation.exchanges:
+        raise gr.Error("Nothing to export yet: ask a question first.")
+    prompts = [_prompt_ids(chat, conversation, index) for index in range(len(conversation.exchanges))]
+    exported = export(conversation, chat.backend.info, prompts)
+    name = f"orca2-{conversation.created[:10]}-{conversation.id}"
+    if kind == "markdown":
+        return _download(f"{name}.md", "text/markdown", to_markdown(exported))
+    return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
+
+
+def _prompt_ids(chat: Chat, conversation: Conversation, index: int) -> list[int]:
+    """The ids the model read for an exchange, rebuilt from the record as it was then."""
+    e = conversation.exchanges[index]
+    earlier = Conversation(exchanges=conversation.exchanges[:index])
+    history = [] if e.single_turn else history_messages(earlier)
+    try:
+        return chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
+    except (InvalidRequest, PromptTooLong):
+        return []
+
+
+def exchange_of(question: str, system_message: str, single_turn: bool, update: ChatUpdate) -> Exchange:
     settings = update.params or GenerationParams()
     return Exchange(
         question=question,

@@ -1,5 +1,6 @@
-"""The API endpoints: /chat streams an answer through the same function as the page's Send, and
-/inspect_prompt returns the exact prompt. /chat's parameters are derived from GenerationParams."""
+"""The API endpoints: /chat streams an answer through the same function as the page's Send, /compare
+the side-by-side answers as the Compare tab does, /inspect_prompt returns the exact prompt, and
+/token_probabilities (tokens.py) scores an answer. /chat's parameters are derived from GenerationParams."""
 
 import inspect
 from collections.abc import Iterator
@@ -9,9 +10,8 @@ import gradio as gr
 from ..chat import Chat, system_message_for
 from ..prompt import PromptTooLong
 from ..settings import GENERATION_FIELDS, InvalidRequest
-from .answers import comparison, turn
-
-GENERATION_CONCURRENCY_ID = "generation"
+from .answers import GENERATION_CONCURRENCY_ID, comparison, turn
+from .tokens import add_token_endpoint
 
 
 def add_endpoints(chat: Chat) -> None:
@@ -49,6 +49,7 @@ def add_endpoints(chat: Chat) -> None:
     gr.api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
     gr.api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
     gr.api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
+    add_token_endpoint(chat)
 
 
 def _declare(endpoint, signature: inspect.Signature, doc: str) -> None:

@@ -35,6 +35,23 @@ def chat_messages(
     return messages
 
 
+def exchange_at(conversation: Conversation, message_index: int) -> int | None:
+    """Which exchange's answer the Chatbot shows at message_index (None: a question or a notice)."""
+    position = 0
+    for number, e in enumerate(conversation.exchanges):
+        for message in _exchange(raw, e.question, e.answer, e.withheld, e.error, waiting=False):
+            if position == message_index:
+                return number if message["role"] == "assistant" and "metadata" not in message else None
+            position += 1
+    return None
+
+
+def answer_messages(update: ChatUpdate, show_raw: bool) -> list[dict]:
+    """A compared answer's messages: the answer alone (the question is shared), or why there is none."""
+    show = raw if show_raw else for_display
+    return _exchange(show, "", update.answer, update.withheld, update.error, bool(update.waiting))[1:]
+
+
 def _exchange(show, question: str, answer: str, withheld: str | None, error: str | None, waiting: bool) -> list[dict]:
     messages = [{"role": "user", "content": show(question)}]
     if withheld:

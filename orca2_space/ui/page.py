@@ -8,15 +8,22 @@ import gradio as gr
 from gradio.utils import get_space
 
 from ..chat import Chat
-from ..conversation import Store
-from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, SYSTEM_PRESETS
+from ..conversation import Conversation, Store
+from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, PRESET_CHOICES, SYSTEM_PRESETS
 from ..prompt import PromptTooLong
 from ..render import CHATBOT_OPTIONS
-from ..settings import GENERATION_FIELDS, RANDOM_SEED, InvalidRequest, bounds
-from .answers import PARAM_NAMES, ConversationEvents, history_messages
-from .api import GENERATION_CONCURRENCY_ID, add_endpoints
+from ..settings import InvalidRequest
+from . import compare
+from .answers import DOWNLOAD_JS, GENERATION_CONCURRENCY_ID, PARAM_NAMES, ConversationEvents, history_messages
+from .api import add_endpoints
+from .controls import moderation_toggle, setting_control
+from .messages import exchange_at
+from .tokens import TOKEN_CSS, token_view_of
 
-CSS = """
+CSS = (
+    compare.CSS
+    + TOKEN_CSS
+    + """
 #answer-status { min-height: 1.5em; }
 #chatbot { height: min(62vh, 620px) !important; }
 @media (max-width: 640px) {
@@ -24,23 +31,20 @@ CSS = """
   .gradio-container { padding: 4px !important; }
 }
 """
+)
 THEME = gr.themes.Soft(primary_hue="indigo")
 # Where the browser keeps the visitor's conversations. Gradio sends the secret to the page, so it
 # hides nothing from the visitor; a fixed one keeps their chats readable after a server restart.
 STORAGE_KEY = "orca2-space-conversations"
 STORAGE_SECRET = "orca2-space"
-# Downloads are made in the browser from the text the server returns: nothing is written server-side.
-DOWNLOAD_JS = """
-(payload) => {
-  if (!payload) return;
-  const {filename, mime, text} = JSON.parse(payload);
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(new Blob([text], {type: mime}));
-  link.download = filename;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-}
-"""
+CHAT_PURPOSE = (
+    "Ask Orca 2 anything and read its answer exactly as written; the system message on the right sets "
+    "the reasoning strategy it is asked to use."
+)
+TOKENS_PURPOSE = (
+    "See where Orca 2 was sure and where it hesitated: click an answer in the chat (or the button) to colour "
+    "each of its tokens by the probability the model gave it."
+)
 SINGLE_TURN_INFO = (
     "On: each question is answered on its own, as Orca 2's card intends (it was not tuned for chat) and its "
     "paper evaluates. Off: earlier turns are sent too."
@@ -56,41 +60,6 @@ def _model_status(chat: Chat) -> str:
         return f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}"
     icon = "❌" if loading.error else "⏳"
     return f"{icon} {html.escape(loading.describe())}"
-
-
-def _moderation_toggle(chat: Chat) -> gr.Checkbox:
-    label = "Moderation (Azure AI Content Safety)"
-    if chat.moderation is None:
-        return gr.Checkbox(
-            False,
-            label=label,
-            interactive=False,
-            info="Off: this server has no moderation service. Set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it.",
-            elem_id="moderation",
-        )
-    rules = chat.moderation.settings
-    on_failure = "shown marked unmoderated" if rules.fail_open else "held back"
-    info = f"Withholds {', '.join(rules.categories)} at severity {rules.threshold} or above; if the service fails, answers are {on_failure}."
-    if rules.required:
-        return gr.Checkbox(
-            True, label=label, interactive=False, info=f"Required on this server. {info}", elem_id="moderation"
-        )
-    return gr.Checkbox(rules.default_on, label=label, info=info, elem_id="moderation")
-
-
-def _control(name: str, cap: int) -> gr.components.Component:
-    """The page's control for one generation setting, from its declaration."""
-    field = GENERATION_FIELDS[name]
-    label = f"{field.title} ({field.description})" if field.description else field.title
-    elem_id = name.replace("_", "-")
-    if field.annotation is bool:
-        return gr.Checkbox(field.default, label=label, elem_id=elem_id)
-    low, high = bounds(name, cap)
-    if name == "seed":
-        return gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, maximum=high, label=label, elem_id=elem_id)
-    integer = isinstance(field.default, int)
-    default = min(field.default, high)
-    return gr.Slider(low, high, default, step=1 if integer else 0.01, label=label, elem_id=elem_id)
 
 
 @dataclass
@@ -112,6 +81,9 @@ class Page:
     single_turn: gr.Checkbox
     raw: gr.Checkbox
     answer_status: gr.HTML
+    tokens_box: gr.Accordion
+    score_last: gr.Button
+    tokens: gr.HTML
     export_json: gr.Button
     export_markdown: gr.Button
     import_json: gr.UploadButton
@@ -128,13 +100,20 @@ class Page:
 
 def build(chat: Chat) -> gr.Blocks:
     with gr.Blocks(title="Orca 2") as demo:
-        page = Page(**_layout(chat))
+        header = _header(chat)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat-tab", elem_id="chat-tab"):
+                gr.Markdown(CHAT_PURPOSE, elem_classes="purpose")
+                page = Page(**header, **_chat_tab(chat))
+            with gr.Tab("Compare system messages", id="compare-tab", elem_id="compare-tab"):
+                comparing = compare.layout(chat)
         _wire(demo, page, chat)
+        compare.wire(comparing, chat)
         add_endpoints(chat)
     return demo
 
 
-def _layout(chat: Chat) -> dict:
+def _header(chat: Chat) -> dict:
     gr.Markdown(
         "# Orca 2\nMicrosoft's Orca 2, run exactly as its model card does: the ChatML prompt, "
         "the slow tokenizer's ids, greedy decoding unless you ask for sampling. Your chats stay in this browser."
@@ -142,12 +121,16 @@ def _layout(chat: Chat) -> dict:
     if get_space():
         # Visitors who want no queue (or other settings) can run their own copy.
         gr.DuplicateButton("Duplicate this Space", size="sm", elem_id="duplicate-space")
-    parts = dict(
+    return dict(
         model_status=gr.Markdown(_model_status(chat), elem_id="model-status"),
         # Until the model is loaded, the status line follows the loading.
         loading_timer=gr.Timer(1.0, active=not chat.loading.done),
         store=gr.BrowserState(Store().model_dump(), storage_key=STORAGE_KEY, secret=STORAGE_SECRET),
     )
+
+
+def _chat_tab(chat: Chat) -> dict:
+    parts = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
             parts |= _conversation_column()
@@ -195,6 +178,10 @@ def _conversation_column() -> dict:
         single_turn = gr.Checkbox(True, label="Single turn", info=SINGLE_TURN_INFO, elem_id="single-turn")
         raw = gr.Checkbox(False, label="Raw text", info="Show the exact characters, unformatted", elem_id="raw")
     answer_status = gr.HTML(elem_id="answer-status")
+    with gr.Accordion("How sure was Orca 2? Token probabilities", open=False, elem_id="tokens-box") as tokens_box:
+        gr.Markdown(TOKENS_PURPOSE)
+        score_last = gr.Button("Show the last answer's tokens", size="sm", elem_id="score-last")
+        tokens = gr.HTML(elem_id="tokens")
     gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
     download = gr.Textbox(visible=False, elem_id="download")
     return dict(
@@ -210,6 +197,9 @@ def _conversation_column() -> dict:
         single_turn=single_turn,
         raw=raw,
         answer_status=answer_status,
+        tokens_box=tokens_box,
+        score_last=score_last,
+        tokens=tokens,
         export_json=export_json,
         export_markdown=export_markdown,
         import_json=import_json,
@@ -218,11 +208,11 @@ def _conversation_column() -> dict:
 
 
 def _settings_column(chat: Chat) -> dict:
-    moderation = _moderation_toggle(chat)
-    preset = gr.Dropdown(list(SYSTEM_PRESETS), value=DEFAULT_PRESET, label="System message preset", elem_id="preset")
+    moderation = moderation_toggle(chat)
+    preset = gr.Dropdown(PRESET_CHOICES, value=DEFAULT_PRESET, label="System message preset", elem_id="preset")
     system_message = gr.Textbox(CAUTIOUS, label="System message", lines=5, max_lines=15, elem_id="system-message")
     with gr.Accordion("Sampling", open=False):
-        params = [_control(name, chat.settings.max_new_tokens_cap) for name in PARAM_NAMES]
+        params = [setting_control(name, chat.settings.max_new_tokens_cap) for name in PARAM_NAMES]
     with gr.Accordion("Prompt inspector", open=False):
         inspect = gr.Button("Show the prompt for the message box", size="sm", elem_id="inspect")
         inspect_count = gr.Markdown(elem_id="inspect-count")
@@ -297,6 +287,35 @@ def _wire(demo: gr.Blocks, page: Page, chat: Chat) -> None:
         )
     page.preset.change(lambda name: SYSTEM_PRESETS[name], [page.preset], [page.system_message], **private)
     _wire_inspector(page, chat)
+    _wire_tokens(page, chat)
+
+
+def _wire_tokens(page: Page, chat: Chat) -> None:
+    def show(conversation: Conversation, index: int):
+        caption = f"Answer {index + 1}: {conversation.exchanges[index].question}"
+        return gr.Accordion(open=True), token_view_of(chat, conversation, index, _clip(caption))
+
+    def last(stored):
+        conversation = Store.load(stored).current()
+        if not conversation.exchanges:
+            raise gr.Error("No answer yet: ask a question first.")
+        return show(conversation, len(conversation.exchanges) - 1)
+
+    def picked(stored, selected: gr.SelectData):
+        conversation = Store.load(stored).current()
+        position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
+        index = exchange_at(conversation, position)
+        return (gr.skip(), gr.skip()) if index is None else show(conversation, index)
+
+    # Scoring runs the model, so it waits its turn with the answers.
+    scoring = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
+    page.score_last.click(last, [page.store], [page.tokens_box, page.tokens], **scoring)
+    page.chatbot.select(picked, [page.store], [page.tokens_box, page.tokens], **scoring)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _wire_inspector(page: Page, chat: Chat) -> None:

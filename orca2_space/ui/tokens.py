@@ -20,8 +20,10 @@ import gradio as gr
 
 from ..backend import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
+from ..conversation import Conversation
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
+from .answers import GENERATION_CONCURRENCY_ID, history_messages
 
 NOTE = (
     "These are the model's own probabilities (temperature 1) for the tokens it wrote, whatever the sampling "
@@ -185,10 +187,17 @@ def view_for(
     return token_view(tokens, caption)
 
 
+def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str) -> str:
+    """The token probabilities of an exchange's answer, scored on the prompt it was written for."""
+    e = conversation.exchanges[index]
+    if not e.answer:
+        return message_view(caption, "This answer has no text to score.")
+    history = [] if e.single_turn else history_messages(Conversation(exchanges=conversation.exchanges[:index]))
+    return view_for(chat, e.question, e.system_message, history, e.answer, e.answer_ids, caption)
+
+
 def add_token_endpoint(chat: Chat) -> None:
     """Register /token_probabilities (call it inside the Blocks, as api.add_endpoints is)."""
-    # Imported here: api.py imports this module.
-    from .api import GENERATION_CONCURRENCY_ID
 
     def token_probabilities_endpoint(
         message: str,

@@ -1,0 +1,187 @@
+"""The Compare tab: one question answered under 2 to 4 system messages side by side, with one set of
+settings; it streams through the same function as /compare (answers.comparison)."""
+
+import functools
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..chat import COMPARED, Chat, ChatUpdate
+from ..conversation import Conversation, Exchange
+from ..presets import PRESET_CHOICES, SYSTEM_PRESETS
+from ..render import CHATBOT_OPTIONS
+from .answers import DOWNLOAD_JS, GENERATION_CONCURRENCY_ID, PARAM_NAMES, comparison, download, exchange_of
+from .controls import moderation_toggle, setting_control
+from .messages import answer_messages, status
+from .tokens import token_view_of
+
+PURPOSE = (
+    "See how the system message changes Orca 2's answer, the Orca 2 paper's central finding: one question, "
+    "2 to 4 system messages side by side, the same settings for all (and the same seed when sampling)."
+)
+# The strategies a first comparison contrasts, column by column.
+DEFAULT_PRESETS = (
+    "Cautious (model card default)",
+    "Empty (paper's evaluation setting)",
+    "Step-by-step",
+    "Explain, then answer",
+)
+DEFAULT_COLUMNS = 3
+CSS = """
+.compare-answer { height: 380px !important; }
+@media (max-width: 640px) { .compare-answer { height: 300px !important; } }
+"""
+
+
+@dataclass
+class Column:
+    box: gr.Column
+    preset: gr.Dropdown
+    system_message: gr.Textbox
+    answer: gr.Chatbot
+    status: gr.HTML
+    score: gr.Button
+
+
+@dataclass
+class ComparePage:
+    message: gr.Textbox
+    run: gr.Button
+    stop: gr.Button
+    count: gr.Radio
+    columns: list[Column]
+    # The token probabilities of the column asked for.
+    tokens: gr.HTML
+    export_json: gr.Button
+    download: gr.Textbox
+    moderation: gr.Checkbox
+    params: list[gr.components.Component]
+    # The last finished comparison, one exchange per column, for export and the token view. Kept in
+    # the visitor's browser like their chats (a gr.State would hold a connection open per visitor).
+    result: gr.BrowserState
+
+
+def layout(chat: Chat) -> ComparePage:
+    gr.Markdown(PURPOSE, elem_classes="purpose")
+    with gr.Row():
+        message = gr.Textbox(
+            placeholder="One question for every system message… (Enter compares)",
+            show_label=False,
+            scale=5,
+            lines=1,
+            max_lines=12,
+            elem_id="compare-message",
+        )
+        run = gr.Button("Compare", variant="primary", scale=1, min_width=90, elem_id="compare-run")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="compare-stop")
+    count = gr.Radio(list(COMPARED), value=DEFAULT_COLUMNS, label="System messages", elem_id="compare-count")
+    with gr.Row(equal_height=False):
+        columns = [_column(index) for index in range(COMPARED.stop - 1)]
+    tokens = gr.HTML(elem_id="compare-tokens")
+    with gr.Row():
+        export_json = gr.Button("⤓ Export the comparison (JSON)", size="sm", elem_id="compare-export")
+    download = gr.Textbox(visible=False, elem_id="compare-download")
+    with gr.Accordion("Settings shared by every column", open=False):
+        moderation = moderation_toggle(chat, elem_id="compare-moderation")
+        params = [setting_control(name, chat.settings.max_new_tokens_cap, prefix="compare-") for name in PARAM_NAMES]
+    result = gr.BrowserState([], storage_key="orca2-space-comparison", secret="orca2-space")
+    return ComparePage(message, run, stop, count, columns, tokens, export_json, download, moderation, params, result)
+
+
+def _column(index: int) -> Column:
+    preset_name = DEFAULT_PRESETS[index]
+    with gr.Column(visible=index < DEFAULT_COLUMNS, min_width=260, elem_id=f"compare-column-{index}") as box:
+        preset = gr.Dropdown(PRESET_CHOICES, value=preset_name, label=f"System message {index + 1}")
+        system_message = gr.Textbox(
+            SYSTEM_PRESETS[preset_name], show_label=False, lines=3, max_lines=8, elem_id=f"compare-system-{index}"
+        )
+        answer = gr.Chatbot(
+            label=f"Answer {index + 1}",
+            show_label=False,
+            buttons=[],
+            feedback_options=None,
+            elem_id=f"compare-answer-{index}",
+            elem_classes="compare-answer",
+            **CHATBOT_OPTIONS,
+        )
+        answer_status = gr.HTML(elem_id=f"compare-status-{index}")
+        score = gr.Button("How sure? Token probabilities", size="sm", elem_id=f"compare-score-{index}")
+    return Column(box, preset, system_message, answer, answer_status, score)
+
+
+def wire(page: ComparePage, chat: Chat) -> None:
+    private = dict(queue=False, api_visibility="private")
+    systems = [column.system_message for column in page.columns]
+    answers = [column.answer for column in page.columns]
+    statuses = [column.status for column in page.columns]
+
+    def run(request: gr.Request, message, count, moderation, *values):
+        system_messages, settings = values[: len(systems)], values[len(systems) :]
+        asked = list(system_messages[:count])
+        params = dict(zip(PARAM_NAMES, settings))
+        # Its own owner, so that the Chat tab's Stop leaves a comparison running and the reverse.
+        updates = comparison(chat, message, asked, moderation, params, owner=_owner(request))
+        busy = (gr.update(visible=False), gr.update(visible=True))
+        shown = [ChatUpdate("") for _ in asked]
+        yield *_view(shown, len(systems)), *busy, gr.skip()
+        for shown in updates:
+            yield *_view(shown, len(systems)), *busy, gr.skip()
+        result = [exchange_of(message, system, True, update).model_dump() for system, update in zip(asked, shown)]
+        yield *_view(shown, len(systems)), *reversed(busy), result
+
+    def stop(request: gr.Request) -> None:
+        chat.stop(_owner(request))
+
+    def show_tokens(index: int, result) -> str:
+        if index >= len(result):
+            raise gr.Error("No answer in this column yet: compare first.")
+        comparison = Conversation(exchanges=[Exchange.model_validate(e) for e in result])
+        return token_view_of(chat, comparison, index, f"System message {index + 1}")
+
+    def export_json(result) -> str:
+        exchanges = [Exchange.model_validate(e) for e in result]
+        if not exchanges:
+            raise gr.Error("Nothing to export yet: compare first.")
+        return download(chat, Conversation(exchanges=exchanges), "json")
+
+    outputs = [*answers, *statuses, page.run, page.stop, page.result]
+    gr.on(
+        [page.run.click, page.message.submit],
+        run,
+        [page.message, page.count, page.moderation, *systems, *page.params],
+        outputs,
+        concurrency_id=GENERATION_CONCURRENCY_ID,
+        api_visibility="private",
+    )
+    page.stop.click(stop, None, None, **private)
+    for index, column in enumerate(page.columns):
+        column.score.click(
+            functools.partial(show_tokens, index),
+            [page.result],
+            [page.tokens],
+            concurrency_id=GENERATION_CONCURRENCY_ID,
+            api_visibility="private",
+        )
+    page.count.change(
+        lambda count: [gr.update(visible=index < count) for index in range(len(page.columns))],
+        [page.count],
+        [column.box for column in page.columns],
+        **private,
+    )
+    for column in page.columns:
+        column.preset.change(lambda name: SYSTEM_PRESETS[name], [column.preset], [column.system_message], **private)
+    page.export_json.click(export_json, [page.result], [page.download], **private).then(
+        None, [page.download], None, js=DOWNLOAD_JS, **private
+    )
+
+
+def _view(updates, n_columns: int) -> list:
+    """Each column's answer and status line; columns not compared stay as they are."""
+    answers = [answer_messages(update, show_raw=False) for update in updates]
+    statuses = [status(update) for update in updates]
+    rest = [gr.skip()] * (n_columns - len(updates))
+    return [*answers, *rest, *statuses, *rest]
+
+
+def _owner(request: gr.Request) -> str:
+    return f"{request.session_hash}/compare"

@@ -1,0 +1,43 @@
+"""The controls a tab derives from the server's declarations: the generation settings and the
+moderation switch."""
+
+import gradio as gr
+
+from ..chat import Chat
+from ..settings import GENERATION_FIELDS, RANDOM_SEED, bounds
+
+
+def moderation_toggle(chat: Chat, elem_id: str = "moderation") -> gr.Checkbox:
+    """The moderation switch, as this server's rules allow it."""
+    label = "Moderation (Azure AI Content Safety)"
+    if chat.moderation is None:
+        return gr.Checkbox(
+            False,
+            label=label,
+            interactive=False,
+            info="Off: this server has no moderation service. Set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it.",
+            elem_id=elem_id,
+        )
+    rules = chat.moderation.settings
+    on_failure = "shown marked unmoderated" if rules.fail_open else "held back"
+    info = f"Withholds {', '.join(rules.categories)} at severity {rules.threshold} or above; if the service fails, answers are {on_failure}."
+    if rules.required:
+        return gr.Checkbox(
+            True, label=label, interactive=False, info=f"Required on this server. {info}", elem_id=elem_id
+        )
+    return gr.Checkbox(rules.default_on, label=label, info=info, elem_id=elem_id)
+
+
+def setting_control(name: str, cap: int, prefix: str = "") -> gr.components.Component:
+    """The page's control for one generation setting, from its declaration (elem_id: prefix + its name)."""
+    field = GENERATION_FIELDS[name]
+    label = f"{field.title} ({field.description})" if field.description else field.title
+    elem_id = prefix + name.replace("_", "-")
+    if field.annotation is bool:
+        return gr.Checkbox(field.default, label=label, elem_id=elem_id)
+    low, high = bounds(name, cap)
+    if name == "seed":
+        return gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, maximum=high, label=label, elem_id=elem_id)
+    integer = isinstance(field.default, int)
+    default = min(field.default, high)
+    return gr.Slider(low, high, default, step=1 if integer else 0.01, label=label, elem_id=elem_id)
