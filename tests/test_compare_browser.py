@@ -1,0 +1,132 @@
+"""The Compare tab and the token view as a researcher uses them, in Chromium: answers side by side,
+each what /chat gives for its system message; one Stop for all; columns that stack on a phone; an
+export; and the probability of every token of an answer, with its alternatives on click or focus."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CHROMIUM
+from gradio_client import Client
+from test_browser import ARTIFACTS, answers, open_app, send, set_number
+from test_page_browser import download
+
+from orca2_space.presets import SYSTEM_PRESETS
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+STORY = (
+    "Put these sentences in order to make a story: (a) She planted the seed. (b) A flower bloomed. "
+    "(c) Anna bought a seed. (d) She watered it every day."
+)
+DEFAULT_SYSTEMS = [
+    SYSTEM_PRESETS[name]
+    for name in ("Cautious (model card default)", "Empty (paper's evaluation setting)", "Step-by-step")
+]
+
+
+def open_compare(page, app, max_new_tokens: int):
+    open_app(page, app)
+    page.click("#compare-tab-button")
+    page.get_by_text("Settings shared by every column").click()
+    set_number(page, "#compare-max-new-tokens input[type=number]", max_new_tokens)
+
+
+def compare(page, question: str, columns: int = 3):
+    page.fill("#compare-message textarea", question)
+    page.click("#compare-run")
+    for index in range(columns):
+        page.wait_for_selector(f"#compare-status-{index} [data-state=done]")
+
+
+def column_answer(page, index: int) -> str:
+    return page.inner_text(f"#compare-answer-{index} [data-testid=bot]")
+
+
+def test_answers_stream_side_by_side_and_each_equals_chat_for_its_system_message(page, plain_app):
+    open_compare(page, plain_app, 20)
+    compare(page, STORY)
+    client = Client(plain_app.url, verbose=False)
+    for index, system in enumerate(DEFAULT_SYSTEMS):
+        alone = client.predict(
+            message=STORY, system_message=system, single_turn=True, max_new_tokens=20, api_name="/chat"
+        )
+        # The page, like any Markdown, collapses runs of spaces; the export below holds the exact text.
+        assert " ".join(column_answer(page, index).split()) == " ".join(alone["answer"].split())
+        assert "20 tokens" in page.inner_text(f"#compare-status-{index}")
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+
+def test_one_stop_stops_every_column(page, plain_app):
+    open_compare(page, plain_app, 4000)
+    page.fill("#compare-message textarea", "Tell me everything.")
+    page.click("#compare-run")
+    page.wait_for_function(
+        "[0, 1, 2].every(i => document.querySelector(`#compare-answer-${i} [data-testid=bot]`)?.innerText.length > 20)"
+    )
+    page.click("#compare-stop")
+    for index in range(3):
+        status = page.locator(f"#compare-status-{index} [data-state=done]")
+        status.wait_for()
+        assert status.get_attribute("data-outcome") == "stopped"
+    page.wait_for_selector("#compare-run")
+
+
+def test_a_finished_comparison_exports_one_entry_per_column(browser, plain_app):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    try:
+        open_compare(page, plain_app, 12)
+        page.click("#compare-count label:has-text('2')")
+        compare(page, STORY, columns=2)
+        exported = json.loads(download(page, "#compare-export"))
+    finally:
+        context.close()
+    assert [e["system_message"] for e in exported["exchanges"]] == DEFAULT_SYSTEMS[:2]
+    assert all(e["question"] == STORY and e["single_turn"] for e in exported["exchanges"])
+    assert all(e["stats"]["n_tokens"] == 12 and len(e["answer_ids"]) == 12 for e in exported["exchanges"])
+
+
+def test_on_a_phone_the_columns_stack(browser, plain_app):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    try:
+        open_compare(page, plain_app, 8)
+        compare(page, STORY)
+        boxes = [page.locator(f"#compare-column-{index}").bounding_box() for index in range(3)]
+        page.screenshot(path=str(ARTIFACTS / "compare-phone.png"), full_page=True)
+    finally:
+        context.close()
+    assert all(box["width"] > 300 for box in boxes)
+    assert boxes[0]["y"] + boxes[0]["height"] <= boxes[1]["y"] and boxes[1]["y"] + boxes[1]["height"] <= boxes[2]["y"]
+
+
+def tokens_of(page, view: str) -> list:
+    return page.locator(f"{view} .tok").all()
+
+
+def test_clicking_an_answer_colours_its_tokens_and_a_focused_token_shows_its_alternatives(page, plain_app):
+    open_app(page, plain_app)
+    page.get_by_text("Sampling", exact=True).click()
+    set_number(page, "#max-new-tokens input[type=number]", 16)
+    send(page, STORY)
+    page.click("#chatbot [data-testid=bot]")
+    page.wait_for_selector("#tokens .tok")
+    tokens = tokens_of(page, "#tokens")
+    assert len(tokens) == 16  # one per id the model wrote, its role line's newline included
+    assert "temperature 1" in page.inner_text("#tokens")
+    assert " ".join(page.inner_text("#tokens .tok-answer").split()) == " ".join(("\n" + answers(page)[-1]).split())
+    tokens[5].focus()
+    popup = tokens[5].locator(".tok-alts")
+    assert popup.is_visible() and popup.locator(".tok-alt").count() == 5
+    # Greedy: what the model wrote is the token it found most likely.
+    assert "chosen" in popup.locator(".tok-alt").first.get_attribute("class")
+    page.screenshot(path=str(ARTIFACTS / "tokens.png"), full_page=True)
+
+
+def test_a_compared_answer_has_its_token_view_too(page, plain_app):
+    open_compare(page, plain_app, 10)
+    compare(page, STORY)
+    page.click("#compare-score-1")
+    page.wait_for_selector("#compare-tokens .tok")
+    assert "System message 2" in page.inner_text("#compare-tokens")
+    assert len(tokens_of(page, "#compare-tokens")) == 10
