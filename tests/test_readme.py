@@ -38,6 +38,8 @@ def test_the_api_client_example_runs_against_the_launched_app(launched_chat):
     lines = [line for line in output.getvalue().splitlines() if not line.startswith("Loaded as API")]
     assert lines[0].startswith("The answer")
     assert any(line.startswith("length 256 tokens,") for line in lines)
+    assert any(line.startswith("256 tokens scored; the first: The") for line in lines)
+    assert [line for line in lines if line.startswith("length 64 tokens: ")] == ["length 64 tokens: The answer"] * 2
     assert lines[-1].startswith("16 prompt tokens: [1, 29871, 32001, 5205, 13, 32002]")
 
 
