@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
+from .fairness import FairShare, Limits, Visitor
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
@@ -162,6 +163,8 @@ class Chat:
         self.loading = backend if isinstance(backend, ModelLoading) else ModelLoading.loaded(backend)
         self.settings = settings
         self.moderation = moderation
+        limits = Limits(settings.visitor_limit, settings.address_limit, settings.concurrency + settings.max_queue)
+        self.fair_share = FairShare(limits)
         # The answers each owner (a page session) has running, for stop(owner).
         self._active: dict[str, set[AnswerStream | _Comparison]] = {}
         self._active_lock = threading.Lock()
@@ -244,8 +247,15 @@ class Chat:
             context_length=self.backend.info.context_length,
         )
 
-    def respond(self, request: ChatRequest, owner: str | None = None) -> Iterator[ChatUpdate]:
-        """Stream the answer. Closing the iterator, or stop(owner), ends the backend's work."""
+    def respond(
+        self, request: ChatRequest, owner: str | None = None, visitor: Visitor | None = None
+    ) -> Iterator[ChatUpdate]:
+        """Stream the answer. Closing the iterator, or stop(owner), ends the backend's work. A visitor
+        over their fair share is refused (fairness.Refused) before anything else happens."""
+        with self.fair_share.admit(visitor):
+            yield from self._respond(request, owner)
+
+    def _respond(self, request: ChatRequest, owner: str | None) -> Iterator[ChatUpdate]:
         moderation, notice = self.moderation_for(request.moderation)
         reply = _Reply([*request.notices, *([notice] if notice else [])], moderation, request.params)
         for waiting in self._wait_for_backend():
@@ -319,11 +329,18 @@ class Chat:
             shared = shared.model_copy(update={"seed": secrets.randbelow(2**32)})
         return [dataclasses.replace(request, params=shared) for request in requests]
 
-    def compare(self, requests: Sequence[ChatRequest], owner: str | None = None) -> Iterator[tuple[ChatUpdate, ...]]:
+    def compare(
+        self, requests: Sequence[ChatRequest], owner: str | None = None, visitor: Visitor | None = None
+    ) -> Iterator[tuple[ChatUpdate, ...]]:
         """Stream the answers side by side: each update holds every answer's latest state, in order.
 
         Each answer is respond()'s, in a thread of its own, so greedy ones share the batch's decode
-        steps. stop(owner), or closing the iterator, stops them all; each still ends with its final update."""
+        steps. stop(owner), or closing the iterator, stops them all; each still ends with its final
+        update. A comparison is one request of the visitor's fair share."""
+        with self.fair_share.admit(visitor):
+            yield from self._compare(requests, owner)
+
+    def _compare(self, requests: Sequence[ChatRequest], owner: str | None) -> Iterator[tuple[ChatUpdate, ...]]:
         comparison = _Comparison(self, f"compare-{secrets.token_hex(8)}")
         updates: queue.SimpleQueue = queue.SimpleQueue()
         for index, request in enumerate(requests):
@@ -361,7 +378,7 @@ class _Comparison:
     def answer_into(self, index: int, request: ChatRequest, updates: queue.SimpleQueue) -> None:
         """One answer's updates, put as (index, update), then (index, None)."""
         try:
-            for update in self._chat.respond(request, self._key):
+            for update in self._chat._respond(request, self._key):
                 updates.put((index, update))
                 if self._stopped.is_set():  # an answer that started after Stop stops now
                     self._chat.stop(self._key)

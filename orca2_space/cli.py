@@ -347,7 +347,10 @@ def launch(chat, share: bool = False, block: bool = True):
 
     settings = chat.settings
     demo = ui.build(chat)
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
+    # Every request the fair share admits goes straight to the chat, which waits for the model; Gradio's
+    # queue holds nothing back from it (its size only bounds a burst of page events).
+    admitted = chat.fair_share.limits.total
+    demo.queue(default_concurrency_limit=admitted, max_size=settings.max_queue)
     demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -360,6 +363,8 @@ def launch(chat, share: bool = False, block: bool = True):
         quiet=True,
         # Errors name the field that was wrong (e.g. a raw API call with too few values).
         show_error=True,
+        # A thread per streaming request, and room for the page's other events.
+        max_threads=admitted + 40,
     )
     return demo
 

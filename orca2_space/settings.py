@@ -195,6 +195,18 @@ class Settings:
         description="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue",
     )
     max_queue: int = Field(32, ge=1, description="requests that may wait; more are told the app is busy")
+    visitor_limit: int = Field(
+        2,
+        ge=1,
+        description="requests one visitor (a page session or an API client) may have running or waiting; "
+        "more are refused at once, with the reason",
+    )
+    address_limit: int = Field(
+        8,
+        ge=1,
+        description="requests one network address may have running or waiting (visitors behind one NAT share "
+        "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
+    )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         True,
         description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "

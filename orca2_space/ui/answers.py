@@ -9,16 +9,21 @@ nothing between requests.
 import json
 
 import gradio as gr
+from gradio.utils import get_space
 
 from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, Stats, Store, export, parse_export, to_markdown
+from ..fairness import Refused, Visitor
 from ..prompt import PromptTooLong
 from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest
 from .messages import chat_messages, status
 
 PARAM_NAMES = tuple(GENERATION_FIELDS)
-# Everything that runs the model (answers, comparisons, scoring) shares one concurrency group.
+# Answers and comparisons share one concurrency group, sized to let every request fairness.py admits
+# straight in: the model's own scheduler (the batch, or the engine's turn) is where they wait.
 GENERATION_CONCURRENCY_ID = "generation"
+# Re-scoring an answer is one forward pass over up to a whole context: one at a time.
+SCORING_CONCURRENCY = dict(concurrency_id="scoring", concurrency_limit=1)
 
 # Downloads are made in the browser from the text the server returns: nothing is written server-side.
 DOWNLOAD_JS = """
@@ -34,22 +39,49 @@ DOWNLOAD_JS = """
 """
 
 
-def turn(chat: Chat, message, system_message, history, moderation, single_turn, params: dict, owner: str | None):
+def turn(
+    chat: Chat,
+    message,
+    system_message,
+    history,
+    moderation,
+    single_turn,
+    params: dict,
+    owner: str | None,
+    visitor: Visitor,
+):
     """One answer's updates, for the page and /chat alike; bad input is a gr.Error naming the field."""
     try:
         request = chat.request(message, system_message, history, moderation, single_turn, **params)
     except InvalidRequest as error:
         raise gr.Error(str(error)) from error
-    return chat.respond(request, owner=owner)
+    return _errors_shown(chat.respond(request, owner=owner, visitor=visitor))
 
 
-def comparison(chat: Chat, message, system_messages, moderation, params: dict, owner: str | None):
+def _errors_shown(updates):
+    """A request over the visitor's fair share is refused as its stream starts: they read why."""
+    try:
+        yield from updates
+    except Refused as error:
+        raise gr.Error(str(error)) from error
+
+
+def visitor_of(request: gr.Request) -> Visitor:
+    """A page session or API client, and its address: on a Space, the one its proxy forwards."""
+    address = request.client.host if request.client else "unknown"
+    if get_space():
+        forwarded = request.headers.get("x-forwarded-for", "")
+        address = forwarded.split(",")[0].strip() or address
+    return Visitor(request.session_hash or f"address {address}", address)
+
+
+def comparison(chat: Chat, message, system_messages, moderation, params: dict, owner: str | None, visitor: Visitor):
     """The side-by-side answers' updates, for the page and /compare alike."""
     try:
         requests = chat.compare_requests(message, system_messages, moderation, **params)
     except InvalidRequest as error:
         raise gr.Error(str(error)) from error
-    return chat.compare(requests, owner=owner)
+    return _errors_shown(chat.compare(requests, owner=owner, visitor=visitor))
 
 
 def history_messages(conversation: Conversation) -> list[dict]:
@@ -86,8 +118,9 @@ class ConversationEvents:
         conversation = store.current()
         history = history_messages(conversation)
         params = dict(zip(PARAM_NAMES, values))
+        owner = request.session_hash
         updates = turn(
-            self.chat, message, system_message, history, moderation, single_turn, params, request.session_hash
+            self.chat, message, system_message, history, moderation, single_turn, params, owner, visitor_of(request)
         )
         busy = (gr.update(visible=False), gr.update(visible=True))
         unchanged = (gr.skip(), gr.skip())  # the store and the list change once the answer is done

@@ -10,17 +10,18 @@ import gradio as gr
 from ..chat import Chat, system_message_for
 from ..prompt import PromptTooLong
 from ..settings import GENERATION_FIELDS, InvalidRequest
-from .answers import GENERATION_CONCURRENCY_ID, comparison, turn
+from .answers import GENERATION_CONCURRENCY_ID, comparison, turn, visitor_of
 from .tokens import add_token_endpoint
 
 
 def add_endpoints(chat: Chat) -> None:
-    def chat_endpoint(*values) -> Iterator[dict]:
-        args = CHAT_SIGNATURE.bind(*values).arguments
+    def chat_endpoint(request: gr.Request, *values) -> Iterator[dict]:
+        args = CHAT_SIGNATURE.bind(request, *values).arguments
+        visitor = visitor_of(args.pop("request"))
         system = _system_message(args.pop("system_message"), args.pop("preset"))
         message, history = args.pop("message"), args.pop("history")
         moderation, single_turn = args.pop("moderation"), args.pop("single_turn")
-        for update in turn(chat, message, system, history, moderation, single_turn, args, owner=None):
+        for update in turn(chat, message, system, history, moderation, single_turn, args, None, visitor):
             yield update.as_api_dict()
 
     def inspect_prompt(
@@ -38,10 +39,11 @@ def add_endpoints(chat: Chat) -> None:
             raise gr.Error(str(error)) from error
         return {"text": prompt.text, "input_ids": prompt.input_ids, "n_tokens": prompt.n_tokens}
 
-    def compare_endpoint(*values) -> Iterator[dict]:
-        args = COMPARE_SIGNATURE.bind(*values).arguments
+    def compare_endpoint(request: gr.Request, *values) -> Iterator[dict]:
+        args = COMPARE_SIGNATURE.bind(request, *values).arguments
+        visitor = visitor_of(args.pop("request"))
         message, system_messages, moderation = args.pop("message"), args.pop("system_messages"), args.pop("moderation")
-        for updates in comparison(chat, message, system_messages, moderation, args, owner=None):
+        for updates in comparison(chat, message, system_messages, moderation, args, None, visitor):
             yield {"answers": [update.as_api_dict() for update in updates]}
 
     _declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
@@ -67,6 +69,8 @@ def _system_message(system_message, preset) -> str:
 
 
 _KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+# Gradio passes the request to a parameter annotated gr.Request; it is not part of the API.
+_REQUEST = inspect.Parameter("request", _KEYWORD, annotation=gr.Request)
 
 
 def _settings_parameters() -> list[inspect.Parameter]:
@@ -87,7 +91,8 @@ def _chat_signature() -> inspect.Signature:
         inspect.Parameter("history", _KEYWORD, default=None, annotation=list[dict] | None),
     ]
     single_turn = inspect.Parameter("single_turn", _KEYWORD, default=False, annotation=bool)
-    return inspect.Signature([*conversation, *_settings_parameters(), single_turn], return_annotation=Iterator[dict])
+    parameters = [_REQUEST, *conversation, *_settings_parameters(), single_turn]
+    return inspect.Signature(parameters, return_annotation=Iterator[dict])
 
 
 def _compare_signature() -> inspect.Signature:
@@ -96,7 +101,7 @@ def _compare_signature() -> inspect.Signature:
         inspect.Parameter("message", _KEYWORD, annotation=str),
         inspect.Parameter("system_messages", _KEYWORD, annotation=list[str]),
     ]
-    return inspect.Signature([*question, *_settings_parameters()], return_annotation=Iterator[dict])
+    return inspect.Signature([_REQUEST, *question, *_settings_parameters()], return_annotation=Iterator[dict])
 
 
 _SETTINGS_DOC = [

@@ -10,7 +10,16 @@ from ..chat import COMPARED, Chat, ChatUpdate
 from ..conversation import Conversation, Exchange
 from ..presets import PRESET_CHOICES, SYSTEM_PRESETS
 from ..render import CHATBOT_OPTIONS
-from .answers import DOWNLOAD_JS, GENERATION_CONCURRENCY_ID, PARAM_NAMES, comparison, download, exchange_of
+from .answers import (
+    DOWNLOAD_JS,
+    GENERATION_CONCURRENCY_ID,
+    PARAM_NAMES,
+    SCORING_CONCURRENCY,
+    comparison,
+    download,
+    exchange_of,
+    visitor_of,
+)
 from .controls import moderation_toggle, setting_control
 from .messages import answer_messages, status
 from .tokens import token_view_of
@@ -120,7 +129,7 @@ def wire(page: ComparePage, chat: Chat) -> None:
         asked = list(system_messages[:count])
         params = dict(zip(PARAM_NAMES, settings))
         # Its own owner, so that the Chat tab's Stop leaves a comparison running and the reverse.
-        updates = comparison(chat, message, asked, moderation, params, owner=_owner(request))
+        updates = comparison(chat, message, asked, moderation, params, _owner(request), visitor_of(request))
         busy = (gr.update(visible=False), gr.update(visible=True))
         shown = [ChatUpdate("") for _ in asked]
         yield *_view(shown, len(systems)), *busy, gr.skip()
@@ -159,7 +168,7 @@ def wire(page: ComparePage, chat: Chat) -> None:
             functools.partial(show_tokens, index),
             [page.result],
             [page.tokens],
-            concurrency_id=GENERATION_CONCURRENCY_ID,
+            **SCORING_CONCURRENCY,
             api_visibility="private",
         )
     page.count.change(

@@ -14,7 +14,14 @@ from ..prompt import PromptTooLong
 from ..render import CHATBOT_OPTIONS
 from ..settings import InvalidRequest
 from . import compare
-from .answers import DOWNLOAD_JS, GENERATION_CONCURRENCY_ID, PARAM_NAMES, ConversationEvents, history_messages
+from .answers import (
+    DOWNLOAD_JS,
+    GENERATION_CONCURRENCY_ID,
+    PARAM_NAMES,
+    SCORING_CONCURRENCY,
+    ConversationEvents,
+    history_messages,
+)
 from .api import add_endpoints
 from .controls import moderation_toggle, setting_control
 from .messages import exchange_at
@@ -307,8 +314,7 @@ def _wire_tokens(page: Page, chat: Chat) -> None:
         index = exchange_at(conversation, position)
         return (gr.skip(), gr.skip()) if index is None else show(conversation, index)
 
-    # Scoring runs the model, so it waits its turn with the answers.
-    scoring = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
+    scoring = dict(**SCORING_CONCURRENCY, api_visibility="private")
     page.score_last.click(last, [page.store], [page.tokens_box, page.tokens], **scoring)
     page.chatbot.select(picked, [page.store], [page.tokens_box, page.tokens], **scoring)
 

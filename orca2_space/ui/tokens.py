@@ -23,7 +23,7 @@ from ..chat import Chat, system_message_for
 from ..conversation import Conversation
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
-from .answers import GENERATION_CONCURRENCY_ID, history_messages
+from .answers import SCORING_CONCURRENCY, history_messages
 
 NOTE = (
     "These are the model's own probabilities (temperature 1) for the tokens it wrote, whatever the sampling "
@@ -218,4 +218,4 @@ def add_token_endpoint(chat: Chat) -> None:
             raise gr.Error(str(error)) from error
         return as_api_dict(tokens)
 
-    gr.api(token_probabilities_endpoint, api_name="token_probabilities", concurrency_id=GENERATION_CONCURRENCY_ID)
+    gr.api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)

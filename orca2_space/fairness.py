@@ -1,0 +1,93 @@
+"""A fair share of one model for everyone: each visitor, and each network address, may have only a few
+requests running or waiting, and a request over a limit is refused at once with the reason.
+
+Without this, one script that queues many long answers makes every other visitor wait behind all of
+them. Requests are let in here, not held in Gradio's queue: the model's own scheduler (the batch, or
+the engine's turn for answers run alone) is the only place a request waits, so a visitor who is
+within the limits starts at the next decode step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .settings import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Visitor:
+    """Who asks: a page session or an API client, and the network address it comes from."""
+
+    session: str
+    address: str
+
+
+class Refused(InvalidRequest):
+    """A request over a limit; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    per_visitor: int
+    per_address: int
+    total: int
+
+
+class FairShare:
+    """Counts the requests in progress (running or waiting) per visitor, per address and in all."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._sessions: Counter[str] = Counter()
+        self._addresses: Counter[str] = Counter()
+        self._total = 0
+
+    @contextlib.contextmanager
+    def admit(self, visitor: Visitor | None) -> Iterator[None]:
+        """Hold a place while the request is in progress; Refused at once if there is none.
+        Requests from within the app (visitor None) count toward the total only."""
+        self._take(visitor)
+        try:
+            yield
+        finally:
+            self._give_back(visitor)
+
+    def _take(self, visitor: Visitor | None) -> None:
+        limits = self.limits
+        with self._lock:
+            if visitor is not None and self._sessions[visitor.session] >= limits.per_visitor:
+                raise Refused(
+                    f"You already have {limits.per_visitor} requests running or waiting, this server's limit per "
+                    "visitor. Wait for one to finish, or stop it, then ask again."
+                )
+            if visitor is not None and self._addresses[visitor.address] >= limits.per_address:
+                raise Refused(
+                    f"Your network address already has {limits.per_address} requests running or waiting, this "
+                    "server's limit per address (shared by everyone behind it). Wait for one to finish, then ask again."
+                )
+            if self._total >= limits.total:
+                raise Refused(
+                    f"The server is busy: {limits.total} requests are running or waiting. Try again in a minute."
+                )
+            self._total += 1
+            if visitor is not None:
+                self._sessions[visitor.session] += 1
+                self._addresses[visitor.address] += 1
+
+    def _give_back(self, visitor: Visitor | None) -> None:
+        with self._lock:
+            self._total -= 1
+            if visitor is not None:
+                for counts, key in ((self._sessions, visitor.session), (self._addresses, visitor.address)):
+                    counts[key] -= 1
+                    if not counts[key]:
+                        del counts[key]
+
+    def in_progress(self) -> int:
+        with self._lock:
+            return self._total
