@@ -53,7 +53,8 @@ def run_load(url: str, clients: int, requests: int, max_new_tokens: int, timeout
                     "tokens": final["n_tokens"] or 0,
                 }
             except Exception as error:  # noqa: BLE001 - each refusal is counted, not raised
-                busy = "queue is full" in str(error).lower()
+                # Gradio's queue, or the fair share (fairness.py), saying the server is full.
+                busy = any(words in str(error).lower() for words in ("queue is full", "server is busy"))
                 outcome = {"outcome": "busy" if busy else "error", "tokens": 0, "message": str(error)[:200]}
             outcome["seconds"] = time.perf_counter() - start
             with lock:

@@ -17,7 +17,8 @@ from load import run_load
 
 @pytest.fixture(scope="module")
 def small_queue_app(tiny_engine):
-    settings = Settings(host="127.0.0.1", port=free_port(), concurrency=1, max_queue=6)
+    # 16 visitors, all on loopback: the per-address limit would otherwise be the one to refuse them.
+    settings = Settings(host="127.0.0.1", port=free_port(), concurrency=1, max_queue=6, address_limit=16)
     demo = launch(Chat(tiny_engine, settings), block=False)
     yield demo.local_url
     demo.close()
