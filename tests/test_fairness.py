@@ -5,6 +5,7 @@ import contextlib
 import threading
 import time
 
+import gradio as gr
 import pytest
 from conftest import batched, free_port
 from gradio_client import Client
@@ -13,6 +14,7 @@ from gradio_client.exceptions import AppError
 from orca2_space.chat import Chat
 from orca2_space.fairness import FairShare, Limits, Refused, Visitor
 from orca2_space.settings import Settings
+from orca2_space.ui.answers import visitor_of
 
 ALICE = Visitor("alice-session", "10.0.0.1")
 ALICE_AGAIN = Visitor("alice-second-tab", "10.0.0.1")
@@ -123,3 +125,24 @@ def test_one_client_holding_24_requests_neither_starves_another_nor_waits_in_lin
     assert other_job.result()["n_tokens"] == 8
     for job in running:
         job.cancel()
+
+
+def page_request(headers: dict, session: str | None = "s1") -> gr.Request:
+    from starlette.requests import Request
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": raw, "client": ("10.16.3.80", 50000)}
+    return gr.Request(request=Request(scope), session_hash=session)
+
+
+def test_on_a_space_the_address_is_the_one_its_proxy_forwards(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/orca2-space")
+    visitor = visitor_of(page_request({"X-Forwarded-For": "203.0.113.7, 10.16.3.1"}))
+    assert visitor == Visitor("s1", "203.0.113.7")
+
+
+def test_elsewhere_the_address_is_the_connections(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert visitor_of(page_request({"X-Forwarded-For": "203.0.113.7"})) == Visitor("s1", "10.16.3.80")
+    # A caller without a session counts as its address.
+    assert visitor_of(page_request({}, session=None)).session == "address 10.16.3.80"

@@ -9,13 +9,12 @@ nothing between requests.
 import json
 
 import gradio as gr
-from gradio.utils import get_space
 
 from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, Stats, Store, export, parse_export, to_markdown
 from ..fairness import Refused, Visitor
 from ..prompt import PromptTooLong
-from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest
+from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest, on_space
 from .messages import chat_messages, status
 
 PARAM_NAMES = tuple(GENERATION_FIELDS)
@@ -69,7 +68,7 @@ def _errors_shown(updates):
 def visitor_of(request: gr.Request) -> Visitor:
     """A page session or API client, and its address: on a Space, the one its proxy forwards."""
     address = request.client.host if request.client else "unknown"
-    if get_space():
+    if on_space():
         forwarded = request.headers.get("x-forwarded-for", "")
         address = forwarded.split(",")[0].strip() or address
     return Visitor(request.session_hash or f"address {address}", address)
