@@ -29,6 +29,10 @@ def open_compare(page, app, max_new_tokens: int):
     page.click("#compare-tab-button")
     page.get_by_text("Settings shared by every column").click()
     set_number(page, "#compare-max-new-tokens input[type=number]", max_new_tokens)
+    # The slider follows the number once the page has taken it.
+    page.wait_for_function(
+        f"document.querySelector('#compare-max-new-tokens input[type=range]').value == '{max_new_tokens}'"
+    )
 
 
 def compare(page, question: str, columns: int = 3):
@@ -74,6 +78,7 @@ def test_one_stop_stops_every_column(page, plain_app):
 def test_a_finished_comparison_exports_one_entry_per_column(browser, plain_app):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    page.set_default_timeout(60_000)
     try:
         open_compare(page, plain_app, 12)
         page.click("#compare-count label:has-text('2')")
@@ -89,6 +94,7 @@ def test_a_finished_comparison_exports_one_entry_per_column(browser, plain_app):
 def test_on_a_phone_the_columns_stack(browser, plain_app):
     context = browser.new_context(viewport={"width": 390, "height": 844})
     page = context.new_page()
+    page.set_default_timeout(60_000)
     try:
         open_compare(page, plain_app, 8)
         compare(page, STORY)
@@ -126,6 +132,7 @@ def test_clicking_an_answer_colours_its_tokens_and_a_focused_token_shows_its_alt
 def test_a_compared_answer_has_its_token_view_too(page, plain_app):
     open_compare(page, plain_app, 10)
     compare(page, STORY)
+    assert "10 tokens" in page.inner_text("#compare-status-1")
     page.click("#compare-score-1")
     page.wait_for_selector("#compare-tokens .tok")
     assert "System message 2" in page.inner_text("#compare-tokens")
