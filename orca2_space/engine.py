@@ -239,6 +239,7 @@ class Engine:
         # One unbatched generate at a time: it keeps the global torch RNG (and so seeds) per request.
         self._lock = threading.Lock()
         self._batcher = None
+        _one_forward_at_a_time(model)
         if on_zerogpu():
             # Each answer borrows a GPU for its own duration: nothing persistent to batch on.
             global _zerogpu_model
@@ -382,6 +383,27 @@ class Engine:
             error = failure
         finally:
             state.close(error)
+
+
+def _one_forward_at_a_time(model) -> None:
+    """Make the model's forward passes take turns. A plain forward (an answer run alone, or scoring)
+    made while transformers' batch manager runs a step on the same model can read wrong logits
+    (measured on the tiny model: up to 0.78 apart, one pass in two), so no two passes may overlap;
+    tests/test_engine.py checks that they agree. The lock wraps the transformer body, which every
+    path runs: generate, the batch's steps and scoring."""
+    body = model.base_model
+    if getattr(body, "_orca2_takes_turns", False):
+        return
+    turn = threading.Lock()
+    forward = body.forward
+
+    @functools.wraps(forward)
+    def take_turns(*args, **kwargs):
+        with turn:
+            return forward(*args, **kwargs)
+
+    body.forward = take_turns
+    body._orca2_takes_turns = True
 
 
 def batchable(params: GenerationParams) -> bool:

@@ -5,7 +5,7 @@ import itertools
 import threading
 
 import pytest
-from conftest import SAFETY_KEY, FakeBackend, batched, free_port
+from conftest import SAFETY_KEY, batched, free_port
 
 from orca2_space.chat import Chat
 from orca2_space.moderation import AzureContentSafety, Moderation
@@ -80,30 +80,35 @@ def test_compared_questions_are_answered_on_their_own(fake_backend):
     assert [p.text.count("<|im_start|>user") for p in fake_backend.prompts] == [1, 1]
 
 
-def test_one_stop_stops_every_answer(tokenizer):
-    chat = Chat(FakeBackend(tokenizer, ["\n", "The", " answer"], forever=True), Settings(max_new_tokens_cap=4000))
-    updates = chat.compare(chat.compare_requests("Go on", SYSTEMS, max_new_tokens=3000), owner="session-1")
+@pytest.fixture(scope="module")
+def endless_chat(never_ends):
+    """A chat over the batched model that writes until it is stopped."""
+    engine = batched(never_ends)
+    yield Chat(engine, Settings(max_new_tokens_cap=4000))
+    engine.close()
+
+
+def test_one_stop_stops_every_answer(endless_chat):
+    updates = endless_chat.compare(
+        endless_chat.compare_requests("Go on", SYSTEMS, max_new_tokens=3000), owner="session-1"
+    )
     next(updates)
-    assert chat.stop("session-1") is True
+    assert endless_chat.stop("session-1") is True
     compared = final(updates)
     assert [update.stats.stop_reason for update in compared] == ["stopped"] * 3
+    assert all((update.stats.tokens_after_cancel or 0) <= 1 for update in compared)
 
 
-def test_leaving_ends_the_models_work_on_every_answer(never_ends):
-    engine = batched(never_ends)
-    try:
-        chat = Chat(engine, Settings(max_new_tokens_cap=4000))
-        before = set(threading.enumerate())
-        updates = chat.compare(chat.compare_requests("Go", SYSTEMS, max_new_tokens=3000))
-        next(updates)
-        next(updates)
-        updates.close()  # what Gradio does when a client disconnects or cancels
-        for thread in set(threading.enumerate()) - before:
-            if thread.name == "orca2-compare":
-                thread.join(timeout=30)
-                assert not thread.is_alive()
-    finally:
-        engine.close()
+def test_leaving_ends_the_models_work_on_every_answer(endless_chat):
+    before = set(threading.enumerate())
+    updates = endless_chat.compare(endless_chat.compare_requests("Go", SYSTEMS, max_new_tokens=3000))
+    next(updates)
+    next(updates)
+    updates.close()  # what Gradio does when a client disconnects or cancels
+    for thread in set(threading.enumerate()) - before:
+        if thread.name == "orca2-compare":
+            thread.join(timeout=30)
+            assert not thread.is_alive()
 
 
 def test_moderation_checks_each_question_and_answer(turns_violent):

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from conftest import batched
 
 from orca2_space.engine import Engine, GenerationError, ModelLoadError, plan_load
 from orca2_space.prompt import IM_END, Prompt
@@ -159,3 +160,23 @@ def test_a_folder_without_weights_is_a_load_error(tiny_model_dir, tmp_path):
         (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
     with pytest.raises(ModelLoadError, match="Could not load the model"):
         Engine.load(str(tmp_path))
+
+
+def test_a_forward_pass_made_while_the_batch_runs_reads_the_same_logits(tiny_engine):
+    """transformers' batch steps and a plain forward on the same model must not overlap (see
+    engine._one_forward_at_a_time): without turns, one plain pass in two read other logits."""
+    engine = batched(tiny_engine)
+    ids = torch.tensor([prompt_for(tiny_engine, "How are you?").input_ids])
+    with torch.inference_mode():
+        alone = tiny_engine.model(ids).logits
+    answers = [engine.generate(prompt_for(engine, q), GenerationParams(max_new_tokens=2000)) for q in ("A", "B", "C")]
+    try:
+        for answer in answers:
+            next(iter(answer))
+        for _ in range(10):
+            with torch.inference_mode():
+                assert torch.equal(tiny_engine.model(ids).logits, alone)
+    finally:
+        for answer in answers:
+            answer.cancel()
+        engine.close()
