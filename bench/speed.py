@@ -1,22 +1,27 @@
 """How fast answers stream, alone and in a crowd, measured against raw `model.generate` in one run.
 
-    python bench/speed.py [--models tiny,100m | --models microsoft/Orca-2-7b] [--new-tokens 64]
-                          [--json bench/speed.json]
+    python bench/speed.py [--models tiny,100m | --models microsoft/Orca-2-7b] [--weights auto | 8bit,bf16]
+                          [--new-tokens 64] [--repeats 3] [--crowds 1,8] [--json bench/speed.json]
+    python bench/speed.py --gpu        # on a CUDA machine: 100m in 8-bit and bf16, and Orca-2-7b if cached
 
-For each model, on this machine's device, greedy, the same prompt:
+For each model and weights format, on this machine's device, greedy, the same prompt:
 - tokens/s and time to first token of raw model.generate (the baseline), of the app's engine (alone,
   and through the batch), and end to end through gradio_client against the launched app;
 - Stop latency: from cancel() to the end of the model's last forward pass, and the steps after it;
-- aggregate tokens/s and p50/p95 time to first token with 1, 4, 8 and 16 concurrent chats through
-  gradio_client, batched (the default) and one at a time (--batching off);
+- aggregate tokens/s and p50/p95 time to first token with N concurrent chats (--crowds), through
+  gradio_client to the app (batched, and one at a time with --batching off) and straight on the
+  batched engine: what the web layer costs is the app's figure over the engine's;
 - the process's peak RSS.
-Ratios are against the baseline measured here, in this run. "tiny" and "100m" are random-weight
-Orca-2-shaped models (tests/make_tiny_model.py) built on the fly; a hub id or a folder also works.
+Every figure is measured --repeats times, interleaved (each round runs every measurement once, in a
+rotated order), and reported as the median with its spread (min-max). Ratios are against the
+baseline measured here, in this run. "tiny" and "100m" are random-weight Orca-2-shaped models
+(tests/make_tiny_model.py) built on the fly; a hub id or a folder also works.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -45,8 +50,9 @@ from orca2_space.settings import BatchingSettings, GenerationParams, Settings
 
 QUESTION = "How can you determine if a restaurant is popular among locals or mainly attracts tourists?"
 SYSTEM = "You are Orca, an AI language model created by Microsoft. You are a cautious assistant."
-REPEATS = 3
-CROWDS = (1, 4, 8, 16)
+# A hub model is benched on a GPU only when its weights are already in the cache (nothing downloads).
+GPU_MODELS = ("100m", "microsoft/Orca-2-7b")
+GPU_WEIGHTS = ("8bit", "bf16")
 
 
 def peak_rss_gib() -> float:
@@ -56,11 +62,6 @@ def peak_rss_gib() -> float:
 def rate(n_tokens: int, first: float, last: float) -> float:
     """Decode speed: tokens after the first, over the time after the first."""
     return (n_tokens - 1) / (last - first) if n_tokens > 1 and last > first else 0.0
-
-
-def median_run(run) -> dict:
-    runs = [run() for _ in range(REPEATS)]
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 class _Clock(BaseStreamer):
@@ -131,18 +132,19 @@ def stop_latency(engine: Engine, ids: list[int]) -> dict:
     return {"stop_latency_s": (after[-1] - cancelled) if after else 0.0, "steps_after_cancel": len(after)}
 
 
-def crowd(stream, clients: int) -> dict:
-    """`clients` chats at once, each running stream() -> its result."""
+def crowd(streams: list) -> dict:
+    """The chats at once, each stream() -> its result. Whatever a chat needs (a client) is made before
+    the clock starts: connecting is not streaming."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def chat(index: int) -> None:
-        result = stream()
+        result = streams[index]()
         with lock:
             results.append(result)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=chat, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(streams))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -157,93 +159,189 @@ def crowd(stream, clients: int) -> dict:
     }
 
 
-def bench_model(name: str, workdir: Path, new_tokens: int) -> dict:
-    folder = str(build_tiny_model(workdir / name, size=name)) if name in SIZES else name
-    single = Engine.load(folder)
-    batched = Engine(single.model, single.tokenizer, single.info, BatchingSettings(max_concurrent=8, cache_tokens=8192))
-    ids = single.tokenizer.build(SYSTEM, [], QUESTION, max_new_tokens=new_tokens).input_ids
-    params = GenerationParams(max_new_tokens=new_tokens)
-    engine_stream(single, ids, params), engine_stream(batched, ids, params)  # warm-up
-    result = {
-        "model": name,
-        "device": single.info.device,
-        "weights": single.info.quantization,
-        "prompt_tokens": len(ids),
-        "raw_generate": median_run(lambda: raw_generate(single, ids, params)),
-        "engine": median_run(lambda: engine_stream(single, ids, params)),
-        "engine_batched": median_run(lambda: engine_stream(batched, ids, params)),
-    }
-    result["stop"] = {"engine": stop_latency(single, ids), "engine_batched": stop_latency(batched, ids)}
-    apps = {}
-    for label, engine in (("batched", batched), ("one_at_a_time", single)):
-        # Every crowd member is its own visitor; all are on loopback, so the per-address limit is lifted.
-        settings = Settings(
-            model=name, port=free_port(), concurrency=8, max_queue=64, max_new_tokens_cap=new_tokens, address_limit=64
-        )
-        apps[label] = launch(Chat(engine, settings), block=False)
-    client = Client(apps["batched"].local_url, verbose=False)
-    client_stream(client, params)  # warm-up
-    result["end_to_end"] = median_run(lambda: client_stream(client, params))
-    result["crowds"] = {
-        label: {
-            str(n): crowd(lambda url=app.local_url: client_stream(Client(url, verbose=False), params), n)
-            for n in CROWDS
+class Bench:
+    """One model in one weights format: its engines and launched apps, and every run's figures."""
+
+    def __init__(self, name: str, weights: str, workdir: Path, new_tokens: int):
+        folder = str(build_tiny_model(workdir / name, size=name)) if name in SIZES else name
+        self.single = Engine.load(folder, weights)
+        model, tokenizer, info = self.single.model, self.single.tokenizer, self.single.info
+        self.batched = Engine(model, tokenizer, info, BatchingSettings(max_concurrent=8, cache_tokens=8192))
+        self.ids = tokenizer.build(SYSTEM, [], QUESTION, max_new_tokens=new_tokens).input_ids
+        self.params = GenerationParams(max_new_tokens=new_tokens)
+        self.name = name
+        self.apps = {}
+        for label, engine in (("app", self.batched), ("app_one_at_a_time", self.single)):
+            # Every crowd member is its own visitor; all are on loopback, so the per-address limit is lifted.
+            settings = Settings(
+                model=name,
+                port=free_port(),
+                concurrency=8,
+                max_queue=64,
+                max_new_tokens_cap=new_tokens,
+                address_limit=64,
+            )
+            self.apps[label] = launch(Chat(engine, settings), block=False)
+        self.runs: dict[str, list[dict]] = {}
+
+    def measurements(self, crowds: tuple[int, ...]) -> dict:
+        """name -> a function that measures it once."""
+        ids, params = self.ids, self.params
+        url = self.apps["app"].local_url
+        found = {
+            "raw_generate": lambda: raw_generate(self.single, ids, params),
+            "engine": lambda: engine_stream(self.single, ids, params),
+            "engine_batched": lambda: engine_stream(self.batched, ids, params),
+            "end_to_end": lambda: client_stream(Client(url, verbose=False), params),
         }
-        for label, app in apps.items()
-    }
-    # The same crowds straight on the engine: what the batch gives before Gradio's share of the CPU.
-    result["crowds"]["engine_batched"] = {str(n): crowd(lambda: engine_stream(batched, ids, params), n) for n in CROWDS}
-    for app in apps.values():
-        app.close()
-    batched.close()
-    result["peak_rss_gib"] = peak_rss_gib()
-    return result
+        for n in crowds:
+            for label, app in self.apps.items():
+                found[f"{label}, {n}"] = functools.partial(self.app_crowd, app.local_url, n)
+            found[f"engine_batched, {n}"] = lambda n=n: crowd([lambda: engine_stream(self.batched, ids, params)] * n)
+        return found
+
+    def app_crowd(self, url: str, n: int) -> dict:
+        """n visitors at once, each its own gradio_client (connected before the clock starts)."""
+        clients = [Client(url, verbose=False) for _ in range(n)]
+        return crowd([functools.partial(client_stream, client, self.params) for client in clients])
+
+    def run(self, repeats: int, crowds: tuple[int, ...]) -> None:
+        measure = self.measurements(crowds)
+        for run in (measure["engine"], measure["engine_batched"], measure["end_to_end"]):
+            run()  # warm-up
+        names = list(measure)
+        for round_ in range(repeats):
+            shift = round_ * len(names) // repeats
+            for name in names[shift:] + names[:shift]:
+                self.runs.setdefault(name, []).append(measure[name]())
+
+    def result(self) -> dict:
+        info = self.single.info
+        result = {
+            "model": self.name,
+            "device": info.device,
+            "weights": info.quantization,
+            "prompt_tokens": len(self.ids),
+            "runs": self.runs,
+            "stop": {
+                "engine": stop_latency(self.single, self.ids),
+                "engine_batched": stop_latency(self.batched, self.ids),
+            },
+        }
+        for app in self.apps.values():
+            app.close()
+        self.batched.close()
+        result["peak_rss_gib"] = peak_rss_gib()
+        return result
+
+
+def spread(runs: list[dict], key: str, scale: float = 1.0) -> tuple[float, float, float]:
+    """Median, min and max of one figure over the runs."""
+    values = [r[key] * scale for r in runs]
+    return statistics.median(values), min(values), max(values)
+
+
+def shown(figure: tuple[float, float, float], digits: int = 1) -> str:
+    median, low, high = figure
+    return f"{median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def ratio(runs: list[dict], base: list[dict], key: str) -> tuple[float, float, float]:
+    """The median of the round-by-round ratios, and their spread (each round measured both)."""
+    values = [r[key] / b[key] if b[key] else 0.0 for r, b in zip(runs, base)]
+    return statistics.median(values), min(values), max(values)
 
 
 def table(result: dict) -> str:
-    base = result["raw_generate"]["tokens_per_s"]
-    rows = [f"{result['model']} ({result['weights']}, {result['device']}, prompt {result['prompt_tokens']} tokens)"]
-    rows.append(f"  {'path':<28}{'tokens/s':>10}{'× raw':>8}{'TTFT ms':>10}")
+    runs = result["runs"]
+    base = runs["raw_generate"]
+    lines = [
+        f"### {result['model']} ({result['weights']}, {result['device']}, prompt {result['prompt_tokens']} tokens)",
+        "",
+        "| path | tokens/s | × raw | first token, ms |",
+        "|---|---|---|---|",
+    ]
     for key, label in (
         ("raw_generate", "raw model.generate"),
         ("engine", "engine, alone"),
         ("engine_batched", "engine, batch of 1"),
         ("end_to_end", "gradio_client → app"),
     ):
-        r = result[key]
-        rows.append(
-            f"  {label:<28}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>8.2f}{r['ttft_s'] * 1000:>10.0f}"
-        )
+        r = runs[key]
+        speed, vs_raw, ttft = spread(r, "tokens_per_s"), ratio(r, base, "tokens_per_s"), spread(r, "ttft_s", 1000)
+        lines.append(f"| {label} | {shown(speed)} | {shown(vs_raw, 2)} | {shown(ttft, 0)} |")
     for key, r in result["stop"].items():
-        rows.append(
-            f"  Stop, {key:<22} {r['stop_latency_s'] * 1000:.0f} ms after cancel, {r['steps_after_cancel']} forward step(s)"
-        )
-    rows.append(f"  {'N chats at once':<28}{'tokens/s':>10}{'× 1 chat':>10}{'TTFT p50':>10}{'p95 ms':>8}")
-    for label, crowds in result["crowds"].items():
-        one = crowds["1"]["aggregate_tokens_per_s"]
-        label = {"batched": "app, batched", "one_at_a_time": "app, one at a time", "engine_batched": "engine, batched"}[
-            label
-        ]
-        for n, r in crowds.items():
-            row = f"  {label + ', ' + n:<28}{r['aggregate_tokens_per_s']:>10.1f}{r['aggregate_tokens_per_s'] / one:>10.2f}"
-            rows.append(row + f"{r['ttft_p50_s'] * 1000:>10.0f}{r['ttft_p95_s'] * 1000:>8.0f}")
-    rows.append(f"  peak RSS {result['peak_rss_gib']:.2f} GiB")
-    return "\n".join(rows)
+        stop = f"{r['stop_latency_s'] * 1000:.0f} ms after cancel, {r['steps_after_cancel']} forward step(s)"
+        lines.append(f"| Stop, {key} | {stop} | | |")
+    lines += [
+        "",
+        "| N chats at once | tokens/s | × 1 chat | app ÷ engine | first token p50 / p95, ms |",
+        "|---|---|---|---|---|",
+    ]
+    crowds = sorted({int(k.split(", ")[1]) for k in runs if ", " in k})
+    for label, words in (
+        ("engine_batched", "engine, batched"),
+        ("app", "app, batched"),
+        ("app_one_at_a_time", "app, one at a time"),
+    ):
+        for n in crowds:
+            r, one = runs[f"{label}, {n}"], runs[f"{label}, {crowds[0]}"]
+            vs_engine = (
+                shown(ratio(r, runs[f"engine_batched, {n}"], "aggregate_tokens_per_s"), 2) if label == "app" else ""
+            )
+            ttft = f"{spread(r, 'ttft_p50_s', 1000)[0]:.0f} / {spread(r, 'ttft_p95_s', 1000)[0]:.0f}"
+            lines.append(
+                f"| {words}, {n} | {shown(spread(r, 'aggregate_tokens_per_s'))} "
+                f"| {shown(ratio(r, one, 'aggregate_tokens_per_s'), 2)} | {vs_engine} | {ttft} |"
+            )
+    lines.append(f"\npeak RSS {result['peak_rss_gib']:.2f} GiB")
+    return "\n".join(lines)
+
+
+def cached(name: str) -> bool:
+    """Whether a hub model's weights are in the local cache (a GPU bench never downloads)."""
+    if name in SIZES or os.path.isdir(name):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,100m", help="tiny, 100m, hub ids or folders, comma-separated")
+    parser.add_argument(
+        "--weights", default="auto", help="weights formats (auto, fp32, bf16, 8bit, 4bit), comma-separated"
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help=f"models {','.join(GPU_MODELS)} (if cached) as {','.join(GPU_WEIGHTS)}"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--crowds", default="1,8", help="numbers of chats at once, comma-separated; the first is the baseline"
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "speed.json"))
     args = parser.parse_args()
+    models, weights = args.models.split(","), args.weights.split(",")
+    if args.gpu:
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA GPU")
+        models, weights = [m for m in GPU_MODELS if cached(m)], list(GPU_WEIGHTS)
+    crowds = tuple(int(n) for n in args.crowds.split(","))
+    command = "python bench/speed.py " + " ".join(sys.argv[1:])
+    print(f"{time.strftime('%Y-%m-%d')} · {command} · {os.cpu_count()} CPUs · torch {torch.__version__}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name in args.models.split(","):
-            results.append(bench_model(name.strip(), Path(workdir), args.new_tokens))
-            print(table(results[-1]), flush=True)
+        for name in models:
+            for fmt in weights:
+                bench = Bench(name.strip(), fmt, Path(workdir), args.new_tokens)
+                bench.run(args.repeats, crowds)
+                results.append(bench.result())
+                print(table(results[-1]), "\n", flush=True)
+    facts = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpus": os.cpu_count()}
     Path(args.json).write_text(
-        json.dumps({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": results}, indent=2)
+        json.dumps({**facts, "torch_threads": torch.get_num_threads(), "results": results}, indent=2)
     )
     print(f"wrote {args.json}")
 
