@@ -351,6 +351,7 @@ def launch(chat, share: bool = False, block: bool = True):
     # queue holds nothing back from it (its size only bounds a burst of page events).
     admitted = chat.fair_share.limits.total
     demo.queue(default_concurrency_limit=admitted, max_size=settings.max_queue)
+    _pace_queue(demo)
     demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -367,6 +368,23 @@ def launch(chat, share: bool = False, block: bool = True):
         max_threads=admitted + 40,
     )
     return demo
+
+
+# Gradio's queue looks for waiting events every 1 ms and for progress every 10 ms, busy or not: 1,100
+# wake-ups a second that take the GIL (and a core) from the model's thread, and 0.06 of a core at
+# rest (measured with py-spy and /proc; docs/performance.md). An event waits at most
+# QUEUE_POLL_SECONDS more to start; streamed updates are not delayed; nothing here reports progress.
+QUEUE_POLL_SECONDS = 0.02
+PROGRESS_POLL_SECONDS = 0.5
+
+
+def _pace_queue(demo) -> None:
+    queue = getattr(demo, "_queue", None)
+    if hasattr(queue, "sleep_when_free") and hasattr(queue, "progress_update_sleep_when_free"):
+        queue.sleep_when_free = QUEUE_POLL_SECONDS
+        queue.progress_update_sleep_when_free = PROGRESS_POLL_SECONDS
+    else:
+        log.warning("Gradio's queue has changed: its polling interval is left as it is")
 
 
 def moderation_service(settings: ModerationSettings):

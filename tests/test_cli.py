@@ -276,3 +276,18 @@ def test_a_taken_port_is_one_line_naming_the_flag_before_the_model_loads(tiny_mo
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: can't listen on 127.0.0.1:") and "--port or ORCA2_PORT" in line
     assert "GRADIO_SERVER_PORT" not in result.stderr
+
+
+def test_the_queue_looks_for_work_at_a_pace_that_leaves_the_model_its_cores(fake_backend):
+    """Gradio's queue looks for work every 1 ms by default: 0.06 of a core at rest, and under load
+    wake-ups that take the GIL and a core from the model (bench/streams.py measures both)."""
+    from conftest import free_port
+
+    from orca2_space.chat import Chat
+
+    demo = cli.launch(Chat(fake_backend, Settings(host="127.0.0.1", port=free_port())), block=False)
+    try:
+        assert demo._queue.sleep_when_free == cli.QUEUE_POLL_SECONDS
+        assert demo._queue.progress_update_sleep_when_free == cli.PROGRESS_POLL_SECONDS
+    finally:
+        demo.close()
