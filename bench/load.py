@@ -101,6 +101,9 @@ def main() -> None:
                 str(args.concurrency),
                 "--max-queue",
                 str(args.max_queue),
+                # Each client is its own visitor; all are on loopback, so the per-address limit is lifted.
+                "--address-limit",
+                "64",
                 "--log-level",
                 "WARNING",
             ],

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import CHROMIUM
 from gradio_client import Client
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_browser import ARTIFACTS, answers, open_app, send, set_number
 from test_page_browser import download
 
@@ -28,11 +29,16 @@ def open_compare(page, app, max_new_tokens: int):
     open_app(page, app)
     page.click("#compare-tab-button")
     page.get_by_text("Settings shared by every column").click()
-    set_number(page, "#compare-max-new-tokens input[type=number]", max_new_tokens)
-    # The slider follows the number once the page has taken it.
-    page.wait_for_function(
-        f"document.querySelector('#compare-max-new-tokens input[type=range]').value == '{max_new_tokens}'"
-    )
+    page.wait_for_load_state("networkidle")  # the accordion's controls load when it opens
+    for _ in range(3):  # a value typed while the slider was still mounting is lost: type it again
+        set_number(page, "#compare-max-new-tokens input[type=number]", max_new_tokens)
+        taken = f"document.querySelector('#compare-max-new-tokens input[type=range]').value == '{max_new_tokens}'"
+        try:
+            page.wait_for_function(taken, timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"the page did not take max new tokens = {max_new_tokens}")
 
 
 def compare(page, question: str, columns: int = 3):

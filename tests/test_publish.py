@@ -36,6 +36,7 @@ def test_the_plan_uploads_exactly_the_app_its_package_requirements_card_and_scre
         "README.md",
         *(f"orca2_space/{name}" for name in MODULES),
         *(f"docs/{name}" for name in DOCS),
+        "assets/compare.png",
         "assets/screenshot.png",
     ]
     assert "orca2_space/ui/page.py" in paths and "docs/api.md" in paths
