@@ -334,20 +334,14 @@ class Engine:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
         the `top` most likely ids at each position: one forward pass over prompt + answer.
 
-        It takes no lock. The lock keeps unbatched generates one at a time for the global RNG's sake
-        (seeds); a forward pass draws nothing from it and keeps no state (no cache), and the batch's
-        thread and an unbatched generate already run the same model side by side. So scoring runs
-        at once beside them instead of waiting out a long answer, sharing the machine meanwhile.
+        It does not wait for the generate lock, which keeps unbatched generates one at a time for the
+        global RNG's sake (seeds): a forward pass draws nothing from it. Like every forward pass, it
+        takes its turn with the others (_one_forward_at_a_time), so it runs between a long answer's
+        decode steps instead of after the answer. scoring.py has checked that it fits the context.
         """
         answer_ids = list(answer_ids)
         if not answer_ids:
             return []
-        total = len(prompt.input_ids) + len(answer_ids)
-        if total > self.info.context_length:
-            raise ValueError(
-                f"The prompt ({len(prompt.input_ids)} tokens) and the answer ({len(answer_ids)}) are "
-                f"{total} tokens, past Orca 2's {self.info.context_length}-token context."
-            )
         attention = self.model.config._attn_implementation
         if attention.startswith("paged"):
             # The batch switched an eager model to paged attention, which runs only inside the batch.

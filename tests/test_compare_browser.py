@@ -25,20 +25,26 @@ DEFAULT_SYSTEMS = [
 ]
 
 
-def open_compare(page, app, max_new_tokens: int):
-    open_app(page, app)
-    page.click("#compare-tab-button")
-    page.get_by_text("Settings shared by every column").click()
-    page.wait_for_load_state("networkidle")  # the accordion's controls load when it opens
-    for _ in range(3):  # a value typed while the slider was still mounting is lost: type it again
-        set_number(page, "#compare-max-new-tokens input[type=number]", max_new_tokens)
-        taken = f"document.querySelector('#compare-max-new-tokens input[type=range]').value == '{max_new_tokens}'"
+def set_max_new_tokens(page, control: str, value: int):
+    """Type the value into a slider's number box until the page has taken it (a value typed while the
+    slider was still mounting, as its accordion opened, is lost)."""
+    page.wait_for_load_state("networkidle")
+    taken = f"document.querySelector('{control} input[type=range]').value == '{value}'"
+    for _ in range(3):
+        set_number(page, f"{control} input[type=number]", value)
         try:
             page.wait_for_function(taken, timeout=10_000)
             return
         except PlaywrightTimeout:
             continue
-    raise AssertionError(f"the page did not take max new tokens = {max_new_tokens}")
+    raise AssertionError(f"the page did not take {value} in {control}")
+
+
+def open_compare(page, app, max_new_tokens: int):
+    open_app(page, app)
+    page.click("#compare-tab-button")
+    page.get_by_text("Settings shared by every column").click()
+    set_max_new_tokens(page, "#compare-max-new-tokens", max_new_tokens)
 
 
 def compare(page, question: str, columns: int = 3):
@@ -119,7 +125,7 @@ def tokens_of(page, view: str) -> list:
 def test_clicking_an_answer_colours_its_tokens_and_a_focused_token_shows_its_alternatives(page, plain_app):
     open_app(page, plain_app)
     page.get_by_text("Sampling", exact=True).click()
-    set_number(page, "#max-new-tokens input[type=number]", 16)
+    set_max_new_tokens(page, "#max-new-tokens", 16)
     send(page, STORY)
     page.click("#chatbot [data-testid=bot]")
     page.wait_for_selector("#tokens .tok")

@@ -18,6 +18,10 @@ from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, Invalid
 from .messages import chat_messages, status
 
 PARAM_NAMES = tuple(GENERATION_FIELDS)
+# The browser keeps the visitor's conversations and last comparison (gr.BrowserState). Gradio sends the
+# secret to the page, so it hides nothing from the visitor; a fixed one keeps them readable after a
+# server restart.
+STORAGE_SECRET = "orca2-space"
 # Answers and comparisons share one concurrency group, sized to let every request fairness.py admits
 # straight in: the model's own scheduler (the batch, or the engine's turn) is where they wait.
 GENERATION_CONCURRENCY_ID = "generation"

@@ -15,6 +15,7 @@ from .answers import (
     GENERATION_CONCURRENCY_ID,
     PARAM_NAMES,
     SCORING_CONCURRENCY,
+    STORAGE_SECRET,
     comparison,
     download,
     exchange_of,
@@ -93,7 +94,7 @@ def layout(chat: Chat) -> ComparePage:
     with gr.Accordion("Settings shared by every column", open=False):
         moderation = moderation_toggle(chat, elem_id="compare-moderation")
         params = [setting_control(name, chat.settings.max_new_tokens_cap, prefix="compare-") for name in PARAM_NAMES]
-    result = gr.BrowserState([], storage_key="orca2-space-comparison", secret="orca2-space")
+    result = gr.BrowserState([], storage_key="orca2-space-comparison", secret=STORAGE_SECRET)
     return ComparePage(message, run, stop, count, columns, tokens, export_json, download, moderation, params, result)
 
 
@@ -144,14 +145,12 @@ def wire(page: ComparePage, chat: Chat) -> None:
     def show_tokens(index: int, result) -> str:
         if index >= len(result):
             raise gr.Error("No answer in this column yet: compare first.")
-        comparison = Conversation(exchanges=[Exchange.model_validate(e) for e in result])
-        return token_view_of(chat, comparison, index, f"System message {index + 1}")
+        return token_view_of(chat, _recorded(result), index, f"System message {index + 1}")
 
     def export_json(result) -> str:
-        exchanges = [Exchange.model_validate(e) for e in result]
-        if not exchanges:
+        if not result:
             raise gr.Error("Nothing to export yet: compare first.")
-        return download(chat, Conversation(exchanges=exchanges), "json")
+        return download(chat, _recorded(result), "json")
 
     outputs = [*answers, *statuses, page.run, page.stop, page.result]
     gr.on(
@@ -190,6 +189,11 @@ def _view(updates, n_columns: int) -> list:
     statuses = [status(update) for update in updates]
     rest = [gr.skip()] * (n_columns - len(updates))
     return [*answers, *rest, *statuses, *rest]
+
+
+def _recorded(result: list[dict]) -> Conversation:
+    """The last comparison as the browser kept it: one exchange per column."""
+    return Conversation(exchanges=[Exchange.model_validate(e) for e in result])
 
 
 def _owner(request: gr.Request) -> str:

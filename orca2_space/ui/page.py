@@ -19,6 +19,7 @@ from .answers import (
     GENERATION_CONCURRENCY_ID,
     PARAM_NAMES,
     SCORING_CONCURRENCY,
+    STORAGE_SECRET,
     ConversationEvents,
     history_messages,
 )
@@ -40,10 +41,6 @@ CSS = (
 """
 )
 THEME = gr.themes.Soft(primary_hue="indigo")
-# Where the browser keeps the visitor's conversations. Gradio sends the secret to the page, so it
-# hides nothing from the visitor; a fixed one keeps their chats readable after a server restart.
-STORAGE_KEY = "orca2-space-conversations"
-STORAGE_SECRET = "orca2-space"
 CHAT_PURPOSE = (
     "Ask Orca 2 anything and read its answer exactly as written; the system message on the right sets "
     "the reasoning strategy it is asked to use."
@@ -132,7 +129,7 @@ def _header(chat: Chat) -> dict:
         model_status=gr.Markdown(_model_status(chat), elem_id="model-status"),
         # Until the model is loaded, the status line follows the loading.
         loading_timer=gr.Timer(1.0, active=not chat.loading.done),
-        store=gr.BrowserState(Store().model_dump(), storage_key=STORAGE_KEY, secret=STORAGE_SECRET),
+        store=gr.BrowserState(Store().model_dump(), storage_key="orca2-space-conversations", secret=STORAGE_SECRET),
     )
 
 
