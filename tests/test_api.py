@@ -3,11 +3,10 @@
 import json
 import logging
 import threading
-import time
 
 import pytest
-from conftest import FIXTURES, SAFETY_KEY
 from gradio_client.exceptions import AppError
+from support import FIXTURES, SAFETY_KEY, wait_for
 
 REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 
@@ -96,8 +95,7 @@ def test_bad_calls_get_a_clear_error_and_the_app_keeps_serving(client, fields, m
 def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
     caplog.set_level(logging.INFO, logger="orca2_space.engine")
     job = client.submit(message="Go on", max_new_tokens=4000, api_name="/chat")
-    while len(job.outputs()) < 3:
-        time.sleep(0.01)
+    wait_for(lambda: len(job.outputs()) >= 3, "the answer's first three updates")
     workers = [t for t in threading.enumerate() if t.name == "orca2-generate"]
     assert workers, "no generation running on the server"
     job.cancel()

@@ -4,7 +4,7 @@ import functools
 import threading
 
 import pytest
-from conftest import FakeBackend, finish_loading, slow_loading_model
+from support import SAFETY_KEY, VIOLENT_ANSWER, FakeBackend, finish_loading, slow_loading_model
 
 from orca2_space.backend import ModelLoading
 from orca2_space.chat import Chat, turns_from_messages
@@ -165,7 +165,6 @@ def test_closing_the_stream_ends_the_generation_thread(never_ends):
 
 # Moderation of a turn: the real Azure client against the local Content Safety server.
 
-from conftest import SAFETY_KEY, VIOLENT_ANSWER
 
 from orca2_space.moderation import AzureContentSafety, Moderation
 from orca2_space.settings import ModerationSettings

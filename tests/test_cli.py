@@ -281,7 +281,7 @@ def test_a_taken_port_is_one_line_naming_the_flag_before_the_model_loads(tiny_mo
 def test_the_queue_looks_for_work_at_a_pace_that_leaves_the_model_its_cores(fake_backend):
     """Gradio's queue looks for work every 1 ms by default: 0.06 of a core at rest, and under load
     wake-ups that take the GIL and a core from the model (bench/streams.py measures both)."""
-    from conftest import free_port
+    from support import free_port
 
     from orca2_space.chat import Chat
 

@@ -3,20 +3,14 @@
 import json
 
 import pytest
+from support import exchange
 
 from orca2_space.backend import ModelInfo
-from orca2_space.conversation import MAX_KEPT, Conversation, Exchange, Store, export, parse_export, to_markdown
+from orca2_space.conversation import MAX_KEPT, Conversation, Store, export, parse_export, to_markdown
 from orca2_space.prompt import Turn
 from orca2_space.settings import GenerationParams, InvalidRequest
 
 INFO = ModelInfo("microsoft/Orca-2-7b", "8bit", "auto", "NVIDIA A10G", 4096)
-
-
-def exchange(question="Q", answer="A", **fields) -> Exchange:
-    values = dict(
-        question=question, answer=answer, system_message="sys", single_turn=False, settings=GenerationParams()
-    )
-    return Exchange(**{**values, **fields})
 
 
 def test_only_answered_exchanges_go_back_to_the_model():

@@ -4,15 +4,11 @@ import logging
 
 import pytest
 import torch
-from conftest import batched
+from support import batched, prompt_for
 
 from orca2_space.engine import Engine, GenerationError, ModelLoadError, plan_load
 from orca2_space.prompt import IM_END, Prompt
 from orca2_space.settings import GenerationParams
-
-
-def prompt_for(engine, message="How are you?"):
-    return engine.tokenizer.build("You are Orca.", [], message, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("engine_name", ["ends_with_im_end", "ends_with_eos"])

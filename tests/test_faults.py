@@ -4,8 +4,7 @@ question is answered as before. Each test ends because the answers' iteration en
 
 import pytest
 import torch
-from test_batching import QUESTIONS, answer
-from test_engine import prompt_for
+from support import QUESTIONS, answer, prompt_for
 
 from orca2_space import engine as engine_module
 from orca2_space.engine import Generation, GenerationError, _State

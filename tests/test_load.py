@@ -5,7 +5,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from support import free_port
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch

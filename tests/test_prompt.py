@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import FIXTURES
+from support import FIXTURES
 
 from orca2_space.prompt import IM_END, IM_START, PromptTooLong, StreamDecoder, Turn, answer_text, render
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port, wait_until_up
+from support import free_port, wait_until_up
 
 from orca2_space.publish import HARDWARE, card_metadata
 from orca2_space.settings import DEFAULT_MODEL

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from conftest import FIXTURES, SCRIPT, STEPS_OF_A_FREE_SERVER, VIOLENT_ANSWER, App, TransformersServe, free_port
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
+from support import (
+    FIXTURES,
+    SAFETY_KEY,
+    SCRIPT,
+    STEPS_OF_A_FREE_SERVER,
+    VIOLENT_ANSWER,
+    App,
+    TransformersServe,
+    free_port,
+)
 
 from orca2_space.chat import Chat
 from orca2_space.prompt import IM_END
@@ -188,8 +197,6 @@ def test_sampling_settings_take_effect_on_the_server(server, models):
 
 
 def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, safety_server):
-    from conftest import SAFETY_KEY
-
     from orca2_space.cli import moderation_service
     from orca2_space.settings import ModerationSettings
 

@@ -8,10 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import TransformersServe
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script, stub_prompt_logprobs
-from test_engine import prompt_for
+from support import FIXTURES, TransformersServe, prompt_for
 
 from orca2_space import engine as engine_module
 from orca2_space.backend import GenerationError, ScoringUnavailable
@@ -252,8 +251,6 @@ def test_an_empty_answer_has_no_tokens(tiny_engine):
 
 
 def remote(base_url: str) -> RemoteBackend:
-    from conftest import FIXTURES
-
     return RemoteBackend.load(str(FIXTURES / "orca2-tokenizer"), RemoteSettings(base_url))
 
 

@@ -2,14 +2,13 @@
 keyboard focus, every character shown exactly, nothing loaded) and /token_probabilities."""
 
 import html.parser
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from conftest import FIXTURES, free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from openai_stub import OpenAIStub, Script
+from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port
 
 from orca2_space.chat import Chat
 from orca2_space.remote import RemoteBackend
@@ -195,10 +194,8 @@ def test_the_endpoint_refuses_bad_calls_clearly(app, fields, says):
         client.predict(message="Hi", api_name="/token_probabilities", **fields)
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.browser
+@pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)
 def test_in_the_browser_focus_shows_the_alternatives_and_the_text_copies_exactly(app, page):
     requests, dialogs = [], []
     page.on("request", lambda request: requests.append(request.url))

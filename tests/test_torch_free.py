@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FIXTURES, ROOT, App
 from openai_stub import OpenAIStub, Script
+from support import FIXTURES, ROOT, App
 
 # What requirements.txt has and requirements-remote.txt leaves out.
 LOCAL_ONLY = ("torch", "transformers", "accelerate", "bitsandbytes")

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import spaces  # installed, as on a Space: it must change nothing on this (CPU) machine
-from test_engine import prompt_for
+from support import prompt_for
 
 from orca2_space import engine as engine_module
 from orca2_space.engine import Engine, plan_load
