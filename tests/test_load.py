@@ -14,6 +14,8 @@ from orca2_space.settings import Settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from load import run_load
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def small_queue_app(tiny_engine):

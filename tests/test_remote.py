@@ -114,6 +114,7 @@ def test_settings_the_openai_api_lacks_are_reported():
 # Against transformers serve
 
 
+@pytest.mark.slow
 def test_answer_streams_and_ends_at_im_end_without_control_text(server, models):
     chat = remote_chat(models["ends"], server.base_url)
     updates = run(chat)
@@ -124,6 +125,7 @@ def test_answer_streams_and_ends_at_im_end_without_control_text(server, models):
     assert not any("<|im" in u.answer for u in updates)
 
 
+@pytest.mark.slow
 def test_exact_text_is_sent_when_the_server_refuses_ids(server, models):
     chat = remote_chat(models["ends"], server.base_url)
     bodies = sent(chat)
@@ -137,6 +139,7 @@ def test_exact_text_is_sent_when_the_server_refuses_ids(server, models):
     assert len(bodies) == 3  # the dialect is remembered: no second refusal
 
 
+@pytest.mark.slow
 def test_typed_control_text_is_refused_when_the_server_reads_text(server, models):
     chat = remote_chat(models["ends"], server.base_url)
     run(chat)
@@ -144,6 +147,7 @@ def test_typed_control_text_is_refused_when_the_server_reads_text(server, models
     assert "control token" in final.error and final.answer == ""
 
 
+@pytest.mark.slow
 def test_stop_ends_the_servers_work(server, models):
     chat = remote_chat(models["loops"], server.base_url)
     stream = chat.respond(chat.request("Hi", "", [], max_new_tokens=4000), owner="me")
@@ -156,6 +160,7 @@ def test_stop_ends_the_servers_work(server, models):
     assert server.steps_a_new_answer_waits(models["loops"]) < STEPS_OF_A_FREE_SERVER
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_ends_the_servers_work(server, models):
     chat = remote_chat(models["loops"], server.base_url)
     stream = chat.respond(chat.request("Hi", "", [], max_new_tokens=4000))
@@ -165,6 +170,7 @@ def test_a_client_that_leaves_ends_the_servers_work(server, models):
     assert server.steps_a_new_answer_waits(models["loops"]) < STEPS_OF_A_FREE_SERVER
 
 
+@pytest.mark.slow
 def test_stopping_a_finished_answer_leaves_the_next_one_alone(server, models):
     """The chat cancels every answer once it is over, while the next one may be streaming already."""
     backend = RemoteBackend.load(str(models["loops"]), RemoteSettings(server.base_url))
@@ -179,6 +185,7 @@ def test_stopping_a_finished_answer_leaves_the_next_one_alone(server, models):
     assert second.stats.stop_reason == "length" and second.error is None
 
 
+@pytest.mark.slow
 def test_sampling_settings_take_effect_on_the_server(server, models):
     chat = remote_chat(models["random"], server.base_url)
 
@@ -196,6 +203,7 @@ def test_sampling_settings_take_effect_on_the_server(server, models):
     assert answer(do_sample=True, temperature=1.5, top_k=1, seed=11) == greedy
 
 
+@pytest.mark.slow
 def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, safety_server):
     from orca2_space.cli import moderation_service
     from orca2_space.settings import ModerationSettings
@@ -208,6 +216,7 @@ def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, s
     assert not any("violent" in u.answer for u in updates)
 
 
+@pytest.mark.slow
 def test_wrong_model_name_says_which_name_to_set(tmp_path, models):
     pinned = TransformersServe(tmp_path / "pinned.log", pinned=models["ends"])
     try:
@@ -219,6 +228,7 @@ def test_wrong_model_name_says_which_name_to_set(tmp_path, models):
         pinned.stop()
 
 
+@pytest.mark.slow
 def test_server_dying_mid_answer_keeps_the_answer_so_far(tmp_path, models):
     pinned = TransformersServe(tmp_path / "pinned.log", pinned=models["loops"])
     try:
@@ -244,6 +254,7 @@ def app_on_server(server, models, tmp_path_factory):
     app.close()
 
 
+@pytest.mark.slow
 def test_the_app_streams_from_the_server_through_gradio_client(app_on_server):
     from gradio_client import Client
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script, stub_prompt_logprobs
-from support import FIXTURES, TransformersServe, prompt_for
+from support import FIXTURES, TransformersServe, fake_alternatives, fake_probability, prompt_for
 
 from orca2_space import engine as engine_module
 from orca2_space.backend import GenerationError, ScoringUnavailable
@@ -235,16 +235,32 @@ def test_the_api_shape(tiny_engine):
         ({"history": [{"role": "system", "content": "x"}]}, r"history\[0\]: role must be 'user' or 'assistant'"),
     ],
 )
-def test_bad_requests_are_refused_clearly(tiny_engine, fields, says):
+def test_bad_requests_are_refused_clearly_before_the_backend_is_asked(fake_backend, fields, says):
     call = {"message": "Hi", "system_message": SYSTEM, "history": [], "answer": "Fine.", "answer_ids": None, **fields}
     with pytest.raises(InvalidRequest, match=says):
-        token_probabilities(chat_over(tiny_engine), **call)
+        token_probabilities(chat_over(fake_backend), **call)
+    assert fake_backend.scored == []
 
 
-def test_an_empty_answer_has_no_tokens(tiny_engine):
-    chat = chat_over(tiny_engine)
+def test_an_empty_answer_has_no_tokens_and_asks_nothing(fake_backend):
+    chat = chat_over(fake_backend)
     assert token_probabilities(chat, "Hi", SYSTEM, [], "") == []
     assert token_probabilities(chat, "Hi", SYSTEM, [], None, []) == []
+    assert fake_backend.scored == []
+
+
+def test_the_backend_scores_the_exact_prompt_and_the_answers_ids_and_its_numbers_come_back(fake_backend, tokenizer):
+    """FakeBackend scores by a rule of each id (support.fake_probability), so what comes back is known."""
+    tokens = token_probabilities(chat_over(fake_backend), "Hi", SYSTEM, HISTORY, "The answer", top=3)
+    ids = [13, 1576, 1234]  # "\nThe answer": the role line's newline put back in front of the answer
+    prompt = tokenizer.build(SYSTEM, [Turn("Hello", "Hi there.")], "Hi", max_new_tokens=len(ids))
+    assert fake_backend.scored == [(prompt, ids, 3)]
+    assert [(t.id, t.text, t.probability) for t in tokens] == [
+        (13, "\n", fake_probability(13)),
+        (1576, "The", fake_probability(1576)),
+        (1234, " answer", fake_probability(1234)),
+    ]
+    assert [[(alt.id, alt.probability) for alt in t.top] for t in tokens] == [fake_alternatives(i, 3) for i in ids]
 
 
 # On an inference server
@@ -316,6 +332,7 @@ def test_a_failing_server_is_a_failure_not_unavailable(tokenizer):
             backend.score(tokenizer.build(SYSTEM, [], "Hi"), [13, 1576])
 
 
+@pytest.mark.slow
 def test_transformers_serve_has_no_prompt_logprobs(tmp_path, tokenizer):
     model = build_tiny_model(tmp_path / "served", script=[13, 1576, 1234, IM_END])
     server = TransformersServe(tmp_path / "serve.log", pinned=model)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from openai_stub import OpenAIStub, Script
 from support import FIXTURES, ROOT, App
 
@@ -90,6 +91,7 @@ def test_the_environment_lacks_the_local_packages(tmp_path):
     assert result.stdout.splitlines() == [f"{name} missing" for name in LOCAL_ONLY]
 
 
+@pytest.mark.slow
 def test_the_inference_server_front_end_answers_without_torch(tmp_path):
     from gradio_client import Client
 
