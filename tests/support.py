@@ -4,6 +4,7 @@ the steps of driving the page in Chromium. Fixtures are in conftest.py; no test 
 Nothing here touches a hub: conftest.py sets HF_HUB_OFFLINE before this module loads transformers.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,8 @@ FIXTURES = TESTS / "fixtures"
 ROOT = TESTS.parent
 # Screenshots the browser tests take, for a person to look at.
 ARTIFACTS = TESTS / "artifacts"
+# The model card's prompts and the ids its slow tokenizer gives them: ours must equal them exactly.
+REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 SERVER_START_SECONDS = 180
 # Answers left running ask for 4000 tokens; a quarter of that is far above any free server's wait.
 STEPS_OF_A_FREE_SERVER = 1000
@@ -111,6 +114,15 @@ def fake_probability(token: int) -> float:
 def fake_alternatives(token: int, top: int) -> list[tuple[int, float]]:
     """FakeBackend's `top` alternatives at a token: the token itself, then the ids after it, halving."""
     return [(token + rank, fake_probability(token) / 2**rank) for rank in range(top)]
+
+
+def as_messages(pairs: list[tuple[str, str]]) -> list[dict]:
+    """(question, answer) pairs as the {"role", "content"} history /chat takes."""
+    return [
+        message
+        for question, answer in pairs
+        for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
+    ]
 
 
 def exchange(question="Q", answer="A", **fields) -> Exchange:

@@ -1,22 +1,11 @@
 """The launched app through gradio_client: /chat streams, /inspect_prompt shows the exact ids."""
 
-import json
 import logging
 import threading
 
 import pytest
 from gradio_client.exceptions import AppError
-from support import FIXTURES, SAFETY_KEY, wait_for
-
-REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
-
-
-def as_messages(pairs):
-    return [
-        m
-        for user, answer in pairs
-        for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})
-    ]
+from support import REFERENCE, SAFETY_KEY, as_messages, wait_for
 
 
 @pytest.mark.parametrize("case", REFERENCE, ids=[c["name"] for c in REFERENCE])

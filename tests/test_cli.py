@@ -4,15 +4,14 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from orca2_space import cli
 from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, options, parser, settings_from_args, share_decision
 from orca2_space.settings import BatchingSettings, ModerationSettings, RemoteSettings, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 # The flags and variables README.md documents.
 FLAGS_AND_ENV = {
     "--model": "ORCA2_MODEL",

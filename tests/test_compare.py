@@ -112,7 +112,6 @@ def test_leaving_ends_the_models_work_on_every_answer(endless_chat):
 
 
 def test_moderation_checks_each_question_and_answer(turns_violent):
-
     with content_safety() as server:
         rules = ModerationSettings(endpoint=server.endpoint, key=SAFETY_KEY, timeout=2.0)
         moderation = Moderation(AzureContentSafety(rules.endpoint, rules.key, rules.timeout, rules.retries), rules)

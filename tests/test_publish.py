@@ -4,13 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from orca2_space import publish
 
-ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(p.relative_to(ROOT / "orca2_space").as_posix() for p in (ROOT / "orca2_space").rglob("*.py"))
 DOCS = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
 
