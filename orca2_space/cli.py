@@ -14,14 +14,26 @@ import socket
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from .settings import SERVER_CONFIG, Cli, ModerationSettings, RemoteSettings, Section, Settings, on_space
-from .zerogpu import on_zerogpu
+from .settings import (
+    SERVER_CONFIG,
+    Cli,
+    InferenceServerSettings,
+    ModerationSettings,
+    Section,
+    Settings,
+    on_space,
+    on_zerogpu,
+)
+
+if TYPE_CHECKING:
+    from .backends.contract import Backend
 
 log = logging.getLogger("orca2_space")
 
@@ -225,15 +237,16 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the parsed flags and variables; what neither sets keeps its field's default."""
-    values: dict[str, Any] = {"moderation": {}, "remote": {}}
+    values: dict[str, Any] = {"moderation": {}, "inference_server": {}}
     for dest, value in vars(args).items():
         *section, name = dest.split(".")
         (values[section[0]] if section else values)[name] = value
     moderation = ModerationSettings(**values.pop("moderation"))
-    remote = values.pop("remote")
-    # The inference server's settings count only with --backend openai (and without --base-url, Settings says so).
-    if values.get("backend") == "openai" and "base_url" in remote:
-        values["remote"] = RemoteSettings(**remote)
+    server = values.pop("inference_server")
+    # The inference server's settings count only with --backend inference-server (and without --base-url,
+    # Settings says so).
+    if values.get("backend") == "inference-server" and "base_url" in server:
+        values["inference_server"] = InferenceServerSettings(**server)
     return Settings(moderation=moderation, **values)
 
 
@@ -264,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {trouble}", file=sys.stderr)
         return 2
 
-    from .backend import ModelLoading
+    from .backends.contract import ModelLoading
     from .chat import Chat
 
     # The page is up at once and shows the loading; the model loads meanwhile.
@@ -304,10 +317,10 @@ def preflight(settings: Settings) -> str | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .backend import load_failure_message
+    from .backends.contract import load_failure_message
 
     model = settings.model
-    needed = ["tokenizer.model"] if settings.remote else ["tokenizer.model", "config.json"]
+    needed = ["tokenizer.model"] if settings.inference_server else ["tokenizer.model", "config.json"]
     if os.path.isdir(model):
         missing = [name for name in needed if not os.path.exists(os.path.join(model, name))]
         problem = f"the folder has no {' or '.join(missing)}" if missing else None
@@ -330,15 +343,17 @@ def _say_where(demo, settings: Settings, share: bool) -> None:
         print("For a temporary public link, add --share (and --auth USER:PASS).", flush=True)
 
 
-def backend_loader(settings: Settings):
-    """What makes the backend: a local model, or a client of an inference server (--backend openai)."""
-    if settings.remote is not None:
-        from .remote import RemoteBackend
+def backend_loader(settings: Settings) -> Callable[..., Backend]:
+    """What makes the backend: a local model, or a client of an inference server. Typed, so that the
+    type checker holds each backend to the Backend protocol."""
+    if settings.inference_server is not None:
+        from .backends.inference_server import InferenceServer
 
-        return functools.partial(RemoteBackend.load, settings.model, settings.remote)
-    from .engine import Engine
+        return functools.partial(InferenceServer.load, settings.model, settings.inference_server)
+    from .backends.local.batching import batching_settings
+    from .backends.local.engine import Engine
 
-    return functools.partial(Engine.load, settings.model, settings.quantization, batching=settings.batching_settings())
+    return functools.partial(Engine.load, settings.model, settings.quantization, batching=batching_settings(settings))
 
 
 def launch(chat, share: bool = False, block: bool = True):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import TokenProbability
+from .backends.contract import TokenProbability
 from .chat import Chat
 from .prompt import OrcaTokenizer, PromptTooLong, StreamDecoder, answer_text
 from .settings import InvalidRequest

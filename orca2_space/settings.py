@@ -21,7 +21,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from .prompt import DEFAULT_CONTEXT_LENGTH
-from .zerogpu import on_zerogpu
 
 Quantization = Literal["auto", "8bit", "4bit", "bf16", "fp16", "fp32"]
 QUANTIZATIONS = typing.get_args(Quantization)
@@ -34,6 +33,9 @@ ModerationThreshold = Literal[0, 2, 4, 6]
 MODERATION_THRESHOLDS = typing.get_args(ModerationThreshold)
 # The batch KV cache is allocated in pages of this many tokens.
 BATCH_PAGE_TOKENS = 256
+BackendName = Literal["local", "inference-server"]
+# --backend's words; "openai" is what inference-server was called first.
+BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "openai": "inference-server"}
 
 
 class InvalidRequest(ValueError):
@@ -43,6 +45,11 @@ class InvalidRequest(ValueError):
 def on_space() -> bool:
     """Whether this runs as a Hugging Face Space, which sets SPACE_ID."""
     return bool(os.environ.get("SPACE_ID"))
+
+
+def on_zerogpu() -> bool:
+    """Whether this Space borrows its GPU per task (ZeroGPU; see backends/local/zerogpu.py)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ class ModerationSettings:
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
-class RemoteSettings:
+class InferenceServerSettings:
     """An OpenAI-compatible inference server to stream from, instead of a local model."""
 
     base_url: Annotated[str, AfterValidator(_http_url)] = Field(
@@ -149,21 +156,6 @@ class RemoteSettings:
     read_timeout: Annotated[float, Cli(flag="--server-timeout")] = Field(
         120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
     )
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    # Answers decoded together; more wait for a free place.
-    max_concurrent: int = 8
-    # KV-cache size, in tokens, shared by the answers in the batch. Allocated once at start:
-    # Orca-2-7B needs 0.5 MiB per token in 16-bit (16384 tokens: 8 GiB).
-    cache_tokens: int = 16384
-
-    def __post_init__(self):
-        if self.max_concurrent < 1:
-            raise ValueError("batching needs at least one concurrent answer")
-        if self.cache_tokens < BATCH_PAGE_TOKENS:
-            raise ValueError(f"the batch KV cache needs at least {BATCH_PAGE_TOKENS} tokens")
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
@@ -212,14 +204,16 @@ class Settings:
         description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "
         "with a repetition penalty, always run alone; never on ZeroGPU",
     )
-    # None: sized for the machine when a local model loads (see batching_settings).
+    # None: sized for the machine when a local model loads (backends/local/batching.py).
     batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(
         None,
         ge=BATCH_PAGE_TOKENS,
         description="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token)",
     )
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: load the model here; openai: stream from an inference server (--base-url)"
+    backend: Annotated[BackendName, Cli(words=BACKEND_WORDS, metavar="{local,inference-server}")] = Field(
+        "local",
+        description="local: load the model here; inference-server: stream from an OpenAI-compatible inference "
+        "server (--base-url; 'openai' is its old name)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="the least severe messages the log shows"
@@ -233,35 +227,22 @@ class Settings:
             prefix="moderation",
         ),
     ] = Field(default_factory=ModerationSettings)
-    # Set exactly when backend is openai: answers come from this server and no model is loaded here.
-    remote: Annotated[
-        RemoteSettings | None,
+    # Set exactly when backend is inference-server: answers come from it and no model is loaded here.
+    inference_server: Annotated[
+        InferenceServerSettings | None,
         Section(
             "inference server",
-            "With --backend openai the app loads no model: answers stream from an OpenAI-compatible server "
-            "(vLLM, TGI, transformers serve). --model then only names where Orca 2's tokenizer.model is read from.",
+            "With --backend inference-server the app loads no model: answers stream from an OpenAI-compatible "
+            "inference server (vLLM, TGI, transformers serve). --model then only names where Orca 2's "
+            "tokenizer.model is read from.",
         ),
     ] = None
 
     def __post_init__(self):
-        if self.backend == "openai" and self.remote is None:
-            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-        if self.backend == "local" and self.remote is not None:
-            raise ValueError("an inference server is only used with backend 'openai'")
-
-    def batching_settings(self) -> BatchingSettings | None:
-        """How to batch concurrent answers, or None to answer one at a time."""
-        if not self.batching:
-            return None
-        return BatchingSettings(self.concurrency, self.batch_cache_tokens or machine_batch_cache_tokens())
-
-
-def machine_batch_cache_tokens() -> int:
-    """The batch KV cache's default size: four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM."""
-    # Imported here, so that --backend openai never imports torch.
-    import torch
-
-    return 16384 if torch.cuda.is_available() else 8192
+        if self.backend == "inference-server" and self.inference_server is None:
+            raise ValueError("--backend inference-server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "local" and self.inference_server is not None:
+            raise ValueError("an inference server is only used with backend 'inference-server'")
 
 
 class GenerationParams(BaseModel):

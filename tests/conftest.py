@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_tiny_model import build_tiny_model
 
-from orca2_space.backend import GenerationStats, ModelInfo, StopReason
+from orca2_space.backends.contract import GenerationStats, ModelInfo, StopReason
+from orca2_space.backends.local.batching import BatchingSettings
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat
-from orca2_space.engine import Engine
 from orca2_space.prompt import EOS, IM_END, OrcaTokenizer, Prompt
 from orca2_space.settings import (
-    BatchingSettings,
     GenerationParams,
     Settings,
 )

@@ -1,4 +1,4 @@
-"""--backend openai: the chat streaming from an OpenAI-compatible server instead of a local model.
+"""--backend inference-server: the chat streaming from an OpenAI-compatible server instead of a local model.
 
 The server is the real `transformers serve` (transformers[serving]) on 127.0.0.1, serving tiny
 scripted Orca-2-shaped models on CPU; tests/openai_stub.py stands in only for what it won't do on
@@ -16,10 +16,11 @@ from conftest import FIXTURES, SCRIPT, STEPS_OF_A_FREE_SERVER, VIOLENT_ANSWER, A
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
 
+from orca2_space.backends.inference_server import DIALECTS, InferenceServer, completion_request
+from orca2_space.backends.sampling import Sampling
 from orca2_space.chat import Chat
 from orca2_space.prompt import IM_END
-from orca2_space.remote import DIALECTS, RemoteBackend, completion_request
-from orca2_space.settings import GenerationParams, RemoteSettings, Settings
+from orca2_space.settings import GenerationParams, InferenceServerSettings, Settings
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,11 @@ def server(tmp_path_factory):
     served.stop()
 
 
-TOKENIZER = FIXTURES / "orca2-tokenizer"  # all --backend openai reads of the model
+TOKENIZER = FIXTURES / "orca2-tokenizer"  # all --backend inference-server reads of the model
 
 
 def remote_chat(model: Path | str, base_url: str, **settings) -> Chat:
-    backend = RemoteBackend.load(str(model), RemoteSettings(base_url, **settings))
+    backend = InferenceServer.load(str(model), InferenceServerSettings(base_url, **settings))
     return Chat(backend, Settings(max_new_tokens_cap=4000))
 
 
@@ -64,9 +65,11 @@ def run(chat: Chat, message: str = "Hi", history=(), **params) -> list:
 # The request each dialect makes
 
 
-GREEDY = GenerationParams(max_new_tokens=64)
-SAMPLED = GenerationParams(
-    do_sample=True, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7, max_new_tokens=64
+GREEDY = Sampling.of(GenerationParams(max_new_tokens=64))
+SAMPLED = Sampling.of(
+    GenerationParams(
+        do_sample=True, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=7, max_new_tokens=64
+    )
 )
 
 
@@ -158,7 +161,7 @@ def test_a_client_that_leaves_ends_the_servers_work(server, models):
 
 def test_stopping_a_finished_answer_leaves_the_next_one_alone(server, models):
     """The chat cancels every answer once it is over, while the next one may be streaming already."""
-    backend = RemoteBackend.load(str(models["loops"]), RemoteSettings(server.base_url))
+    backend = InferenceServer.load(str(models["loops"]), InferenceServerSettings(server.base_url))
     prompt = backend.tokenizer.build("", [], "Hi")
     first = backend.generate(prompt, GenerationParams(max_new_tokens=8))
     assert "".join(first).startswith("\nThe answer")
@@ -194,7 +197,7 @@ def test_moderation_withholds_a_flagged_answer_from_the_server(server, models, s
     from orca2_space.settings import ModerationSettings
 
     rules = ModerationSettings(endpoint=safety_server.endpoint, key=SAFETY_KEY)
-    backend = RemoteBackend.load(str(models["violent"]), RemoteSettings(server.base_url))
+    backend = InferenceServer.load(str(models["violent"]), InferenceServerSettings(server.base_url))
     chat = Chat(backend, Settings(max_new_tokens_cap=1000, moderation=rules), moderation_service(rules))
     updates = run(chat, max_new_tokens=200)
     assert updates[-1].moderation == "flagged" and "[Content Filtered]" in updates[-1].withheld
@@ -226,12 +229,12 @@ def test_server_dying_mid_answer_keeps_the_answer_so_far(tmp_path, models):
     assert final.answer.startswith(partial) and partial.startswith("The answer")
 
 
-# The app (`python app.py --backend openai`) through gradio_client
+# The app (`python app.py --backend inference-server`) through gradio_client
 
 
 @pytest.fixture(scope="module")
 def app_on_server(server, models, tmp_path_factory):
-    args = ("--backend", "openai", "--base-url", server.base_url)
+    args = ("--backend", "inference-server", "--base-url", server.base_url)
     app = App(models["ends"], tmp_path_factory.mktemp("app") / "app.log", None, *args)
     yield app
     app.close()
@@ -290,7 +293,7 @@ def test_a_server_that_goes_past_its_stop_string_is_hung_up_on():
 
 def test_stop_while_the_server_is_silent_ends_the_answer_at_once():
     with OpenAIStub(Script(silent_after_first_piece=60)) as stub:
-        backend = RemoteBackend.load(str(TOKENIZER), RemoteSettings(stub.base_url, read_timeout=60))
+        backend = InferenceServer.load(str(TOKENIZER), InferenceServerSettings(stub.base_url, read_timeout=60))
         answer = backend.generate(backend.tokenizer.build("", [], "Hi"), GREEDY)
         assert next(iter(answer)) == "\nThe"
         answer.cancel()
