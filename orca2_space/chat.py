@@ -419,8 +419,8 @@ class _Reply:
     def __call__(self, answer: str, **fields: Any) -> ChatUpdate:
         if fields.get("done"):
             stats = fields.get("stats")
-            seeded = stats is not None and stats.seed is not None
-            fields["params"] = self.params.model_copy(update={"seed": stats.seed}) if seeded else self.params
+            seed = None if stats is None else stats.seed
+            fields["params"] = self.params if seed is None else self.params.model_copy(update={"seed": seed})
         return ChatUpdate(answer, notices=tuple(self.notices), **{"moderation": self.state, **fields})
 
 
@@ -451,7 +451,7 @@ def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) 
             gate.close()
     reply.notices += answer.notices
     text = answer_text(generated)
-    if gate is not None:
+    if gate is not None and moderation is not None:
         verdict = gate.finish(text)
         reply.state = verdict.state
         if not reply.heard(verdict):

@@ -116,10 +116,11 @@ def options(cls: type = Settings, section: Section | None = None, path: tuple[st
 def problem(error: ValidationError) -> str:
     """Pydantic's first complaint as a phrase ("must be at least 1"); a check's own message as it is."""
     first = error.errors()[0]
+    context = first.get("ctx", {})
     if first["type"] == "value_error":
-        phrase = str(first["ctx"]["error"])
+        phrase = str(context["error"])
     elif first["type"] in PROBLEMS:
-        phrase = PROBLEMS[first["type"]].format(**first.get("ctx", {}))
+        phrase = PROBLEMS[first["type"]].format(**context)
     else:
         phrase = first["msg"]
     where = ".".join(map(str, first["loc"]))
@@ -187,9 +188,9 @@ def _shown(option: Option, value: Any) -> str | None:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _add_flag(group: argparse._ActionsContainer, option: Option) -> None:
+def _add_flag(group: argparse._ActionsContainer, flag: str, option: Option) -> None:
     if option.switch:
-        group.add_argument(option.flag, dest=option.dest, action="store_true", help=_help(option))
+        group.add_argument(flag, dest=option.dest, action="store_true", help=_help(option))
         return
 
     def parse(text: str) -> Any:
@@ -200,7 +201,7 @@ def _add_flag(group: argparse._ActionsContainer, option: Option) -> None:
 
     choices = option.choices
     metavar = option.cli.metavar or ("{" + ",".join(choices) + "}" if choices else option.env.removeprefix(ENV_PREFIX))
-    group.add_argument(option.flag, dest=option.dest, type=parse, metavar=metavar, help=_help(option))
+    group.add_argument(flag, dest=option.dest, type=parse, metavar=metavar, help=_help(option))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -222,10 +223,10 @@ def parser() -> argparse.ArgumentParser:
     )
     groups: dict[Section | None, argparse._ActionsContainer] = {None: p}
     for option in options():
-        if option.section not in groups:
+        if option.section is not None and option.section not in groups:
             groups[option.section] = p.add_argument_group(option.section.title, option.section.description)
         if option.flag is not None:
-            _add_flag(groups[option.section], option)
+            _add_flag(groups[option.section], option.flag, option)
         text = os.environ.get(option.env, "").strip()
         if text:
             try:
@@ -394,7 +395,7 @@ PROGRESS_POLL_SECONDS = 0.5
 
 
 def _pace_queue(demo) -> None:
-    queue = getattr(demo, "_queue", None)
+    queue: Any = getattr(demo, "_queue", None)
     if hasattr(queue, "sleep_when_free") and hasattr(queue, "progress_update_sleep_when_free"):
         queue.sleep_when_free = QUEUE_POLL_SECONDS
         queue.progress_update_sleep_when_free = PROGRESS_POLL_SECONDS
@@ -404,10 +405,11 @@ def _pace_queue(demo) -> None:
 
 def moderation_service(settings: ModerationSettings):
     """The moderation the server runs, or None when no service is configured."""
-    if not settings.configured:
+    endpoint, key = settings.endpoint, settings.key
+    if not (endpoint and key):  # settings.configured
         log.info("moderation off: set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it")
         return None
     from .moderation import AzureContentSafety, Moderation
 
-    log.info("moderation: Azure AI Content Safety at %s, threshold %d", settings.endpoint, settings.threshold)
-    return Moderation(AzureContentSafety(settings.endpoint, settings.key, settings.timeout, settings.retries), settings)
+    log.info("moderation: Azure AI Content Safety at %s, threshold %d", endpoint, settings.threshold)
+    return Moderation(AzureContentSafety(endpoint, key, settings.timeout, settings.retries), settings)

@@ -108,26 +108,26 @@ class ModerationSettings:
     """Azure AI Content Safety on questions and answers; on only when endpoint and key are set."""
 
     endpoint: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_ENDPOINT")] = None
-    key: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_KEY")] = Field(None, repr=False)
+    key: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_KEY")] = Field(default=None, repr=False)
     default_on: Annotated[bool, Cli(flag="--moderation", words=ON_OFF)] = Field(
-        True, description="the toggle's default when the service is configured"
+        default=True, description="the toggle's default when the service is configured"
     )
     # A Space owner's choice.
-    required: bool = Field(False, description="visitors and API callers can't turn moderation off")
+    required: bool = Field(default=False, description="visitors and API callers can't turn moderation off")
     threshold: ModerationThreshold = Field(
-        4,
+        default=4,
         description="withhold text with a category at this severity or above (4 as in the model card; "
         "0 and 2 both catch anything not rated safe)",
     )
     categories: tuple[ModerationCategory, ...] = Field(
-        MODERATION_CATEGORIES, min_length=1, description="the categories that count, comma-separated"
+        default=MODERATION_CATEGORIES, min_length=1, description="the categories that count, comma-separated"
     )
     fail_open: Annotated[bool, Cli(flag="--moderation-on-failure", words={"closed": False, "open": True})] = Field(
-        False,
+        default=False,
         description="when the service fails: hold answers back (closed), or show them marked 'not moderated' (open)",
     )
-    timeout: float = Field(3.0, gt=0, le=60, description="seconds to wait for one check")
-    retries: int = Field(1, ge=0, le=5, description="retries after a throttled, failed or unreachable check")
+    timeout: float = Field(default=3.0, gt=0, le=60, description="seconds to wait for one check")
+    retries: int = Field(default=1, ge=0, le=5, description="retries after a throttled, failed or unreachable check")
 
     @property
     def configured(self) -> bool:
@@ -142,19 +142,19 @@ class InferenceServerSettings:
         description="the server's API root, e.g. http://127.0.0.1:8000/v1"
     )
     served_model: Annotated[str | None, Cli(default="--model")] = Field(
-        None, description="the server's name for the model"
+        default=None, description="the server's name for the model"
     )
     api_key: str | None = Field(
-        None,
+        default=None,
         repr=False,
         description="the server's API key, if it wants one (prefer the variable: flags show in process lists)",
     )
     connect_timeout: Annotated[float, Cli(flag="--server-connect-timeout")] = Field(
-        5.0, gt=0, description="seconds to connect to the server"
+        default=5.0, gt=0, description="seconds to connect to the server"
     )
     # A queue on the server counts.
     read_timeout: Annotated[float, Cli(flag="--server-timeout")] = Field(
-        120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
+        default=120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
     )
 
 
@@ -163,60 +163,66 @@ class Settings:
     """How this server runs. Each field is also a flag and an ORCA2_* variable (see Cli), read by cli.py."""
 
     model: str = Field(
-        DEFAULT_MODEL,
+        default=DEFAULT_MODEL,
         description=f"hub id or local folder (also {', '.join(KNOWN_MODELS[1:])}; "
         "a tiny offline test model: python tests/make_tiny_model.py DIR)",
     )
     quantization: Quantization = Field(
-        "auto",
+        default="auto",
         description="weights format; auto: 8bit with CUDA; on CPU fp32, or bf16 if fp32 would take over half the RAM",
     )
     host: Annotated[str, Cli(default="127.0.0.1; 0.0.0.0 on a Space")] = Field(
         default_factory=lambda: "0.0.0.0" if on_space() else "127.0.0.1", description="address to listen on"
     )
-    port: int = Field(7860, ge=1, le=65535, description="port")
-    share: bool = Field(False, description="also serve through a temporary public gradio.live link; ignored on a Space")
-    auth: Annotated[tuple[str, str] | None, Cli(parse=_user_pass, metavar="USER:PASS")] = Field(
-        None, repr=False, description="require this login on the page and the API"
+    port: int = Field(default=7860, ge=1, le=65535, description="port")
+    share: bool = Field(
+        default=False, description="also serve through a temporary public gradio.live link; ignored on a Space"
     )
-    max_new_tokens_cap: int = Field(2048, ge=1, description="most tokens one answer may have, whatever a caller asks")
-    max_message_chars: int = Field(100_000, ge=1, description="longest message a caller may send, in characters")
+    auth: Annotated[tuple[str, str] | None, Cli(parse=_user_pass, metavar="USER:PASS")] = Field(
+        default=None, repr=False, description="require this login on the page and the API"
+    )
+    max_new_tokens_cap: int = Field(
+        default=2048, ge=1, description="most tokens one answer may have, whatever a caller asks"
+    )
+    max_message_chars: int = Field(
+        default=100_000, ge=1, description="longest message a caller may send, in characters"
+    )
     concurrency: Annotated[int, Cli(default="8; 1 on ZeroGPU, where each answer borrows its own GPU")] = Field(
         default_factory=lambda: 1 if on_zerogpu() else 8,
         ge=1,
         description="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue",
     )
-    max_queue: int = Field(32, ge=1, description="requests that may wait; more are told the app is busy")
+    max_queue: int = Field(default=32, ge=1, description="requests that may wait; more are told the app is busy")
     visitor_limit: int = Field(
-        2,
+        default=2,
         ge=1,
         description="requests one visitor (a page session or an API client) may have running or waiting; "
         "more are refused at once, with the reason",
     )
     address_limit: int = Field(
-        8,
+        default=8,
         ge=1,
         description="requests one network address may have running or waiting (visitors behind one NAT share "
         "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
-        True,
+        default=True,
         description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "
         "with a repetition penalty, always run alone; never on ZeroGPU",
     )
     # None: sized for the machine when a local model loads (backends/local/batching.py).
     batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(
-        None,
+        default=None,
         ge=BATCH_PAGE_TOKENS,
         description="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token)",
     )
     backend: Annotated[BackendName, Cli(words=BACKEND_WORDS, metavar="{local,inference-server}")] = Field(
-        "local",
+        default="local",
         description="local: load the model here; inference-server: stream from an OpenAI-compatible inference "
         "server (--base-url; 'openai' is its old name)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="the least severe messages the log shows"
+        default="INFO", description="the least severe messages the log shows"
     )
     moderation: Annotated[
         ModerationSettings,
@@ -319,7 +325,7 @@ def validate_params(raw: dict[str, Any], max_new_tokens_cap: int) -> tuple[Gener
         number = _number(name, value, _is_integer(name))
         if name == "seed" and number == RANDOM_SEED:
             continue
-        low, high = bounds(name, max_new_tokens_cap)
+        low, high = bounds(name, max_new_tokens_cap) or (-math.inf, math.inf)
         clamped = min(max(number, low), high)
         if clamped != number:
             notices.append(f"{name} {number} is outside [{low}, {high}]; using {clamped}.")

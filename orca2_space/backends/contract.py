@@ -116,6 +116,7 @@ class AnswerStream(Protocol):
 
     def wait(self, timeout: float) -> bool:
         """True once the backend has stopped working on this answer (within timeout seconds)."""
+        ...
 
 
 class Backend(Protocol):
@@ -177,14 +178,13 @@ class ModelLoading:
     def __init__(self, model_name: str, load: Callable[..., Backend] | None = None, backend: Backend | None = None):
         """`load(on_phase=...)` makes the backend; on_phase hears each step ("reading the config", …)."""
         self.model_name = model_name
-        self._load_backend = load
         self.phase = "ready" if backend else "starting"
         self.backend = backend
         self.error: str | None = None
         self._done = threading.Event()
         self._started = time.monotonic()
-        if backend is None:
-            threading.Thread(target=self._load, name="orca2-load", daemon=True).start()
+        if load is not None:
+            threading.Thread(target=self._load, args=(load,), name="orca2-load", daemon=True).start()
         else:
             self._done.set()
 
@@ -192,9 +192,9 @@ class ModelLoading:
     def loaded(cls, backend: Backend) -> ModelLoading:
         return cls(backend.info.name, backend=backend)
 
-    def _load(self) -> None:
+    def _load(self, load: Callable[..., Backend]) -> None:
         try:
-            self.backend = self._load_backend(on_phase=self._set_phase)
+            self.backend = load(on_phase=self._set_phase)
             self.phase = "ready"
         except ModelLoadError as error:
             self.error = str(error)

@@ -229,7 +229,6 @@ class InferenceServer:
     def _open(self, feed: Feed, prompt: Prompt, sampling: Sampling) -> Stream[Completion] | None:
         """The answer's stream, in the first dialect the server accepts (once one has been, only that
         one); None if the answer was cancelled before a request went out."""
-        refusal = None
         for dialect in (self.dialect,) if self.dialect else DIALECTS:
             if feed.cancelled.is_set():
                 return None
@@ -244,7 +243,8 @@ class InferenceServer:
                 if self.dialect is not None:
                     raise
                 log.info("the server refused %s: %s", dialect.name, _detail(error))
-                refusal = error
+                if dialect is DIALECTS[-1]:
+                    raise
                 continue
             if self.dialect is None:
                 self.dialect = dialect
@@ -252,7 +252,7 @@ class InferenceServer:
             if unsent:
                 feed.notices = (f"Not sent: this inference server has no field for {', '.join(unsent)}.",)
             return stream
-        raise refusal
+        return None
 
     def _explain(self, error: Exception) -> str:
         """What the reader is told about a failed answer."""
@@ -416,8 +416,9 @@ def _probe(client: openai.OpenAI, settings: InferenceServerSettings) -> str:
     """A line for the page: is the server there? (Any HTTP answer from the API root will do: /models
     would be the API's own probe, but transformers serve fails on it without a hub cache.)"""
     try:
-        options = {"headers": _headers(settings), "timeout": settings.connect_timeout}
-        client.get("", cast_to=httpx2.Response, options=options)
+        client.get(
+            "", cast_to=httpx2.Response, options={"headers": _headers(settings), "timeout": settings.connect_timeout}
+        )
     except openai.APIStatusError:
         pass  # an answer all the same
     except openai.APIConnectionError as error:

@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from ...prompt import OrcaTokenizer, Prompt
 from ...settings import GenerationParams, on_zerogpu
@@ -44,6 +44,7 @@ class Engine:
         # One unbatched generate at a time: it keeps the global torch RNG (and so seeds) per request.
         self._lock = threading.Lock()
         self._batcher = None
+        self._stream_tokens: Callable[[list[int], Sampling, threading.Event], Generator[int, None, None]]
         one_forward_at_a_time(model)
         if on_zerogpu():
             # Each answer borrows a GPU for its own duration: nothing persistent to batch on.

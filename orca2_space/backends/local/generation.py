@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria
@@ -21,7 +21,9 @@ _END = object()
 MODEL_STOP_SECONDS = 300.0
 
 
-def stream_tokens(model, input_ids: list[int], sampling: Sampling, cancel: threading.Event | None) -> Iterator[int]:
+def stream_tokens(
+    model, input_ids: list[int], sampling: Sampling, cancel: threading.Event | None
+) -> Generator[int, None, None]:
     """The ids model.generate writes, one by one.
 
     Closing the iterator, or setting `cancel`, ends the model's work after the current decode

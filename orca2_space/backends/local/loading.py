@@ -63,7 +63,9 @@ def load_model(model_name: str, quantization: str, on_phase: Callable[[str], Non
     on_phase(f"{fetch} the weights as {plan.quantization}")
     model = AutoModelForCausalLM.from_pretrained(model_name, **_load_kwargs(plan.quantization, cuda and not zerogpu))
     if zerogpu:
-        model.to("cuda")  # ZeroGPU keeps it on CPU until a spaces.GPU task borrows a GPU
+        # ZeroGPU keeps it on CPU until a spaces.GPU task borrows a GPU. (transformers declares .to with
+        # functools.wraps(Module.to), which shows the type checker an unbound method.)
+        model.to("cuda")  # pyright: ignore[reportArgumentType]
     model.eval()
     # The prompt builder keeps prompt + max_new_tokens inside the context; the config's own
     # max_length would only make generate warn on every request.

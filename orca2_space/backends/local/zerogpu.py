@@ -7,7 +7,7 @@ before the app launches: ZeroGPU packs the weights for its GPU workers at launch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 from ..sampling import Sampling
 from .generation import stream_tokens
@@ -38,7 +38,7 @@ def gpu_seconds(input_ids: list[int], sampling: Sampling) -> int:
     return min(30 + sampling.max_new_tokens // 20, 300)
 
 
-def _stream_tokens(input_ids: list[int], sampling: Sampling) -> Iterator[int]:
+def _stream_tokens(input_ids: list[int], sampling: Sampling) -> Generator[int, None, None]:
     yield from stream_tokens(_model, input_ids, sampling, cancel=None)
 
 
