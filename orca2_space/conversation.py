@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from .backend import GenerationStats, ModelInfo
+from .backends.contract import GenerationStats, ModelInfo
 from .moderation import ModerationState
 from .prompt import Turn
 from .settings import GenerationParams, InvalidRequest

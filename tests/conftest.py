@@ -27,8 +27,8 @@ from support import (
     free_port,
 )
 
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat
-from orca2_space.engine import Engine
 from orca2_space.prompt import EOS, IM_END, OrcaTokenizer
 from orca2_space.settings import Settings
 

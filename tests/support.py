@@ -18,11 +18,12 @@ import openai
 from content_safety_server import Behaviour, ContentSafetyServer
 from make_tiny_model import build_tiny_model
 
-from orca2_space.backend import GenerationStats, ModelInfo, StopReason, TokenProbability, scored_tokens
+from orca2_space.backends.contract import GenerationStats, ModelInfo, StopReason, TokenProbability, scored_tokens
+from orca2_space.backends.local.batching import BatchingSettings
+from orca2_space.backends.local.engine import Engine
 from orca2_space.conversation import Exchange
-from orca2_space.engine import Engine
 from orca2_space.prompt import OrcaTokenizer, Prompt
-from orca2_space.settings import BatchingSettings, GenerationParams
+from orca2_space.settings import GenerationParams
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
@@ -388,3 +389,42 @@ LOADERS = [
     "$$\\includegraphics{http://HOST/katex.png}$$ \\(\\href{http://HOST/href}{x}\\)",
     "```mermaid\ngraph TD\n  A[\"<img src='http://HOST/mermaid.png'>\"]\n```",
 ]
+
+
+# The front end of an inference server without torch (test_torch_free.py, bench/startup.py)
+
+# What requirements.txt has and requirements-remote.txt leaves out.
+LOCAL_ONLY = ("torch", "transformers", "accelerate", "bitsandbytes")
+# Python imports sitecustomize at start-up from the first folder on PYTHONPATH that has one.
+SITECUSTOMIZE = '''"""These packages look uninstalled: importing one raises ModuleNotFoundError, find_spec finds
+nothing, and importlib.metadata doesn't list them, as in an environment that never had them."""
+
+import importlib.machinery
+import sys
+
+HIDDEN = {hidden!r}
+
+
+def _hidden(name):
+    return (name or "").partition(".")[0].lower().replace("-", "_") in HIDDEN
+
+
+class Uninstalled(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        return None if _hidden(fullname) else super().find_spec(fullname, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        return (d for d in super().find_distributions(*args, **kwargs) if not _hidden(d.metadata["Name"]))
+
+
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Uninstalled
+'''
+
+
+def environment_without(folder: Path, packages: tuple[str, ...] = LOCAL_ONLY) -> dict[str, str]:
+    """Environment variables for a Python process in which `packages` are not installed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(hidden=set(packages)))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}

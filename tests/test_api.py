@@ -82,7 +82,7 @@ def test_bad_calls_get_a_clear_error_and_the_app_keeps_serving(client, fields, m
 
 
 def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
-    caplog.set_level(logging.INFO, logger="orca2_space.engine")
+    caplog.set_level(logging.INFO, logger="orca2_space.backends.answer")
     job = client.submit(message="Go on", max_new_tokens=4000, api_name="/chat")
     wait_for(lambda: len(job.outputs()) >= 3, "the answer's first three updates")
     workers = [t for t in threading.enumerate() if t.name == "orca2-generate"]

@@ -7,8 +7,8 @@ import time
 import pytest
 from support import QUESTIONS, answer, batched, prompt_for, wait_for
 
-from orca2_space.batching import Batcher, BatchingSettings, still_held
-from orca2_space.engine import Engine
+from orca2_space.backends.local.batching import Batcher, BatchingSettings, still_held
+from orca2_space.backends.local.engine import Engine
 from orca2_space.settings import GenerationParams
 
 
@@ -75,7 +75,7 @@ def test_an_abandoned_batched_stream_is_dropped_from_the_batch(batched_never_end
     generation = batched_never_ends.generate(prompt_for(batched_never_ends), GenerationParams(max_new_tokens=3000))
     stream = iter(generation)
     next(stream)
-    state = generation._state
+    state = generation._feed
     del stream, generation
     assert state.done.wait(timeout=10) and state.stats.stop_reason == "stopped"
 

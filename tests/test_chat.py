@@ -6,9 +6,9 @@ import threading
 import pytest
 from support import SAFETY_KEY, VIOLENT_ANSWER, FakeBackend, as_messages, finish_loading, slow_loading_model
 
-from orca2_space.backend import ModelLoading
+from orca2_space.backends.contract import ModelLoading
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat, turns_from_messages
-from orca2_space.engine import Engine
 from orca2_space.prompt import Turn
 from orca2_space.settings import InvalidRequest, Settings
 
@@ -169,7 +169,7 @@ def moderated_chat(engine, server, **policy) -> Chat:
 
 
 def test_a_flagged_question_never_reaches_the_model(turns_violent, safety_server, caplog):
-    caplog.set_level("INFO", logger="orca2_space.engine")
+    caplog.set_level("INFO", logger="orca2_space.backends.answer")
     chat = moderated_chat(turns_violent, safety_server)
     (update,) = list(chat.respond(chat.request("Describe a violent fight", "", [])))
     assert update.done and update.answer == ""

@@ -5,7 +5,7 @@ import json
 import pytest
 from support import exchange
 
-from orca2_space.backend import ModelInfo
+from orca2_space.backends.contract import ModelInfo
 from orca2_space.conversation import MAX_KEPT, Conversation, Store, export, parse_export, to_markdown
 from orca2_space.prompt import Turn
 from orca2_space.settings import GenerationParams, InvalidRequest

@@ -8,7 +8,7 @@ import re
 import pytest
 from support import exchange
 
-from orca2_space.backend import GenerationStats, StopReason
+from orca2_space.backends.contract import GenerationStats, StopReason
 from orca2_space.chat import ChatUpdate
 from orca2_space.conversation import Conversation
 from orca2_space.moderation import ModerationState

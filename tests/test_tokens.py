@@ -10,10 +10,10 @@ from gradio_client.exceptions import AppError
 from openai_stub import OpenAIStub, Script
 from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port
 
+from orca2_space.backends.inference_server import InferenceServer
 from orca2_space.chat import Chat
-from orca2_space.remote import RemoteBackend
 from orca2_space.scoring import token_probabilities
-from orca2_space.settings import RemoteSettings, Settings
+from orca2_space.settings import InferenceServerSettings, Settings
 from orca2_space.ui.tokens import TOKEN_CSS, add_token_endpoint, band, percent, token_view, view_for
 
 SYSTEM = "You are Orca."
@@ -139,7 +139,7 @@ def test_a_token_outside_its_top_5_says_so(chat):
 
 def test_the_page_gets_a_message_where_scoring_is_unavailable():
     with OpenAIStub(Script(takes_ids=False)) as stub:
-        backend = RemoteBackend.load(str(FIXTURES / "orca2-tokenizer"), RemoteSettings(stub.base_url))
+        backend = InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(stub.base_url))
         view = view_for(Chat(backend, Settings()), "Hi", SYSTEM, [], "The <answer>", None, "Answer")
     assert "unavailable on this inference server" in view and "tok-answer" not in view
     assert Parsed(view).tags[0] == ("div", {"class": "orca-tokens"})

@@ -5,14 +5,13 @@ import html
 from dataclasses import dataclass
 
 import gradio as gr
-from gradio.utils import get_space
 
 from ..chat import Chat
 from ..conversation import Conversation, Store
 from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, PRESET_CHOICES, SYSTEM_PRESETS
 from ..prompt import PromptTooLong
 from ..render import CHATBOT_OPTIONS
-from ..settings import InvalidRequest
+from ..settings import InvalidRequest, on_space
 from . import compare
 from .answers import (
     DOWNLOAD_JS,
@@ -122,7 +121,7 @@ def _header(chat: Chat) -> dict:
         "# Orca 2\nMicrosoft's Orca 2, run exactly as its model card does: the ChatML prompt, "
         "the slow tokenizer's ids, greedy decoding unless you ask for sampling. Your chats stay in this browser."
     )
-    if get_space():
+    if on_space():
         # Visitors who want no queue (or other settings) can run their own copy.
         gr.DuplicateButton("Duplicate this Space", size="sm", elem_id="duplicate-space")
     return dict(

@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..backend import GenerationError, ScoringUnavailable, TokenProbability
+from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
 from ..conversation import Conversation
 from ..scoring import as_api_dict, token_probabilities
