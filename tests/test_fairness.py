@@ -13,7 +13,7 @@ from support import batched, free_port, wait_for
 from orca2_space.chat import Chat
 from orca2_space.fairness import FairShare, Limits, Refused, Visitor
 from orca2_space.settings import Settings
-from orca2_space.ui.answers import visitor_of
+from orca2_space.ui.adapters import visitor_of
 
 ALICE = Visitor("alice-session", "10.0.0.1")
 ALICE_AGAIN = Visitor("alice-second-tab", "10.0.0.1")
