@@ -34,6 +34,9 @@ ModerationThreshold = Literal[0, 2, 4, 6]
 MODERATION_THRESHOLDS = typing.get_args(ModerationThreshold)
 # The batch KV cache is allocated in pages of this many tokens.
 BATCH_PAGE_TOKENS = 256
+# Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
+# says what this relies on).
+SPACE_TRUSTED_PROXIES = 1
 
 
 class InvalidRequest(ValueError):
@@ -205,7 +208,24 @@ class Settings:
         8,
         ge=1,
         description="requests one network address may have running or waiting (visitors behind one NAT share "
-        "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
+        "it, so keep it above --visitor-limit); behind a proxy, the address --trusted-proxies reads",
+    )
+    trusted_proxies: Annotated[int, Cli(default=f"{SPACE_TRUSTED_PROXIES} on a Space, 0 elsewhere")] = Field(
+        default_factory=lambda: SPACE_TRUSTED_PROXIES if on_space() else 0,
+        ge=0,
+        le=10,
+        description="proxies in front of this server that each append the address they see to X-Forwarded-For; "
+        "a visitor's address is the entry this many from the right, and what the client wrote left of it is "
+        "ignored (0: the connection's own address, the header ignored)",
+    )
+    max_failed_logins: int = Field(
+        5,
+        ge=1,
+        description="wrong logins one network address may try per minute with --auth; more are refused until "
+        "the minute has passed",
+    )
+    max_upload_mb: int = Field(
+        5, ge=1, description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused"
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         True,

@@ -14,7 +14,7 @@ from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, Stats, Store, export, parse_export, to_markdown
 from ..fairness import Refused, Visitor
 from ..prompt import PromptTooLong
-from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest, on_space
+from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, InvalidRequest
 from .messages import chat_messages, status
 
 PARAM_NAMES = tuple(GENERATION_FIELDS)
@@ -70,11 +70,8 @@ def _errors_shown(updates):
 
 
 def visitor_of(request: gr.Request) -> Visitor:
-    """A page session or API client, and its address: on a Space, the one its proxy forwards."""
+    """A page session or API client, and its address (guard.py reads it as --trusted-proxies says)."""
     address = request.client.host if request.client else "unknown"
-    if on_space():
-        forwarded = request.headers.get("x-forwarded-for", "")
-        address = forwarded.split(",")[0].strip() or address
     return Visitor(request.session_hash or f"address {address}", address)
 
 
