@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .settings import InvalidRequest
@@ -24,6 +24,20 @@ class Visitor:
 
     session: str
     address: str
+
+
+def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_proxies: int) -> str:
+    """The network address a request comes from, as the operator's proxies saw it.
+
+    Each of the trusted_proxies proxies in front of the server appends the address it sees to
+    X-Forwarded-For, so the visitor's is the entry that many from the right; whatever the client wrote
+    itself is further left and ignored (as uvicorn's --forwarded-allow-ips and Werkzeug's
+    ProxyFix(x_for=N) read it). forwarded_for holds every X-Forwarded-For header's value, in order.
+    Without trusted proxies, or with fewer entries than them, it is the connection's own peer."""
+    entries = [entry.strip() for value in forwarded_for for entry in value.split(",")]
+    if trusted_proxies and len(entries) >= trusted_proxies and entries[-trusted_proxies]:
+        return entries[-trusted_proxies]
+    return peer or "unknown"
 
 
 class Refused(InvalidRequest):

@@ -36,6 +36,9 @@ BATCH_PAGE_TOKENS = 256
 BackendName = Literal["local", "inference-server"]
 # --backend's words; "openai" is what inference-server was called first.
 BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "openai": "inference-server"}
+# Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
+# says what this relies on).
+SPACE_TRUSTED_PROXIES = 1
 
 
 class InvalidRequest(ValueError):
@@ -203,7 +206,24 @@ class Settings:
         default=8,
         ge=1,
         description="requests one network address may have running or waiting (visitors behind one NAT share "
-        "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
+        "it, so keep it above --visitor-limit); behind a proxy, the address --trusted-proxies reads",
+    )
+    trusted_proxies: Annotated[int, Cli(default=f"{SPACE_TRUSTED_PROXIES} on a Space, 0 elsewhere")] = Field(
+        default_factory=lambda: SPACE_TRUSTED_PROXIES if on_space() else 0,
+        ge=0,
+        le=10,
+        description="proxies in front of this server that each append the address they see to X-Forwarded-For; "
+        "a visitor's address is the entry this many from the right, and what the client wrote left of it is "
+        "ignored (0: the connection's own address, the header ignored)",
+    )
+    max_failed_logins: int = Field(
+        5,
+        ge=1,
+        description="wrong logins one network address may try per minute with --auth; more are refused until "
+        "the minute has passed",
+    )
+    max_upload_mb: int = Field(
+        5, ge=1, description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused"
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         default=True,

@@ -11,7 +11,7 @@ from gradio_client.exceptions import AppError
 from support import batched, free_port, wait_for
 
 from orca2_space.chat import Chat
-from orca2_space.fairness import FairShare, Limits, Refused, Visitor
+from orca2_space.fairness import FairShare, Limits, Refused, Visitor, visitor_address
 from orca2_space.settings import Settings
 from orca2_space.ui.adapters import visitor_of
 
@@ -124,22 +124,38 @@ def test_one_client_holding_24_requests_neither_starves_another_nor_waits_in_lin
         job.cancel()
 
 
-def page_request(headers: dict, session: str | None = "s1") -> gr.Request:
+def page_request(session: str | None) -> gr.Request:
     from starlette.requests import Request
 
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": raw, "client": ("10.16.3.80", 50000)}
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("10.16.3.80", 50000)}
     return gr.Request(request=Request(scope), session_hash=session)
 
 
-def test_on_a_space_the_address_is_the_one_its_proxy_forwards(monkeypatch):
-    monkeypatch.setenv("SPACE_ID", "someone/orca2-space")
-    visitor = visitor_of(page_request({"X-Forwarded-For": "203.0.113.7, 10.16.3.1"}))
-    assert visitor == Visitor("s1", "203.0.113.7")
+def test_a_visitor_is_its_session_and_a_caller_without_one_counts_as_its_address():
+    assert visitor_of(page_request("s1")) == Visitor("s1", "10.16.3.80")
+    assert visitor_of(page_request(None)) == Visitor("address 10.16.3.80", "10.16.3.80")
 
 
-def test_elsewhere_the_address_is_the_connections(monkeypatch):
-    monkeypatch.delenv("SPACE_ID", raising=False)
-    assert visitor_of(page_request({"X-Forwarded-For": "203.0.113.7"})) == Visitor("s1", "10.16.3.80")
-    # A caller without a session counts as its address.
-    assert visitor_of(page_request({}, session=None)).session == "address 10.16.3.80"
+# The address: each trusted proxy appends the address it sees to X-Forwarded-For; the client writes the rest.
+
+
+def test_without_trusted_proxies_the_address_is_the_connections_whatever_the_header_says():
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=0) == "10.16.3.80"
+
+
+def test_behind_one_proxy_the_address_is_the_one_it_appended_and_what_the_client_wrote_is_ignored():
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+    assert visitor_address("10.16.3.80", ["1.2.3.4, 5.6.7.8, 203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+    # A client's own header line comes first; the proxy's entry is still the last.
+    assert visitor_address("10.16.3.80", ["1.2.3.4", "203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+
+
+def test_behind_two_proxies_the_address_is_the_second_entry_from_the_right():
+    forwarded = ["1.2.3.4, 203.0.113.7, 10.0.0.5"]
+    assert visitor_address("10.16.3.80", forwarded, trusted_proxies=2) == "203.0.113.7"
+
+
+def test_a_request_that_did_not_pass_every_trusted_proxy_counts_as_the_connection():
+    assert visitor_address("10.16.3.80", [], trusted_proxies=1) == "10.16.3.80"
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=2) == "10.16.3.80"
+    assert visitor_address("10.16.3.80", ["203.0.113.7, "], trusted_proxies=1) == "10.16.3.80"

@@ -16,7 +16,7 @@ from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, Stats, export, to_markdown
 from ..fairness import Visitor
 from ..prompt import PromptTooLong
-from ..settings import GenerationParams, InvalidRequest, on_space
+from ..settings import GenerationParams, InvalidRequest
 
 # The browser keeps the visitor's conversations and last comparison (gr.BrowserState). Gradio sends the
 # secret to the page, so it hides nothing from the visitor; a fixed one keeps them readable after a
@@ -101,11 +101,8 @@ def comparison(
 
 
 def visitor_of(request: gr.Request) -> Visitor:
-    """A page session or API client, and its address: on a Space, the one its proxy forwards."""
+    """A page session or API client, and its address (guard.py reads it as --trusted-proxies says)."""
     address = request.client.host if request.client else "unknown"
-    if on_space():
-        forwarded = request.headers.get("x-forwarded-for", "")
-        address = forwarded.split(",")[0].strip() or address
     return Visitor(request.session_hash or f"address {address}", address)
 
 
