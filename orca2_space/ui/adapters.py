@@ -110,7 +110,8 @@ def visitor_of(request: gr.Request) -> Visitor:
 
 def caller_of(request: gr.Request) -> Visitor:
     """An agent calling an MCP tool: it has no page session (Gradio's MCP server is stateless), so the
-    caller is its network address, read as for every request."""
+    caller is its network address, read as for every request. Gradio hands a tool the MCP request
+    itself (a Starlette Request, not a gr.Request), so only what both have is read."""
     address = request.client.host if request.client else "unknown"
     return Visitor(f"address {address}", address)
 
