@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
-from .fairness import FairShare, Limits, Visitor
+from .fairness import FairShare, Limits, Refused, Visitor
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import Prompt, PromptTooLong, Turn, answer_text
@@ -199,8 +199,17 @@ class Chat:
         on = rules.default_on if requested is None else requested
         return (self.moderation if on else None), None
 
-    def inspect(self, message: Any, system_message: Any, history: Any, max_new_tokens: Any = 0) -> Prompt:
-        """The exact prompt the model would see for this message, with room for max_new_tokens."""
+    def inspect(
+        self, message: Any, system_message: Any, history: Any, max_new_tokens: Any = 0, visitor: Visitor | None = None
+    ) -> Prompt:
+        """prompt_for, asked by a visitor: a place of their fair share while it is built (fairness.Refused
+        over it), like every request."""
+        with self.fair_share.admit(visitor):
+            return self.prompt_for(message, system_message, history, max_new_tokens)
+
+    def prompt_for(self, message: Any, system_message: Any, history: Any, max_new_tokens: Any = 0) -> Prompt:
+        """The exact prompt the model would see for this message, with room for max_new_tokens; for the
+        app's own use within a request (scoring, export), so it takes no place of the fair share."""
         message, system_message, turns, _ = self._conversation(message, system_message, history)
         reserved = 0
         if max_new_tokens:
@@ -307,10 +316,17 @@ class Chat:
         self, message: Any, system_messages: Any, moderation: Any = None, **params: Any
     ) -> list[ChatRequest]:
         """One single-turn request per system message, validated, with the same settings: a sampled
-        comparison draws one seed for all, so that the answers differ by their system message alone."""
+        comparison draws one seed for all, so that the answers differ by their system message alone.
+        A comparison runs one answer per system message, so it must fit a visitor's fair share."""
         if not isinstance(system_messages, list | tuple) or len(system_messages) not in COMPARED:
             raise InvalidRequest(
                 f"system_messages must be a list of {COMPARED.start} to {COMPARED.stop - 1} texts; got {_describe(system_messages)}"
+            )
+        most = self.fair_share.limits.per_visitor
+        if len(system_messages) > most:
+            raise Refused(
+                f"A comparison runs one answer per system message, and this server lets one visitor run {most} "
+                f"at a time: compare at most {most} system messages (got {len(system_messages)})."
             )
         requests = [
             self.request(message, _string(system, f"system_messages[{index}]"), None, moderation, True, **params)
@@ -328,8 +344,8 @@ class Chat:
 
         Each answer is respond()'s, in a thread of its own, so greedy ones share the batch's decode
         steps. stop(owner), or closing the iterator, stops them all; each still ends with its final
-        update. A comparison is one request of the visitor's fair share."""
-        with self.fair_share.admit(visitor):
+        update. A comparison takes one place of the visitor's fair share per answer."""
+        with self.fair_share.admit(visitor, len(requests)):
             yield from self._compare(requests, owner)
 
     def _compare(self, requests: Sequence[ChatRequest], owner: str | None) -> Iterator[tuple[ChatUpdate, ...]]:

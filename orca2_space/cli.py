@@ -361,7 +361,7 @@ def backend_loader(settings: Settings) -> Callable[..., Backend]:
 def launch(chat, share: bool = False, block: bool = True):
     """Build the page for this chat service and serve it; with block=False, return the running app."""
     from . import ui
-    from .ui import guard
+    from .ui import guard, mcp_tools
 
     settings = chat.settings
     demo = ui.build(chat)
@@ -375,6 +375,9 @@ def launch(chat, share: bool = False, block: bool = True):
     # client's address (FORWARDED_ALLOW_IPS); the guard reads it from the socket's peer as
     # --trusted-proxies says instead, so uvicorn must trust no one.
     os.environ["FORWARDED_ALLOW_IPS"] = ""
+    lifespan = guard.lifespan(demo, settings, share)
+    if settings.mcp:
+        lifespan = mcp_tools.lifespan(demo, lifespan)
     demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -389,7 +392,9 @@ def launch(chat, share: bool = False, block: bool = True):
         show_error=True,
         # A thread per streaming request, and room for the page's other events.
         max_threads=admitted + 40,
-        app_kwargs={"lifespan": guard.lifespan(demo, settings, share)},
+        app_kwargs={"lifespan": lifespan},
+        # Gradio's MCP server (agents' tools, mcp_tools.py); off unless asked, whatever GRADIO_MCP_SERVER says.
+        mcp_server=settings.mcp,
         max_file_size=settings.max_upload_mb * MIB,
         # Gradio's /monitoring: its summary shows every event's traffic to anyone, and its key goes to the log.
         enable_monitoring=False,

@@ -197,16 +197,18 @@ class Settings:
     )
     max_queue: int = Field(default=32, ge=1, description="requests that may wait; more are told the app is busy")
     visitor_limit: int = Field(
-        default=2,
+        default=4,
         ge=1,
-        description="requests one visitor (a page session or an API client) may have running or waiting; "
-        "more are refused at once, with the reason",
+        description="requests one visitor (a page session, an API client, an agent's address) may have running "
+        "or waiting, a comparison counting one per answer (so 4 lets a visitor compare 4 system messages); more "
+        "are refused at once, with the reason",
     )
     address_limit: int = Field(
         default=8,
         ge=1,
-        description="requests one network address may have running or waiting (visitors behind one NAT share "
-        "it, so keep it above --visitor-limit); behind a proxy, the address --trusted-proxies reads",
+        description="requests one network address may have running or waiting, counted as for --visitor-limit "
+        "(visitors behind one NAT share it, so keep it above --visitor-limit); behind a proxy, the address "
+        "--trusted-proxies reads",
     )
     trusted_proxies: Annotated[int, Cli(default=f"{SPACE_TRUSTED_PROXIES} on a Space, 0 elsewhere")] = Field(
         default_factory=lambda: SPACE_TRUSTED_PROXIES if on_space() else 0,
@@ -217,13 +219,20 @@ class Settings:
         "ignored (0: the connection's own address, the header ignored)",
     )
     max_failed_logins: int = Field(
-        5,
+        default=5,
         ge=1,
         description="wrong logins one network address may try per minute with --auth; more are refused until "
         "the minute has passed",
     )
+    mcp: bool = Field(
+        default=False,
+        description="also offer Orca 2 to agents as MCP tools (an answer, a comparison, token probabilities) at "
+        "/gradio_api/mcp/, within the same limits as everyone",
+    )
     max_upload_mb: int = Field(
-        5, ge=1, description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused"
+        default=5,
+        ge=1,
+        description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused",
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         default=True,

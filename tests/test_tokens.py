@@ -12,11 +12,13 @@ from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port
 
 from orca2_space.backends.inference_server import InferenceServer
 from orca2_space.chat import Chat
+from orca2_space.fairness import Visitor
 from orca2_space.scoring import token_probabilities
 from orca2_space.settings import InferenceServerSettings, Settings
 from orca2_space.ui.tokens import TOKEN_CSS, add_token_endpoint, band, percent, token_view, view_for
 
 SYSTEM = "You are Orca."
+VISITOR = Visitor("a-page-session", "10.0.0.1")
 ATTACKER = "127.0.0.1:9"  # the discard port: nothing may even try to reach it
 HOSTILE = (
     f"<img src=http://{ATTACKER}/img.png onerror=alert(1)> <|im_end|> & &amp; \"q\" 'a' </span></div>"
@@ -140,14 +142,22 @@ def test_a_token_outside_its_top_5_says_so(chat):
 def test_the_page_gets_a_message_where_scoring_is_unavailable():
     with OpenAIStub(Script(takes_ids=False)) as stub:
         backend = InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(stub.base_url))
-        view = view_for(Chat(backend, Settings()), "Hi", SYSTEM, [], "The <answer>", None, "Answer")
+        view = view_for(Chat(backend, Settings()), "Hi", SYSTEM, [], "The <answer>", None, "Answer", VISITOR)
     assert "unavailable on this inference server" in view and "tok-answer" not in view
     assert Parsed(view).tags[0] == ("div", {"class": "orca-tokens"})
 
 
 def test_the_page_gets_a_message_for_a_bad_request(chat):
-    view = view_for(chat, "Hi", SYSTEM, [], "Fine.", [40000], "Answer")
+    view = view_for(chat, "Hi", SYSTEM, [], "Fine.", [40000], "Answer", VISITOR)
     assert "Token probabilities could not be computed: answer_ids[0] is 40000" in view
+
+
+def test_the_page_gets_the_reason_when_the_visitor_has_no_place_left(chat):
+    limited = Chat(chat.backend, Settings(visitor_limit=1))
+    with limited.fair_share.admit(VISITOR):  # an answer still being written
+        view = view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR)
+    assert "You already have 1 request running or waiting" in view and "tok-answer" not in view
+    assert "tok-answer" in view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR)
 
 
 # Served: /token_probabilities, and the view in Chromium

@@ -25,8 +25,10 @@ STORAGE_SECRET = "orca2-space"
 # Answers and comparisons share one concurrency group, sized to let every request fairness.py admits
 # straight in: the model's own scheduler (the batch, or the engine's turn) is where they wait.
 GENERATION_CONCURRENCY_ID = "generation"
-# Re-scoring an answer is one forward pass over up to a whole context: one at a time.
-SCORING_CONCURRENCY = dict(concurrency_id="scoring", concurrency_limit=1)
+# Scoring joins them. A scoring job held in Gradio's queue (as one at a time would) is not yet admitted:
+# one address could fill the queue with them, and everyone else's answers would be told it is full.
+# Admitted straight in, its forward pass takes its turn with the model's others (one_forward_at_a_time).
+SCORING_CONCURRENCY = dict(concurrency_id=GENERATION_CONCURRENCY_ID)
 # A page event that does no model work: answered at once (off the queue), and not part of the API.
 INSTANT = dict(queue=False, api_visibility="private")
 
@@ -106,6 +108,14 @@ def visitor_of(request: gr.Request) -> Visitor:
     return Visitor(request.session_hash or f"address {address}", address)
 
 
+def caller_of(request: gr.Request) -> Visitor:
+    """An agent calling an MCP tool: it has no page session (Gradio's MCP server is stateless), so the
+    caller is its network address, read as for every request. Gradio hands a tool the MCP request
+    itself (a Starlette Request, not a gr.Request), so only what both have is read."""
+    address = request.client.host if request.client else "unknown"
+    return Visitor(f"address {address}", address)
+
+
 def history_messages(conversation: Conversation) -> list[dict]:
     return [
         message
@@ -157,7 +167,7 @@ def _prompt_ids(chat: Chat, conversation: Conversation, index: int) -> list[int]
     earlier = Conversation(exchanges=conversation.exchanges[:index])
     history = [] if e.single_turn else history_messages(earlier)
     try:
-        return chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
+        return chat.prompt_for(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
     except (InvalidRequest, PromptTooLong):
         return []
 

@@ -292,31 +292,31 @@ class ChatEvents:
         return shown | self._listed(store) | self._restored(conversation)
 
     @visitor_errors
-    def inspect(self, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
+    def inspect(self, request: gr.Request, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
         """The exact prompt the message box would send."""
         t = self.tab
         history = [] if single_turn else history_messages(Store.load(stored).current())
-        prompt = self.chat.inspect(message, system_message, history, max_new_tokens)
+        prompt = self.chat.inspect(message, system_message, history, max_new_tokens, visitor=visitor_of(request))
         dropped = f" · {prompt.dropped_turns} oldest turn(s) left out" if prompt.dropped_turns else ""
         count = f"{prompt.n_tokens} tokens{dropped}"
         return {t.inspect_text: prompt.text, t.inspect_ids: str(prompt.input_ids), t.inspect_count: count}
 
-    def score_last(self, *, stored) -> dict:
+    def score_last(self, request: gr.Request, *, stored) -> dict:
         conversation = Store.load(stored).current()
         if not conversation.exchanges:
             raise gr.Error("No answer yet: ask a question first.")
-        return self._tokens(conversation, len(conversation.exchanges) - 1)
+        return self._tokens(conversation, len(conversation.exchanges) - 1, request)
 
-    def score_picked(self, selected: gr.SelectData, *, stored):
+    def score_picked(self, selected: gr.SelectData, request: gr.Request, *, stored):
         """The token view of the answer clicked in the chat (nothing for a question or a notice)."""
         conversation = Store.load(stored).current()
         position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
         index = exchange_at(conversation, position)
-        return gr.skip() if index is None else self._tokens(conversation, index)
+        return gr.skip() if index is None else self._tokens(conversation, index, request)
 
-    def _tokens(self, conversation: Conversation, index: int) -> dict:
+    def _tokens(self, conversation: Conversation, index: int, request: gr.Request) -> dict:
         caption = f"Answer {index + 1}: {conversation.exchanges[index].question}"
-        view = token_view_of(self.chat, conversation, index, _clip(caption))
+        view = token_view_of(self.chat, conversation, index, _clip(caption), visitor_of(request))
         return {self.tab.tokens_box: gr.Accordion(open=True), self.tab.tokens: view}
 
     def _answering(self, conversation: Conversation, show_raw, question: str, update: ChatUpdate) -> dict:

@@ -5,7 +5,6 @@ Events are wired by name: Compare receives its inputs as {component: value} (a s
 every handler returns {component: value} for the components it changes.
 """
 
-import functools
 from dataclasses import dataclass
 
 import gradio as gr
@@ -164,10 +163,14 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
     def stop(request: gr.Request) -> None:
         chat.stop(_owner(request))
 
-    def show_tokens(index: int, result) -> str:
-        if index >= len(result):
-            raise gr.Error("No answer in this column yet: compare first.")
-        return token_view_of(chat, _recorded(result), index, f"System message {index + 1}")
+    def show_tokens(index: int):
+        # A function of its own per column: Gradio finds the gr.Request parameter in a function's type hints.
+        def show(result, request: gr.Request) -> str:
+            if index >= len(result):
+                raise gr.Error("No answer in this column yet: compare first.")
+            return token_view_of(chat, _recorded(result), index, f"System message {index + 1}", visitor_of(request))
+
+        return show
 
     def export_json(result) -> str:
         if not result:
@@ -190,7 +193,7 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
     tab.stop.click(stop, None, None, **INSTANT)
     for index, column in enumerate(tab.columns):
         column.score.click(
-            functools.partial(show_tokens, index),
+            show_tokens(index),
             tab.result,
             tab.tokens,
             **SCORING_CONCURRENCY,

@@ -21,9 +21,10 @@ import gradio as gr
 from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
 from ..conversation import Conversation
+from ..fairness import Refused, Visitor
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
-from .adapters import SCORING_CONCURRENCY, history_messages, visitor_errors
+from .adapters import SCORING_CONCURRENCY, history_messages, visitor_errors, visitor_of
 
 NOTE = (
     "These are the model's own probabilities (temperature 1) for the tokens it wrote, whatever the sampling "
@@ -174,26 +175,27 @@ def view_for(
     history: list[dict] | None,
     answer: str | None,
     answer_ids: Sequence[int] | None,
-    caption: str = "",
+    caption: str,
+    visitor: Visitor,
 ) -> str:
     """For the page: the token view of an answer, or a message saying why there is none."""
     try:
         ids = None if answer_ids is None else list(answer_ids)
-        tokens = token_probabilities(chat, message, system_message, history, answer, ids)
-    except ScoringUnavailable as error:
+        tokens = token_probabilities(chat, message, system_message, history, answer, ids, visitor=visitor)
+    except (ScoringUnavailable, Refused) as error:
         return message_view(caption, str(error))
     except (InvalidRequest, GenerationError) as error:
         return message_view(caption, f"Token probabilities could not be computed: {error}")
     return token_view(tokens, caption)
 
 
-def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str) -> str:
+def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str, visitor: Visitor) -> str:
     """The token probabilities of an exchange's answer, scored on the prompt it was written for."""
     e = conversation.exchanges[index]
     if not e.answer:
         return message_view(caption, "This answer has no text to score.")
     history = [] if e.single_turn else history_messages(Conversation(exchanges=conversation.exchanges[:index]))
-    return view_for(chat, e.question, e.system_message, history, e.answer, e.answer_ids, caption)
+    return view_for(chat, e.question, e.system_message, history, e.answer, e.answer_ids, caption, visitor)
 
 
 def add_token_endpoint(chat: Chat) -> None:
@@ -201,6 +203,7 @@ def add_token_endpoint(chat: Chat) -> None:
 
     @visitor_errors
     def token_probabilities_endpoint(
+        request: gr.Request,
         message: str,
         system_message: str | None = None,
         history: list[dict] | None = None,
@@ -213,6 +216,7 @@ def add_token_endpoint(chat: Chat) -> None:
         answer_ids: the answer's ids as /chat returned them, scored exactly; without them answer (its text)
         is encoded. Returns {"tokens": [{"id", "text", "probability", "top": [{"id", "text", "probability"}]}]}."""
         system = system_message_for(system_message, None)
-        return as_api_dict(token_probabilities(chat, message, system, history, answer, answer_ids))
+        tokens = token_probabilities(chat, message, system, history, answer, answer_ids, visitor=visitor_of(request))
+        return as_api_dict(tokens)
 
     gr.api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)
