@@ -217,13 +217,28 @@ class Settings:
         "ignored (0: the connection's own address, the header ignored)",
     )
     max_failed_logins: int = Field(
-        5,
+        default=5,
         ge=1,
         description="wrong logins one network address may try per minute with --auth; more are refused until "
         "the minute has passed",
     )
+    max_exchanges: int = Field(
+        default=500,
+        ge=1,
+        description="most questions and answers one conversation may hold: a chat longer than this is not "
+        "shown, continued, exported or imported, and /chat takes a history of at most twice this many messages",
+    )
+    max_store_chars: int = Field(
+        default=5_000_000,
+        ge=1000,
+        description="most characters of conversation a request may bring: the chats a browser sends back (as "
+        "JSON; more than a browser's storage holds, so only a script sends more, refused before it is read), "
+        "or /chat's history",
+    )
     max_upload_mb: int = Field(
-        5, ge=1, description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused"
+        default=5,
+        ge=1,
+        description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused",
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         default=True,
