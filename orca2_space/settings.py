@@ -229,6 +229,19 @@ class Settings:
         description="also offer Orca 2 to agents as MCP tools (an answer, a comparison, token probabilities) at "
         "/gradio_api/mcp/, within the same limits as everyone",
     )
+    max_exchanges: int = Field(
+        default=500,
+        ge=1,
+        description="most questions and answers one conversation may hold: a chat longer than this is not "
+        "shown, continued, exported or imported, and /chat takes a history of at most twice this many messages",
+    )
+    max_store_chars: int = Field(
+        default=5_000_000,
+        ge=1000,
+        description="most characters of conversation a request may bring: the chats a browser sends back (as "
+        "JSON; more than a browser's storage holds, so only a script sends more, refused before it is read), "
+        "or /chat's history",
+    )
     max_upload_mb: int = Field(
         default=5,
         ge=1,

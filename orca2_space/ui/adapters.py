@@ -149,27 +149,17 @@ def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr
     )
 
 
+@visitor_errors
 def download(chat: Chat, conversation: Conversation, kind: str) -> str:
     """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
     if not conversation.exchanges:
         raise gr.Error("Nothing to export yet: ask a question first.")
-    prompts = [_prompt_ids(chat, conversation, index) for index in range(len(conversation.exchanges))]
-    exported = export(conversation, chat.backend.info, prompts)
+    conversation.within(chat.settings.max_exchanges)
     name = f"orca2-{conversation.created[:10]}-{conversation.id}"
     if kind == "markdown":
-        return _download(f"{name}.md", "text/markdown", to_markdown(exported))
+        return _download(f"{name}.md", "text/markdown", to_markdown(conversation, chat.backend.info))
+    exported = export(conversation, chat.backend.info, chat.prompts([e.asked for e in conversation.exchanges]))
     return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
-
-
-def _prompt_ids(chat: Chat, conversation: Conversation, index: int) -> list[int]:
-    """The ids the model read for an exchange, rebuilt from the record as it was then."""
-    e = conversation.exchanges[index]
-    earlier = Conversation(exchanges=conversation.exchanges[:index])
-    history = [] if e.single_turn else history_messages(earlier)
-    try:
-        return chat.prompt_for(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
-    except (InvalidRequest, PromptTooLong):
-        return []
 
 
 def _download(filename: str, mime: str, text: str) -> str:

@@ -210,8 +210,9 @@ class ChatEvents:
         self, request: gr.Request, *, message, stored, system_message, moderation, single_turn, show_raw, **params
     ):
         t = self.tab
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
+        conversation.room_for_another(self.chat.settings.max_exchanges)
         history = history_messages(conversation)
         visitor = visitor_of(request)
         updates = turn(
@@ -233,9 +234,10 @@ class ChatEvents:
             **self._listed(store),
         }
 
+    @visitor_errors
     def retry(self, request: gr.Request, *, stored, **inputs):
         """The last answer again, with the settings as they are now."""
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
         if not conversation.exchanges:
             raise gr.Error("Nothing to retry yet.")
@@ -245,10 +247,11 @@ class ChatEvents:
     def stop(self, request: gr.Request) -> None:
         self.chat.stop(request.session_hash)
 
+    @visitor_errors
     def undo(self, *, stored, show_raw) -> dict:
         """Take the last exchange back; its question returns to the message box."""
         t = self.tab
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
         question = conversation.exchanges.pop().question if conversation.exchanges else ""
         store = store.save(conversation)
@@ -259,35 +262,41 @@ class ChatEvents:
             **self._listed(store),
         }
 
+    @visitor_errors
     def new(self, *, stored) -> dict:
-        return self._cleared(Store.load(stored).model_copy(update={"open": None}))
+        return self._cleared(Store.load(stored, self.chat.settings).model_copy(update={"open": None}))
 
+    @visitor_errors
     def delete(self, *, stored) -> dict:
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         return self._cleared(store.delete(store.open))
 
+    @visitor_errors
     def open(self, *, conversation_id, stored, show_raw) -> dict:
         t = self.tab
-        store = Store.load(stored).model_copy(update={"open": conversation_id})
+        store = Store.load(stored, self.chat.settings).model_copy(update={"open": conversation_id})
         conversation = store.current()
         shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: "", t.store: store.model_dump()}
         return shown | self._restored(conversation)
 
+    @visitor_errors
     def show(self, *, stored, show_raw) -> dict:
         """The open conversation, as the page loads or the raw switch changes."""
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         return {self.tab.chatbot: chat_messages(store.current(), show_raw), self.tab.chats: _choices(store)}
 
+    @visitor_errors
     def export_json(self, *, stored) -> str:
-        return download(self.chat, Store.load(stored).current(), "json")
+        return download(self.chat, Store.load(stored, self.chat.settings).current(), "json")
 
+    @visitor_errors
     def export_markdown(self, *, stored) -> str:
-        return download(self.chat, Store.load(stored).current(), "markdown")
+        return download(self.chat, Store.load(stored, self.chat.settings).current(), "markdown")
 
     @visitor_errors
     def import_(self, *, data: bytes, stored, show_raw) -> dict:
-        conversation = parse_export(data)
-        store = Store.load(stored).save(conversation)
+        conversation = parse_export(data, self.chat.settings.max_exchanges)
+        store = Store.load(stored, self.chat.settings).save(conversation)
         shown = {self.tab.chatbot: chat_messages(conversation, show_raw), self.tab.answer_status: ""}
         return shown | self._listed(store) | self._restored(conversation)
 
@@ -295,21 +304,23 @@ class ChatEvents:
     def inspect(self, request: gr.Request, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
         """The exact prompt the message box would send."""
         t = self.tab
-        history = [] if single_turn else history_messages(Store.load(stored).current())
+        history = [] if single_turn else history_messages(Store.load(stored, self.chat.settings).current())
         prompt = self.chat.inspect(message, system_message, history, max_new_tokens, visitor=visitor_of(request))
         dropped = f" · {prompt.dropped_turns} oldest turn(s) left out" if prompt.dropped_turns else ""
         count = f"{prompt.n_tokens} tokens{dropped}"
         return {t.inspect_text: prompt.text, t.inspect_ids: str(prompt.input_ids), t.inspect_count: count}
 
+    @visitor_errors
     def score_last(self, request: gr.Request, *, stored) -> dict:
-        conversation = Store.load(stored).current()
+        conversation = Store.load(stored, self.chat.settings).current()
         if not conversation.exchanges:
             raise gr.Error("No answer yet: ask a question first.")
         return self._tokens(conversation, len(conversation.exchanges) - 1, request)
 
+    @visitor_errors
     def score_picked(self, selected: gr.SelectData, request: gr.Request, *, stored):
         """The token view of the answer clicked in the chat (nothing for a question or a notice)."""
-        conversation = Store.load(stored).current()
+        conversation = Store.load(stored, self.chat.settings).current()
         position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
         index = exchange_at(conversation, position)
         return gr.skip() if index is None else self._tokens(conversation, index, request)
