@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support import FakeBackend, exchange
+from support import FIXTURES, FakeBackend, exchange
 
 from orca2_space.chat import Chat
 from orca2_space.conversation import Conversation, Export, parse_export
@@ -94,9 +94,8 @@ class CountingTokenizer(OrcaTokenizer):
 
 
 @pytest.fixture
-def counting_chat(tokenizer) -> Chat:
-    counting = CountingTokenizer.__new__(CountingTokenizer)
-    counting.__dict__.update(tokenizer.__dict__)  # the session's tokenizer, not loaded again
+def counting_chat() -> Chat:
+    counting = CountingTokenizer(FIXTURES / "orca2-tokenizer" / "tokenizer.model")
     return Chat(FakeBackend(counting, ["\n", "ok"]), Settings(max_exchanges=4 * N_EXCHANGES))
 
 
