@@ -7,7 +7,7 @@ import functools
 import inspect
 import json
 from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
 import gradio as gr
 
@@ -17,6 +17,17 @@ from ..conversation import Conversation, Exchange, Stats, export, to_markdown
 from ..fairness import Visitor
 from ..prompt import PromptTooLong
 from ..settings import GenerationParams, InvalidRequest
+
+
+class EventOptions(TypedDict, total=False):
+    """How an event is queued and shown in the API: the keyword arguments of Gradio's event listeners
+    that the tabs share, typed so that a misspelt or mistyped one fails the type check."""
+
+    queue: bool
+    api_visibility: Literal["public", "private", "undocumented"]
+    concurrency_id: str
+    concurrency_limit: int | None
+
 
 # The browser keeps the visitor's conversations and last comparison (gr.BrowserState). Gradio sends the
 # secret to the page, so it hides nothing from the visitor; a fixed one keeps them readable after a
@@ -28,9 +39,9 @@ GENERATION_CONCURRENCY_ID = "generation"
 # Scoring joins them. A scoring job held in Gradio's queue (as one at a time would) is not yet admitted:
 # one address could fill the queue with them, and everyone else's answers would be told it is full.
 # Admitted straight in, its forward pass takes its turn with the model's others (one_forward_at_a_time).
-SCORING_CONCURRENCY = dict(concurrency_id=GENERATION_CONCURRENCY_ID)
+SCORING_CONCURRENCY: EventOptions = {"concurrency_id": GENERATION_CONCURRENCY_ID}
 # A page event that does no model work: answered at once (off the queue), and not part of the API.
-INSTANT = dict(queue=False, api_visibility="private")
+INSTANT: EventOptions = {"queue": False, "api_visibility": "private"}
 
 # Downloads are made in the browser from the text the server returns: nothing is written server-side.
 DOWNLOAD_JS = """
