@@ -1,5 +1,5 @@
-"""A visitor's conversations as records: what was asked and what Orca 2 wrote, with the settings, seed
-and ids that reproduce each answer.
+"""A visitor's conversations and comparisons as records: what was asked and what Orca 2 wrote, with
+the settings, seed and ids that reproduce each answer, and the token probabilities the visitor looked at.
 
 The page keeps them in the visitor's browser (never on the server) and exports them as JSON (to
 replay or share) or Markdown (to read). A record holds the text exactly as typed and written; how it
@@ -9,21 +9,30 @@ is shown is render.py's business.
 from __future__ import annotations
 
 import datetime
+import json
 import secrets
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from .backend import GenerationStats, ModelInfo
+from .backend import GenerationStats, ModelInfo, TokenProbability
 from .moderation import ModerationState
+from .presets import preset_of
 from .prompt import Turn
 from .settings import GenerationParams, InvalidRequest
 
 FORMAT = "orca2-space/conversation"
 FORMAT_VERSION = 1
+COMPARISON_FORMAT = "orca2-space/comparison"
+COMPARISON_FORMAT_VERSION = 1
 # The browser keeps this many conversations; the oldest go first.
 MAX_KEPT = 50
+# The browser sends its store with every request, so it keeps the token probabilities of this many
+# tokens at most, newest first (an older answer's can be scored again). One whole context, so the
+# answer just scored always keeps its own.
+MAX_KEPT_SCORED_TOKENS = 4096
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -47,6 +56,33 @@ class Stats(BaseModel):
         )
 
 
+class ScoredAlternative(BaseModel):
+    """A token the model could have written at a position, and the probability it gave it."""
+
+    model_config = _STRICT
+
+    id: int
+    text: str
+    probability: float
+
+
+class ScoredToken(ScoredAlternative):
+    """One token of an answer as scored: its probability, and the most likely tokens at its position.
+    Also the shape of /token_probabilities' tokens."""
+
+    top: list[ScoredAlternative]
+
+    @classmethod
+    def of(cls, token: TokenProbability) -> ScoredToken:
+        top = [ScoredAlternative(id=a.id, text=a.text, probability=_round(a.probability)) for a in token.top]
+        return cls(id=token.id, text=token.text, probability=_round(token.probability), top=top)
+
+
+def _round(probability: float) -> float:
+    """To 6 significant digits: what a reader can use, a third of the characters in JSON."""
+    return float(f"{probability:.6g}")
+
+
 class Exchange(BaseModel):
     """One question and what came of it."""
 
@@ -65,6 +101,8 @@ class Exchange(BaseModel):
     moderation: ModerationState = ModerationState.OFF
     withheld: str | None = None
     error: str | None = None
+    # The token probabilities the visitor looked at; absent until they do.
+    tokens: list[ScoredToken] | None = None
 
     @property
     def usable(self) -> bool:
@@ -118,11 +156,45 @@ class Store(BaseModel):
         """The store with this conversation open and first in the list."""
         others = [c for c in self.conversations if c.id != conversation.id]
         kept = [conversation, *others][:MAX_KEPT] if conversation.exchanges else others
-        return Store(open=conversation.id, conversations=kept)
+        return Store(open=conversation.id, conversations=_within_scored_budget(kept))
 
     def delete(self, conversation_id: str | None) -> Store:
         kept = [c for c in self.conversations if c.id != conversation_id]
         return Store(open=None if self.open == conversation_id else self.open, conversations=kept)
+
+
+def _within_scored_budget(conversations: list[Conversation]) -> list[Conversation]:
+    """The conversations with scored tokens kept on the newest answers only (MAX_KEPT_SCORED_TOKENS)."""
+    budget = MAX_KEPT_SCORED_TOKENS
+    kept = []
+    for conversation in conversations:
+        exchanges = []
+        for e in reversed(conversation.exchanges):
+            if e.tokens is not None and len(e.tokens) > budget:
+                e = e.model_copy(update={"tokens": None})
+            budget -= len(e.tokens or ())
+            exchanges.append(e)
+        kept.append(conversation.model_copy(update={"exchanges": exchanges[::-1]}))
+    return kept
+
+
+class _Exported(BaseModel):
+    """What a reader of an export needs to judge or redo it: the model, its weights and the app."""
+
+    model_config = _STRICT
+
+    format: str
+    version: int
+    app_version: str = __version__
+    model: str
+    weights: str
+    backend: str
+    exported: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+
+    @staticmethod
+    def made_by(info: ModelInfo) -> dict[str, str]:
+        backend = f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
+        return dict(model=info.name, weights=info.quantization, backend=backend)
 
 
 class ExportedExchange(Exchange):
@@ -130,18 +202,11 @@ class ExportedExchange(Exchange):
     prompt_ids: list[int]
 
 
-class Export(BaseModel):
-    """A conversation with what a reader needs to judge or redo it: the model, its weights and the app."""
-
-    model_config = _STRICT
+class Export(_Exported):
+    """A conversation, exchange by exchange."""
 
     format: Literal["orca2-space/conversation"] = FORMAT
     version: Literal[1] = FORMAT_VERSION
-    app_version: str = __version__
-    model: str
-    weights: str
-    backend: str
-    exported: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     conversation_id: str
     created: str
     exchanges: list[ExportedExchange]
@@ -152,24 +217,86 @@ def export(conversation: Conversation, info: ModelInfo, prompt_ids: list[list[in
         ExportedExchange(**e.model_dump(), prompt_ids=ids) for e, ids in zip(conversation.exchanges, prompt_ids)
     ]
     return Export(
-        model=info.name,
-        weights=info.quantization,
-        backend=f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})",
-        conversation_id=conversation.id,
-        created=conversation.created,
-        exchanges=exchanges,
+        **_Exported.made_by(info), conversation_id=conversation.id, created=conversation.created, exchanges=exchanges
+    )
+
+
+class ComparedAnswer(BaseModel):
+    """One column of a comparison: the system message it was asked under, and what came of it."""
+
+    model_config = _STRICT
+
+    # The preset whose system message this is, or "typed" for one of the visitor's own.
+    preset: str
+    system_message: str
+    prompt_ids: list[int]
+    answer: str
+    answer_ids: list[int] | None = None
+    stats: Stats | None = None
+    moderation: ModerationState = ModerationState.OFF
+    withheld: str | None = None
+    error: str | None = None
+    tokens: list[ScoredToken] | None = None
+
+
+class ComparisonExport(_Exported):
+    """One question answered under several system messages, single turn, with the same settings (and
+    the same seed when sampling)."""
+
+    format: Literal["orca2-space/comparison"] = COMPARISON_FORMAT
+    version: Literal[1] = COMPARISON_FORMAT_VERSION
+    question: str
+    settings: GenerationParams
+    answers: list[ComparedAnswer] = Field(min_length=1)
+
+
+_E = TypeVar("_E", bound=_Exported)
+_COMPARED_FIELDS = set(ComparedAnswer.model_fields) - {"preset", "prompt_ids"}
+
+
+def export_comparison(answers: Sequence[Exchange], info: ModelInfo, prompt_ids: list[list[int]]) -> ComparisonExport:
+    """A comparison as the page keeps it (one exchange per column, all of one question and settings)."""
+    columns = [
+        ComparedAnswer(**e.model_dump(include=_COMPARED_FIELDS), preset=preset_of(e.system_message), prompt_ids=ids)
+        for e, ids in zip(answers, prompt_ids)
+    ]
+    first = answers[0]
+    return ComparisonExport(
+        **_Exported.made_by(info), question=first.question, settings=first.settings, answers=columns
     )
 
 
 def parse_export(text: str | bytes) -> Conversation:
     """A conversation from an exported JSON file; InvalidRequest says what is wrong with it."""
-    try:
-        exported = Export.model_validate_json(text)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()[:3])
-        raise InvalidRequest(f"This is not a conversation exported from this app ({problems}).") from None
+    exported = _parsed(Export, text, "a conversation")
     exchanges = [Exchange(**e.model_dump(exclude={"prompt_ids"})) for e in exported.exchanges]
     return Conversation(id=exported.conversation_id, created=exported.created, exchanges=exchanges)
+
+
+def parse_comparison(text: str | bytes) -> list[Exchange]:
+    """A comparison from an exported JSON file, as the page keeps it: one exchange per column."""
+    exported = _parsed(ComparisonExport, text, "a comparison")
+    common = dict(question=exported.question, single_turn=True, settings=exported.settings)
+    return [Exchange(**a.model_dump(include=_COMPARED_FIELDS), **common) for a in exported.answers]
+
+
+def _parsed(kind: type[_E], text: str | bytes, what: str) -> _E:
+    try:
+        return kind.model_validate_json(text)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()[:3])
+        other = _format_of(text)
+        if other in (FORMAT, COMPARISON_FORMAT) and other != kind.model_fields["format"].default:
+            problems = f"it is {'a conversation' if other == FORMAT else 'a comparison'}"
+        raise InvalidRequest(f"This is not {what} exported from this app ({problems}).") from None
+
+
+def _format_of(text: str | bytes) -> object:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 def to_markdown(exported: Export) -> str:
@@ -186,7 +313,16 @@ def to_markdown(exported: Export) -> str:
         lines += ["", "System message:", "", _fenced(e.system_message)]
         lines += ["", "Answer:", "", _fenced(e.answer)]
         lines += [f"\n> {notice}" for notice in (e.withheld, e.error) if notice]
+        if e.tokens:
+            lines += ["", _scored_summary(e.tokens)]
     return "\n".join(lines) + "\n"
+
+
+def _scored_summary(tokens: list[ScoredToken], shown: int = 3) -> str:
+    """A line on the token probabilities looked at; every number is in the JSON export."""
+    least = sorted(tokens, key=lambda t: t.probability)[:shown]
+    listed = ", ".join(f"{json.dumps(t.text, ensure_ascii=False)} {t.probability:.2%}" for t in least)
+    return f"Token probabilities (all in the JSON export): {len(tokens)} tokens; the least likely: {listed}."
 
 
 def _fenced(text: str) -> str:

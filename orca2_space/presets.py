@@ -39,11 +39,20 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 SYSTEM_PRESETS: dict[str, str] = {name: preset.text for name, preset in PRESETS.items()}
-# The page's choices: (what it shows, the preset's name).
-PRESET_CHOICES: list[tuple[str, str]] = [(f"{name} — {preset.asks}", name) for name, preset in PRESETS.items()]
+# The page's choices: the names alone, short enough to read whole in a narrow column (the system
+# message box under the choice shows what the preset asks).
+PRESET_CHOICES: list[str] = list(PRESETS)
 DEFAULT_PRESET = "Cautious (model card default)"
+# What an export calls a system message that is no preset's.
+TYPED = "typed"
 
-# The two prompts of the model card.
+
+def preset_of(system_message: str) -> str:
+    """The name of the preset whose system message this is, or TYPED."""
+    return next((name for name, preset in PRESETS.items() if preset.text == system_message), TYPED)
+
+
+# The two prompts of the model card, exactly.
 EXAMPLES: list[str] = [
     (
         "How can you determine if a restaurant is popular among locals or mainly attracts tourists, and why "
@@ -53,4 +62,10 @@ EXAMPLES: list[str] = [
         '" \n :You can\'t just say, ""that\'s crap"" and remove it without gaining a consensus. You already '
         'know this, based on your block history. —/ " \nIs the comment obscene? \nOptions : Yes, No.'
     ),
+]
+# What the page shows of each: its task. The second opens with a quoted comment that, cut short,
+# reads like broken CSV and hides the question.
+EXAMPLE_LABELS: list[str] = [
+    "Is a restaurant popular among locals or tourists, and why might that be useful?",
+    "Is the comment obscene? Options: Yes, No",
 ]

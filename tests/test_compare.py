@@ -153,3 +153,12 @@ def test_compare_api_refuses_a_bad_list_clearly(compare_client):
 
     with pytest.raises(AppError, match="system_messages must be a list of 2 to 4 texts"):
         compare_client.predict(message="Hi", system_messages=["just one"], api_name="/compare")
+
+
+def test_an_answer_that_fails_still_records_the_settings_it_was_asked_with(fake_backend, monkeypatch):
+    chat = Chat(fake_backend, Settings())
+    monkeypatch.setattr(fake_backend, "generate", lambda prompt, params: 1 / 0)
+    requests = chat.compare_requests("Hi", ["A", "B"], do_sample=True, seed=11)
+    failed = final(chat.compare(requests))
+    assert all("This answer failed" in update.error for update in failed)
+    assert [update.params.seed for update in failed] == [11, 11]

@@ -1,15 +1,32 @@
 """Conversation records: what the browser keeps, what an export holds, and what an import accepts."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from orca2_space.backend import ModelInfo
-from orca2_space.conversation import MAX_KEPT, Conversation, Exchange, Store, export, parse_export, to_markdown
+from orca2_space.backend import Alternative, ModelInfo, TokenProbability
+from orca2_space.conversation import (
+    MAX_KEPT,
+    MAX_KEPT_SCORED_TOKENS,
+    Conversation,
+    Exchange,
+    ScoredToken,
+    Stats,
+    Store,
+    export,
+    export_comparison,
+    parse_comparison,
+    parse_export,
+    to_markdown,
+)
+from orca2_space.presets import CAUTIOUS, SYSTEM_PRESETS
 from orca2_space.prompt import Turn
 from orca2_space.settings import GenerationParams, InvalidRequest
 
 INFO = ModelInfo("microsoft/Orca-2-7b", "8bit", "auto", "NVIDIA A10G", 4096)
+# A conversation as orca2-space 0.3.0 exported it, before exports carried token probabilities.
+EXPORTED_BY_0_3_0 = Path(__file__).parent / "fixtures" / "conversation-0.3.0.json"
 
 
 def exchange(question="Q", answer="A", **fields) -> Exchange:
@@ -105,3 +122,88 @@ def test_a_conversation_emptied_by_undo_keeps_its_id():
     emptied = store.current().model_copy(update={"exchanges": []})
     store = store.save(emptied)
     assert store.conversations == [] and store.current().id == conversation.id
+
+
+def scored(*probabilities: float) -> list[ScoredToken]:
+    """Tokens as the page scored them: each one's probability, with a likelier alternative."""
+    return [
+        ScoredToken.of(
+            TokenProbability(100 + n, f"t{n}", p, (Alternative(7, "x", 1 - p), Alternative(100 + n, f"t{n}", p)))
+        )
+        for n, p in enumerate(probabilities)
+    ]
+
+
+def test_an_export_from_before_token_probabilities_still_imports():
+    conversation = parse_export(EXPORTED_BY_0_3_0.read_bytes())
+    (only,) = conversation.exchanges
+    assert conversation.id == "0123456789abcdef" and only.question == "2+2?" and only.answer == "4"
+    assert only.settings.seed == 7 and only.answer_ids == [13, 29946] and only.tokens is None
+
+
+def test_the_token_probabilities_looked_at_travel_with_the_export_and_import_back():
+    tokens = scored(0.9712345678, 0.0123)
+    conversation = Conversation(exchanges=[exchange("2+2?", "4", answer_ids=[100, 101], tokens=tokens)])
+    data = json.loads(export(conversation, INFO, [[1]]).model_dump_json())
+    first = data["exchanges"][0]["tokens"][0]
+    assert first == {
+        "id": 100,
+        "text": "t0",
+        "probability": 0.971235,
+        "top": [{"id": 7, "text": "x", "probability": 0.0287654}, {"id": 100, "text": "t0", "probability": 0.971235}],
+    }
+    assert parse_export(json.dumps(data)) == conversation
+
+
+def test_markdown_mentions_the_token_probabilities_looked_at_briefly():
+    looked_at = exchange("2+2?", "4", tokens=scored(0.97, 0.012, 0.5, 0.2))
+    text = to_markdown(export(Conversation(exchanges=[looked_at, exchange("again?", "5")]), INFO, [[1], [1]]))
+    assert text.count("Token probabilities") == 1
+    assert '4 tokens; the least likely: "t1" 1.20%, "t3" 20.00%, "t2" 50.00%.' in text
+
+
+def test_the_browser_keeps_scored_tokens_for_the_newest_answers_only():
+    half = MAX_KEPT_SCORED_TOKENS // 2
+    older = Conversation(exchanges=[exchange("a", tokens=scored(*[0.5] * half))])
+    newer = Conversation(exchanges=[exchange("b", tokens=scored(*[0.5] * half)), exchange("c", tokens=scored(0.5))])
+    store = Store().save(older).save(newer)
+    kept = {e.question: e.tokens is not None for c in store.conversations for e in c.exchanges}
+    assert kept == {"a": False, "b": True, "c": True}
+    assert store.save(older).conversations[0].exchanges[0].tokens is not None
+
+
+def compared(system_message: str, answer: str, **fields) -> Exchange:
+    settings = GenerationParams(do_sample=True, seed=42, temperature=0.5)
+    return exchange("Is 7 prime?", answer, system_message=system_message, single_turn=True, settings=settings, **fields)
+
+
+def test_a_comparison_exports_as_one_question_and_a_column_per_system_message():
+    stats = Stats(stop_reason="end_of_turn", n_tokens=2, seconds=0.5, tokens_per_second=4.0)
+    answers = [
+        compared(CAUTIOUS, "Yes.", answer_ids=[13, 3869], stats=stats),
+        compared(SYSTEM_PRESETS["Step-by-step"], "7 has no divisors but 1 and 7, so yes.", tokens=scored(0.6)),
+        compared("Answer like a pirate.", "Arr, aye."),
+    ]
+    data = json.loads(export_comparison(answers, INFO, [[1, 2], [1, 3], [1, 4]]).model_dump_json())
+    assert data["format"] == "orca2-space/comparison" and data["version"] == 1 and data["app_version"]
+    assert (data["model"], data["weights"], data["backend"]) == ("microsoft/Orca-2-7b", "8bit", "local (NVIDIA A10G)")
+    assert data["question"] == "Is 7 prime?" and data["settings"]["seed"] == 42
+    columns = data["answers"]
+    assert [c["preset"] for c in columns] == ["Cautious (model card default)", "Step-by-step", "typed"]
+    assert [c["system_message"] for c in columns] == [a.system_message for a in answers]
+    assert [c["prompt_ids"] for c in columns] == [[1, 2], [1, 3], [1, 4]]
+    assert columns[0]["answer_ids"] == [13, 3869] and columns[0]["stats"]["n_tokens"] == 2
+    assert columns[1]["tokens"][0]["probability"] == 0.6 and columns[2]["tokens"] is None
+    assert "question" not in columns[0] and "settings" not in columns[0]
+    assert parse_comparison(json.dumps(data)) == answers
+
+
+def test_a_conversation_and_a_comparison_are_each_refused_where_the_other_is_imported():
+    comparison = export_comparison([compared("", "a"), compared("b", "b")], INFO, [[1], [1]]).model_dump_json()
+    conversation = export(Conversation(exchanges=[exchange()]), INFO, [[1]]).model_dump_json()
+    with pytest.raises(InvalidRequest, match=r"not a conversation exported from this app \(it is a comparison\)"):
+        parse_export(comparison)
+    with pytest.raises(InvalidRequest, match=r"not a comparison exported from this app \(it is a conversation\)"):
+        parse_comparison(conversation)
+    with pytest.raises(InvalidRequest, match="not a comparison exported from this app"):
+        parse_comparison("[]")

@@ -233,3 +233,21 @@ def test_in_the_browser_focus_shows_the_alternatives_and_the_text_copies_exactly
     assert shown == "\n" + HOSTILE
     assert dialogs == []  # no handler in the text ran
     assert not [url for url in requests if ATTACKER in url]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_on_a_phone_every_tokens_alternatives_open_inside_the_screen(app, browser):
+    width, height = 390, 844
+    context = browser.new_context(viewport={"width": width, "height": height}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(app)
+    tokens = page.locator("#tokens .tok")
+    tokens.first.wait_for()
+    count, outside = tokens.count(), []
+    for index in range(count):
+        tokens.nth(index).focus()
+        box = tokens.nth(index).locator(".tok-alts").bounding_box()
+        if not (box and box["x"] >= 0 and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height):
+            outside.append((index, box))
+    context.close()
+    assert count > 20 and outside == []

@@ -63,6 +63,12 @@ TOKEN_CSS = """
 .orca-tokens .tok-alt { display: flex; justify-content: space-between; gap: 1em; padding: 0 0.25em; }
 .orca-tokens .tok-alt.chosen { font-weight: 600; outline: 1px solid rgba(99, 102, 241, 0.6); border-radius: 3px; }
 .orca-tokens .tok-alts code { white-space: pre; }
+@media (max-width: 640px) {
+  /* A phone has no room beside a token near the right edge: the alternatives open as a sheet along
+     the bottom of the screen, whatever the token's place. */
+  .orca-tokens .tok-alts { position: fixed; left: 0.5em; right: 0.5em; top: auto; bottom: 0.5em;
+    min-width: 0; max-width: none; }
+}
 """
 
 _view_ids = itertools.count()
