@@ -2,7 +2,7 @@
 
 import sys
 
-from orca2_space.zerogpu import on_zerogpu
+from orca2_space.settings import on_zerogpu
 
 if on_zerogpu():
     # ZeroGPU's package must be imported before torch initialises CUDA.

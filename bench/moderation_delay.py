@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from content_safety_server import Behaviour, ContentSafetyServer
 from make_tiny_model import build_tiny_model
 
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat
-from orca2_space.engine import Engine
 from orca2_space.moderation import AzureContentSafety, Moderation
 from orca2_space.prompt import IM_END, OrcaTokenizer
 from orca2_space.settings import ModerationSettings, Settings

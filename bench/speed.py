@@ -37,16 +37,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from conftest import free_port
 from gradio_client import Client
 from make_tiny_model import SIZES, build_tiny_model
+from support import free_port
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from orca2_space.backends.local.batching import BatchingSettings
+from orca2_space.backends.local.engine import Engine
+from orca2_space.backends.sampling import Sampling
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
-from orca2_space.engine import Engine, _generation_config
 from orca2_space.prompt import Prompt
-from orca2_space.settings import BatchingSettings, GenerationParams, Settings
+from orca2_space.settings import GenerationParams, Settings
 
 QUESTION = "How can you determine if a restaurant is popular among locals or mainly attracts tourists?"
 SYSTEM = "You are Orca, an AI language model created by Microsoft. You are a cautious assistant."
@@ -84,7 +87,7 @@ def raw_generate(engine: Engine, ids: list[int], params: GenerationParams) -> di
         engine.model.generate(
             input_ids=tensor,
             attention_mask=torch.ones_like(tensor),
-            generation_config=_generation_config(params),
+            generation_config=GenerationConfig(**Sampling.of(params).transformers_config()),
             streamer=clock,
         )
     tokens = clock.times[1:]  # the first put is the prompt

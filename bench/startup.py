@@ -1,5 +1,5 @@
 """Start time and memory of `python app.py`: a local model, against the torch-free front end of an
-inference server (--backend openai), the runs interleaved, medians printed.
+inference server (--backend inference-server), the runs interleaved, medians printed.
 
     python tests/make_tiny_model.py /tmp/tiny-orca2
     python bench/startup.py --model /tmp/tiny-orca2 [--runs 3] [--remote-python /path/to/venv/bin/python]
@@ -32,10 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import free_port
 from gradio_client import Client
 from openai_stub import OpenAIStub, Script
-from test_torch_free import environment_without
+from support import environment_without, free_port
 
 PAGE_SECONDS = 180  # the longest any start may take before the run counts as failed
 ANSWER_SECONDS = 120
@@ -106,13 +105,13 @@ def main() -> None:
     args = p.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="orca2-startup-"))
     with OpenAIStub(Script()) as stub:
-        remote = ["--backend", "openai", "--base-url", stub.base_url, "--model", args.model]
+        remote = ["--backend", "inference-server", "--base-url", stub.base_url, "--model", args.model]
         apps = {
             f"local ({Path(args.model).name})": (sys.executable, ["--model", args.model], {}),
-            "--backend openai, torch hidden": (sys.executable, remote, environment_without(logs / "site")),
+            "--backend inference-server, torch hidden": (sys.executable, remote, environment_without(logs / "site")),
         }
         if args.remote_python:
-            apps["--backend openai, --remote-python"] = (args.remote_python, remote, {})
+            apps["--backend inference-server, --remote-python"] = (args.remote_python, remote, {})
         results: dict[str, list[Start]] = {name: [] for name in apps}
         for run in range(1, args.runs + 1):
             for n, (name, (python, app_args, env)) in enumerate(apps.items()):

@@ -4,7 +4,7 @@
                               [--repeats 3] [--json bench/workbench.json]
 
 For each model, on this machine's device, greedy, the same question, over the engine as the app
-serves it by default (batched: Settings().batching_settings()):
+serves it by default (batched: batching_settings(Settings())):
 - compare: draining Chat.compare over 4 presets' system messages, against draining Chat.respond for
   one answer (the model card's cautious system message, single turn);
 - token probabilities: Engine.score(prompt, answer_ids) of a greedy answer (one forward pass,
@@ -38,13 +38,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch
-from conftest import free_port
 from gradio_client import Client
 from make_tiny_model import SIZES, build_tiny_model
+from support import free_port
 
+from orca2_space.backends.local.batching import batching_settings
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat, ChatUpdate
 from orca2_space.cli import launch
-from orca2_space.engine import Engine
 from orca2_space.presets import CAUTIOUS, SYSTEM_PRESETS
 from orca2_space.prompt import Prompt
 from orca2_space.settings import Settings
@@ -185,7 +186,7 @@ def api_streaming(client: Client, new_tokens: int, repeats: int) -> dict:
 def bench_model(name: str, workdir: Path, new_tokens: int, long_tokens: int, repeats: int) -> dict:
     folder = str(build_tiny_model(workdir / name, size=name)) if name in SIZES else name
     settings = Settings(model=name, port=free_port(), max_new_tokens_cap=max(new_tokens, long_tokens))
-    batching = settings.batching_settings()
+    batching = batching_settings(settings)
     engine = Engine.load(folder, batching=batching)
     chat = Chat(engine, settings)
     result = {

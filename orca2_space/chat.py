@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
+from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
 from .fairness import FairShare, Limits, Visitor
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
@@ -97,14 +97,6 @@ def system_message_for(system_message: Any, preset: Any) -> Any:
     if not isinstance(preset, str) or preset not in SYSTEM_PRESETS:
         raise InvalidRequest(f"Unknown preset {preset!r:.60}; presets: {', '.join(SYSTEM_PRESETS)}.")
     return SYSTEM_PRESETS[preset]
-
-
-def split_last_question(messages: list[dict]) -> tuple[list[dict], str]:
-    """The messages before the last user message, and that message's text (for Retry and Undo)."""
-    for index in range(len(messages) - 1, -1, -1):
-        if messages[index].get("role") == "user":
-            return messages[:index], _text(messages[index]["content"], f"history[{index}]")
-    return messages, ""
 
 
 def _string(value: Any, name: str) -> str:
@@ -428,8 +420,8 @@ class _Reply:
     def __call__(self, answer: str, **fields: Any) -> ChatUpdate:
         if fields.get("done"):
             stats = fields.get("stats")
-            seeded = stats is not None and stats.seed is not None
-            fields["params"] = self.params.model_copy(update={"seed": stats.seed}) if seeded else self.params
+            seed = None if stats is None else stats.seed
+            fields["params"] = self.params if seed is None else self.params.model_copy(update={"seed": seed})
         return ChatUpdate(answer, notices=tuple(self.notices), **{"moderation": self.state, **fields})
 
 
@@ -460,7 +452,7 @@ def _stream(answer: AnswerStream, reply: _Reply, moderation: Moderation | None) 
             gate.close()
     reply.notices += answer.notices
     text = answer_text(generated)
-    if gate is not None:
+    if gate is not None and moderation is not None:
         verdict = gate.finish(text)
         reply.state = verdict.state
         if not reply.heard(verdict):

@@ -14,14 +14,26 @@ import socket
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from .settings import SERVER_CONFIG, Cli, ModerationSettings, RemoteSettings, Section, Settings, on_space
-from .zerogpu import on_zerogpu
+from .settings import (
+    SERVER_CONFIG,
+    Cli,
+    InferenceServerSettings,
+    ModerationSettings,
+    Section,
+    Settings,
+    on_space,
+    on_zerogpu,
+)
+
+if TYPE_CHECKING:
+    from .backends.contract import Backend
 
 log = logging.getLogger("orca2_space")
 
@@ -104,10 +116,11 @@ def options(cls: type = Settings, section: Section | None = None, path: tuple[st
 def problem(error: ValidationError) -> str:
     """Pydantic's first complaint as a phrase ("must be at least 1"); a check's own message as it is."""
     first = error.errors()[0]
+    context = first.get("ctx", {})
     if first["type"] == "value_error":
-        phrase = str(first["ctx"]["error"])
+        phrase = str(context["error"])
     elif first["type"] in PROBLEMS:
-        phrase = PROBLEMS[first["type"]].format(**first.get("ctx", {}))
+        phrase = PROBLEMS[first["type"]].format(**context)
     else:
         phrase = first["msg"]
     where = ".".join(map(str, first["loc"]))
@@ -175,9 +188,9 @@ def _shown(option: Option, value: Any) -> str | None:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _add_flag(group: argparse._ActionsContainer, option: Option) -> None:
+def _add_flag(group: argparse._ActionsContainer, flag: str, option: Option) -> None:
     if option.switch:
-        group.add_argument(option.flag, dest=option.dest, action="store_true", help=_help(option))
+        group.add_argument(flag, dest=option.dest, action="store_true", help=_help(option))
         return
 
     def parse(text: str) -> Any:
@@ -188,7 +201,7 @@ def _add_flag(group: argparse._ActionsContainer, option: Option) -> None:
 
     choices = option.choices
     metavar = option.cli.metavar or ("{" + ",".join(choices) + "}" if choices else option.env.removeprefix(ENV_PREFIX))
-    group.add_argument(option.flag, dest=option.dest, type=parse, metavar=metavar, help=_help(option))
+    group.add_argument(flag, dest=option.dest, type=parse, metavar=metavar, help=_help(option))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,10 +223,10 @@ def parser() -> argparse.ArgumentParser:
     )
     groups: dict[Section | None, argparse._ActionsContainer] = {None: p}
     for option in options():
-        if option.section not in groups:
+        if option.section is not None and option.section not in groups:
             groups[option.section] = p.add_argument_group(option.section.title, option.section.description)
         if option.flag is not None:
-            _add_flag(groups[option.section], option)
+            _add_flag(groups[option.section], option.flag, option)
         text = os.environ.get(option.env, "").strip()
         if text:
             try:
@@ -225,15 +238,16 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the parsed flags and variables; what neither sets keeps its field's default."""
-    values: dict[str, Any] = {"moderation": {}, "remote": {}}
+    values: dict[str, Any] = {"moderation": {}, "inference_server": {}}
     for dest, value in vars(args).items():
         *section, name = dest.split(".")
         (values[section[0]] if section else values)[name] = value
     moderation = ModerationSettings(**values.pop("moderation"))
-    remote = values.pop("remote")
-    # The inference server's settings count only with --backend openai (and without --base-url, Settings says so).
-    if values.get("backend") == "openai" and "base_url" in remote:
-        values["remote"] = RemoteSettings(**remote)
+    server = values.pop("inference_server")
+    # The inference server's settings count only with --backend inference-server (and without --base-url,
+    # Settings says so).
+    if values.get("backend") == "inference-server" and "base_url" in server:
+        values["inference_server"] = InferenceServerSettings(**server)
     return Settings(moderation=moderation, **values)
 
 
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {trouble}", file=sys.stderr)
         return 2
 
-    from .backend import ModelLoading
+    from .backends.contract import ModelLoading
     from .chat import Chat
 
     # The page is up at once and shows the loading; the model loads meanwhile.
@@ -304,10 +318,10 @@ def preflight(settings: Settings) -> str | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .backend import load_failure_message
+    from .backends.contract import load_failure_message
 
     model = settings.model
-    needed = ["tokenizer.model"] if settings.remote else ["tokenizer.model", "config.json"]
+    needed = ["tokenizer.model"] if settings.inference_server else ["tokenizer.model", "config.json"]
     if os.path.isdir(model):
         missing = [name for name in needed if not os.path.exists(os.path.join(model, name))]
         problem = f"the folder has no {' or '.join(missing)}" if missing else None
@@ -330,15 +344,17 @@ def _say_where(demo, settings: Settings, share: bool) -> None:
         print("For a temporary public link, add --share (and --auth USER:PASS).", flush=True)
 
 
-def backend_loader(settings: Settings):
-    """What makes the backend: a local model, or a client of an inference server (--backend openai)."""
-    if settings.remote is not None:
-        from .remote import RemoteBackend
+def backend_loader(settings: Settings) -> Callable[..., Backend]:
+    """What makes the backend: a local model, or a client of an inference server. Typed, so that the
+    type checker holds each backend to the Backend protocol."""
+    if settings.inference_server is not None:
+        from .backends.inference_server import InferenceServer
 
-        return functools.partial(RemoteBackend.load, settings.model, settings.remote)
-    from .engine import Engine
+        return functools.partial(InferenceServer.load, settings.model, settings.inference_server)
+    from .backends.local.batching import batching_settings
+    from .backends.local.engine import Engine
 
-    return functools.partial(Engine.load, settings.model, settings.quantization, batching=settings.batching_settings())
+    return functools.partial(Engine.load, settings.model, settings.quantization, batching=batching_settings(settings))
 
 
 def launch(chat, share: bool = False, block: bool = True):
@@ -379,7 +395,7 @@ PROGRESS_POLL_SECONDS = 0.5
 
 
 def _pace_queue(demo) -> None:
-    queue = getattr(demo, "_queue", None)
+    queue: Any = getattr(demo, "_queue", None)
     if hasattr(queue, "sleep_when_free") and hasattr(queue, "progress_update_sleep_when_free"):
         queue.sleep_when_free = QUEUE_POLL_SECONDS
         queue.progress_update_sleep_when_free = PROGRESS_POLL_SECONDS
@@ -389,10 +405,11 @@ def _pace_queue(demo) -> None:
 
 def moderation_service(settings: ModerationSettings):
     """The moderation the server runs, or None when no service is configured."""
-    if not settings.configured:
+    endpoint, key = settings.endpoint, settings.key
+    if not (endpoint and key):  # settings.configured
         log.info("moderation off: set CONTENT_SAFETY_ENDPOINT and CONTENT_SAFETY_KEY to enable it")
         return None
     from .moderation import AzureContentSafety, Moderation
 
-    log.info("moderation: Azure AI Content Safety at %s, threshold %d", settings.endpoint, settings.threshold)
-    return Moderation(AzureContentSafety(settings.endpoint, settings.key, settings.timeout, settings.retries), settings)
+    log.info("moderation: Azure AI Content Safety at %s, threshold %d", endpoint, settings.threshold)
+    return Moderation(AzureContentSafety(endpoint, key, settings.timeout, settings.retries), settings)

@@ -17,7 +17,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from .backend import GenerationStats, ModelInfo, TokenProbability
+from .backends.contract import GenerationStats, ModelInfo, TokenProbability
 from .moderation import ModerationState
 from .presets import preset_of
 from .prompt import Turn

@@ -35,6 +35,7 @@ class Moderator(Protocol):
     def analyze(self, text: str) -> dict[str, int]:
         """Severity (0 safe … 6) per category for at most MAX_CHARS characters; raises
         ModerationUnavailable when the service can't answer."""
+        ...
 
 
 class AzureContentSafety:
@@ -255,9 +256,11 @@ class StreamingGate:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._closed and (end := self._next_chunk_end()) is None:
+                end = self._next_chunk_end()
+                while not self._closed and end is None:
                     self._changed.wait()
-                if self._closed:
+                    end = self._next_chunk_end()
+                if self._closed or end is None:
                     return
                 segment = self._text[max(0, self._released - self.CONTEXT) : end]
             verdict = self._check(segment)

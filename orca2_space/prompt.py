@@ -62,7 +62,8 @@ class OrcaTokenizer:
     """Encodes ChatML conversations exactly as the reference and decodes generated ids."""
 
     def __init__(self, model_file: str | os.PathLike):
-        proto = sentencepiece_model_pb2.ModelProto()
+        # A protobuf class, made when the module is imported: the type checker can't see it.
+        proto = sentencepiece_model_pb2.ModelProto()  # pyright: ignore[reportAttributeAccessIssue]
         with open(model_file, "rb") as f:
             proto.ParseFromString(f.read())
         # The slow tokenizer (legacy=False) loads the model this way and adds "▁" itself.

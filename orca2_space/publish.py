@@ -111,7 +111,7 @@ def publish(plan: Plan, token: str, environ=os.environ, root: Path = ROOT) -> st
         commit_message="Publish orca2-space",
     )
     if plan.hardware:
-        api.request_space_hardware(plan.space_id, plan.hardware)
+        api.request_space_hardware(plan.space_id, SpaceHardware(plan.hardware))
     return f"https://huggingface.co/spaces/{plan.space_id}"
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import TokenProbability
+from .backends.contract import TokenProbability
 from .chat import Chat
 from .conversation import ScoredToken
 from .prompt import OrcaTokenizer, PromptTooLong, StreamDecoder, answer_text
@@ -53,9 +53,10 @@ def token_probabilities(
     context = backend.info.context_length
     ids = _ids(answer_ids, backend.tokenizer.vocab_size, context)
     if ids is None:
-        if len(answer) > context * MAX_CHARS_PER_TOKEN:
-            raise InvalidRequest(f"The answer is {len(answer):,} characters, more than Orca 2's context can hold.")
-        ids = backend.tokenizer.encode_text(ROLE_LINE_END + answer) if answer else []
+        text = answer or ""  # given, since answer_ids were not
+        if len(text) > context * MAX_CHARS_PER_TOKEN:
+            raise InvalidRequest(f"The answer is {len(text):,} characters, more than Orca 2's context can hold.")
+        ids = backend.tokenizer.encode_text(ROLE_LINE_END + text) if text else []
     try:
         prompt = chat.inspect(message, system_message, history, max_new_tokens=len(ids))
     except PromptTooLong as error:

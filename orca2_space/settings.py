@@ -21,7 +21,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from .prompt import DEFAULT_CONTEXT_LENGTH
-from .zerogpu import on_zerogpu
 
 Quantization = Literal["auto", "8bit", "4bit", "bf16", "fp16", "fp32"]
 QUANTIZATIONS = typing.get_args(Quantization)
@@ -34,6 +33,9 @@ ModerationThreshold = Literal[0, 2, 4, 6]
 MODERATION_THRESHOLDS = typing.get_args(ModerationThreshold)
 # The batch KV cache is allocated in pages of this many tokens.
 BATCH_PAGE_TOKENS = 256
+BackendName = Literal["local", "inference-server"]
+# --backend's words; "openai" is what inference-server was called first.
+BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "openai": "inference-server"}
 
 
 class InvalidRequest(ValueError):
@@ -43,6 +45,11 @@ class InvalidRequest(ValueError):
 def on_space() -> bool:
     """Whether this runs as a Hugging Face Space, which sets SPACE_ID."""
     return bool(os.environ.get("SPACE_ID"))
+
+
+def on_zerogpu() -> bool:
+    """Whether this Space borrows its GPU per task (ZeroGPU; see backends/local/zerogpu.py)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
 
 
 @dataclass(frozen=True)
@@ -101,26 +108,26 @@ class ModerationSettings:
     """Azure AI Content Safety on questions and answers; on only when endpoint and key are set."""
 
     endpoint: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_ENDPOINT")] = None
-    key: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_KEY")] = Field(None, repr=False)
+    key: Annotated[str | None, Cli(env_only="CONTENT_SAFETY_KEY")] = Field(default=None, repr=False)
     default_on: Annotated[bool, Cli(flag="--moderation", words=ON_OFF)] = Field(
-        True, description="the toggle's default when the service is configured"
+        default=True, description="the toggle's default when the service is configured"
     )
     # A Space owner's choice.
-    required: bool = Field(False, description="visitors and API callers can't turn moderation off")
+    required: bool = Field(default=False, description="visitors and API callers can't turn moderation off")
     threshold: ModerationThreshold = Field(
-        4,
+        default=4,
         description="withhold text with a category at this severity or above (4 as in the model card; "
         "0 and 2 both catch anything not rated safe)",
     )
     categories: tuple[ModerationCategory, ...] = Field(
-        MODERATION_CATEGORIES, min_length=1, description="the categories that count, comma-separated"
+        default=MODERATION_CATEGORIES, min_length=1, description="the categories that count, comma-separated"
     )
     fail_open: Annotated[bool, Cli(flag="--moderation-on-failure", words={"closed": False, "open": True})] = Field(
-        False,
+        default=False,
         description="when the service fails: hold answers back (closed), or show them marked 'not moderated' (open)",
     )
-    timeout: float = Field(3.0, gt=0, le=60, description="seconds to wait for one check")
-    retries: int = Field(1, ge=0, le=5, description="retries after a throttled, failed or unreachable check")
+    timeout: float = Field(default=3.0, gt=0, le=60, description="seconds to wait for one check")
+    retries: int = Field(default=1, ge=0, le=5, description="retries after a throttled, failed or unreachable check")
 
     @property
     def configured(self) -> bool:
@@ -128,42 +135,27 @@ class ModerationSettings:
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
-class RemoteSettings:
+class InferenceServerSettings:
     """An OpenAI-compatible inference server to stream from, instead of a local model."""
 
     base_url: Annotated[str, AfterValidator(_http_url)] = Field(
         description="the server's API root, e.g. http://127.0.0.1:8000/v1"
     )
     served_model: Annotated[str | None, Cli(default="--model")] = Field(
-        None, description="the server's name for the model"
+        default=None, description="the server's name for the model"
     )
     api_key: str | None = Field(
-        None,
+        default=None,
         repr=False,
         description="the server's API key, if it wants one (prefer the variable: flags show in process lists)",
     )
     connect_timeout: Annotated[float, Cli(flag="--server-connect-timeout")] = Field(
-        5.0, gt=0, description="seconds to connect to the server"
+        default=5.0, gt=0, description="seconds to connect to the server"
     )
     # A queue on the server counts.
     read_timeout: Annotated[float, Cli(flag="--server-timeout")] = Field(
-        120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
+        default=120.0, gt=0, description="seconds to wait for each streamed piece of an answer"
     )
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    # Answers decoded together; more wait for a free place.
-    max_concurrent: int = 8
-    # KV-cache size, in tokens, shared by the answers in the batch. Allocated once at start:
-    # Orca-2-7B needs 0.5 MiB per token in 16-bit (16384 tokens: 8 GiB).
-    cache_tokens: int = 16384
-
-    def __post_init__(self):
-        if self.max_concurrent < 1:
-            raise ValueError("batching needs at least one concurrent answer")
-        if self.cache_tokens < BATCH_PAGE_TOKENS:
-            raise ValueError(f"the batch KV cache needs at least {BATCH_PAGE_TOKENS} tokens")
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
@@ -171,58 +163,66 @@ class Settings:
     """How this server runs. Each field is also a flag and an ORCA2_* variable (see Cli), read by cli.py."""
 
     model: str = Field(
-        DEFAULT_MODEL,
+        default=DEFAULT_MODEL,
         description=f"hub id or local folder (also {', '.join(KNOWN_MODELS[1:])}; "
         "a tiny offline test model: python tests/make_tiny_model.py DIR)",
     )
     quantization: Quantization = Field(
-        "auto",
+        default="auto",
         description="weights format; auto: 8bit with CUDA; on CPU fp32, or bf16 if fp32 would take over half the RAM",
     )
     host: Annotated[str, Cli(default="127.0.0.1; 0.0.0.0 on a Space")] = Field(
         default_factory=lambda: "0.0.0.0" if on_space() else "127.0.0.1", description="address to listen on"
     )
-    port: int = Field(7860, ge=1, le=65535, description="port")
-    share: bool = Field(False, description="also serve through a temporary public gradio.live link; ignored on a Space")
-    auth: Annotated[tuple[str, str] | None, Cli(parse=_user_pass, metavar="USER:PASS")] = Field(
-        None, repr=False, description="require this login on the page and the API"
+    port: int = Field(default=7860, ge=1, le=65535, description="port")
+    share: bool = Field(
+        default=False, description="also serve through a temporary public gradio.live link; ignored on a Space"
     )
-    max_new_tokens_cap: int = Field(2048, ge=1, description="most tokens one answer may have, whatever a caller asks")
-    max_message_chars: int = Field(100_000, ge=1, description="longest message a caller may send, in characters")
+    auth: Annotated[tuple[str, str] | None, Cli(parse=_user_pass, metavar="USER:PASS")] = Field(
+        default=None, repr=False, description="require this login on the page and the API"
+    )
+    max_new_tokens_cap: int = Field(
+        default=2048, ge=1, description="most tokens one answer may have, whatever a caller asks"
+    )
+    max_message_chars: int = Field(
+        default=100_000, ge=1, description="longest message a caller may send, in characters"
+    )
     concurrency: Annotated[int, Cli(default="8; 1 on ZeroGPU, where each answer borrows its own GPU")] = Field(
         default_factory=lambda: 1 if on_zerogpu() else 8,
         ge=1,
         description="answers generated at once (greedy ones share decode steps in one batch); others wait in the queue",
     )
-    max_queue: int = Field(32, ge=1, description="requests that may wait; more are told the app is busy")
+    max_queue: int = Field(default=32, ge=1, description="requests that may wait; more are told the app is busy")
     visitor_limit: int = Field(
-        2,
+        default=2,
         ge=1,
         description="requests one visitor (a page session or an API client) may have running or waiting; "
         "more are refused at once, with the reason",
     )
     address_limit: int = Field(
-        8,
+        default=8,
         ge=1,
         description="requests one network address may have running or waiting (visitors behind one NAT share "
         "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
-        True,
+        default=True,
         description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "
         "with a repetition penalty, always run alone; never on ZeroGPU",
     )
-    # None: sized for the machine when a local model loads (see batching_settings).
+    # None: sized for the machine when a local model loads (backends/local/batching.py).
     batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(
-        None,
+        default=None,
         ge=BATCH_PAGE_TOKENS,
         description="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token)",
     )
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: load the model here; openai: stream from an inference server (--base-url)"
+    backend: Annotated[BackendName, Cli(words=BACKEND_WORDS, metavar="{local,inference-server}")] = Field(
+        default="local",
+        description="local: load the model here; inference-server: stream from an OpenAI-compatible inference "
+        "server (--base-url; 'openai' is its old name)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="the least severe messages the log shows"
+        default="INFO", description="the least severe messages the log shows"
     )
     moderation: Annotated[
         ModerationSettings,
@@ -233,35 +233,22 @@ class Settings:
             prefix="moderation",
         ),
     ] = Field(default_factory=ModerationSettings)
-    # Set exactly when backend is openai: answers come from this server and no model is loaded here.
-    remote: Annotated[
-        RemoteSettings | None,
+    # Set exactly when backend is inference-server: answers come from it and no model is loaded here.
+    inference_server: Annotated[
+        InferenceServerSettings | None,
         Section(
             "inference server",
-            "With --backend openai the app loads no model: answers stream from an OpenAI-compatible server "
-            "(vLLM, TGI, transformers serve). --model then only names where Orca 2's tokenizer.model is read from.",
+            "With --backend inference-server the app loads no model: answers stream from an OpenAI-compatible "
+            "inference server (vLLM, TGI, transformers serve). --model then only names where Orca 2's "
+            "tokenizer.model is read from.",
         ),
     ] = None
 
     def __post_init__(self):
-        if self.backend == "openai" and self.remote is None:
-            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-        if self.backend == "local" and self.remote is not None:
-            raise ValueError("an inference server is only used with backend 'openai'")
-
-    def batching_settings(self) -> BatchingSettings | None:
-        """How to batch concurrent answers, or None to answer one at a time."""
-        if not self.batching:
-            return None
-        return BatchingSettings(self.concurrency, self.batch_cache_tokens or machine_batch_cache_tokens())
-
-
-def machine_batch_cache_tokens() -> int:
-    """The batch KV cache's default size: four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM."""
-    # Imported here, so that --backend openai never imports torch.
-    import torch
-
-    return 16384 if torch.cuda.is_available() else 8192
+        if self.backend == "inference-server" and self.inference_server is None:
+            raise ValueError("--backend inference-server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "local" and self.inference_server is not None:
+            raise ValueError("an inference server is only used with backend 'inference-server'")
 
 
 class GenerationParams(BaseModel):
@@ -338,7 +325,7 @@ def validate_params(raw: dict[str, Any], max_new_tokens_cap: int) -> tuple[Gener
         number = _number(name, value, _is_integer(name))
         if name == "seed" and number == RANDOM_SEED:
             continue
-        low, high = bounds(name, max_new_tokens_cap)
+        low, high = bounds(name, max_new_tokens_cap) or (-math.inf, math.inf)
         clamped = min(max(number, low), high)
         if clamped != number:
             notices.append(f"{name} {number} is outside [{low}, {high}]; using {clamped}.")

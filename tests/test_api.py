@@ -1,23 +1,11 @@
 """The launched app through gradio_client: /chat streams, /inspect_prompt shows the exact ids."""
 
-import json
 import logging
 import threading
-import time
 
 import pytest
-from conftest import FIXTURES, SAFETY_KEY
 from gradio_client.exceptions import AppError
-
-REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
-
-
-def as_messages(pairs):
-    return [
-        m
-        for user, answer in pairs
-        for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})
-    ]
+from support import REFERENCE, SAFETY_KEY, as_messages, wait_for
 
 
 @pytest.mark.parametrize("case", REFERENCE, ids=[c["name"] for c in REFERENCE])
@@ -94,10 +82,9 @@ def test_bad_calls_get_a_clear_error_and_the_app_keeps_serving(client, fields, m
 
 
 def test_cancelling_a_job_ends_the_generation_on_the_server(client, caplog):
-    caplog.set_level(logging.INFO, logger="orca2_space.engine")
+    caplog.set_level(logging.INFO, logger="orca2_space.backends.answer")
     job = client.submit(message="Go on", max_new_tokens=4000, api_name="/chat")
-    while len(job.outputs()) < 3:
-        time.sleep(0.01)
+    wait_for(lambda: len(job.outputs()) >= 3, "the answer's first three updates")
     workers = [t for t in threading.enumerate() if t.name == "orca2-generate"]
     assert workers, "no generation running on the server"
     job.cancel()

@@ -5,14 +5,11 @@ import threading
 import time
 
 import pytest
-from conftest import batched
-from test_engine import prompt_for
+from support import QUESTIONS, answer, batched, prompt_for, wait_for
 
-from orca2_space.batching import Batcher, BatchingSettings, still_held
-from orca2_space.engine import Engine
+from orca2_space.backends.local.batching import Batcher, BatchingSettings, still_held
+from orca2_space.backends.local.engine import Engine
 from orca2_space.settings import GenerationParams
-
-QUESTIONS = ["How are you?", "What is 2 + 2?", "Name a colour.", "Why is the sky blue?"]
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +17,6 @@ def batched_never_ends(never_ends):
     engine = batched(never_ends)
     yield engine
     engine.close()
-
-
-def answer(engine, question, **params):
-    generation = engine.generate(prompt_for(engine, question), GenerationParams(**{"max_new_tokens": 40, **params}))
-    return "".join(generation), generation.stats
 
 
 def test_a_greedy_answer_is_batched_and_identical_to_generate_alone(batched_tiny, tiny_engine):
@@ -83,7 +75,7 @@ def test_an_abandoned_batched_stream_is_dropped_from_the_batch(batched_never_end
     generation = batched_never_ends.generate(prompt_for(batched_never_ends), GenerationParams(max_new_tokens=3000))
     stream = iter(generation)
     next(stream)
-    state = generation._state
+    state = generation._feed
     del stream, generation
     assert state.done.wait(timeout=10) and state.stats.stop_reason == "stopped"
 
@@ -164,9 +156,7 @@ def test_still_held_reads_transformers_internals_that_mean_what_it_assumes(tiny_
             assert not manager.cancel_queue.empty()
             assert "probe" in manager.batch_processor.scheduler.active_requests
             assert still_held(manager, {"probe"}) == {"probe"}
-        deadline = time.monotonic() + 60  # only so that a change fails instead of hanging
-        while still_held(manager, {"probe"}) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: not still_held(manager, {"probe"}), "the cancelled request to leave the batch")
         scheduler = manager.batch_processor.scheduler
         assert "probe" not in scheduler.active_requests and "probe" not in scheduler.waiting_requests
         # And no last output says so: the reason still_held exists.

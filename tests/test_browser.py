@@ -2,48 +2,45 @@
 Chromium. Waits are on the page's own signals (the status line's data-state), never fixed sleeps."""
 
 import re
-from pathlib import Path
 
 import pytest
-from conftest import (
-    CHROMIUM,
+from make_tiny_model import build_tiny_model
+from support import (
+    ARTIFACTS,
+    DONE,
+    NEW_DONE,
+    NO_CHROMIUM,
+    NO_CHROMIUM_REASON,
     SAFETY_KEY,
     SCRIPT,
     STEPS_OF_A_FREE_SERVER,
     VIOLENT_ANSWER,
     App,
     TransformersServe,
-    _safety_server,
+    answers,
+    click_and_wait_for_answer,
+    content_safety,
     finish_loading,
+    mark_status_seen,
+    open_app,
+    open_sampling,
+    send,
+    set_number,
     slow_loading_model,
 )
-from make_tiny_model import build_tiny_model
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-DONE = "#answer-status [data-state=done]"
-NEW_DONE = "#answer-status [data-state=done]:not([data-seen])"
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 
 
 @pytest.fixture(scope="module")
 def moderated_app(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("browser-moderated")
     model = build_tiny_model(folder / "violent", script=tokenizer.encode_text(VIOLENT_ANSWER), loop=True)
-    with _safety_server() as server:
+    with content_safety() as server:
         env = {"CONTENT_SAFETY_ENDPOINT": server.endpoint, "CONTENT_SAFETY_KEY": SAFETY_KEY}
         app = App(model, folder / "app.log", env)
         yield app
         app.close()
-
-
-def open_app(page, app, model_ready=True):
-    page.goto(app.url)
-    page.wait_for_selector("#message textarea")
-    if model_ready:  # the page is up before the model is loaded
-        page.wait_for_selector("#model-status:has-text('Weights')")
 
 
 def record_answers(page):
@@ -56,37 +53,6 @@ def record_answers(page):
            .observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true})"""
     )
     return seen
-
-
-def mark_status_seen(page):
-    """Mark the current status so that waiting for NEW_DONE waits for the next answer."""
-    page.evaluate("document.querySelectorAll('#answer-status [data-state]').forEach(e => e.dataset.seen = '1')")
-
-
-def click_and_wait_for_answer(page, selector):
-    mark_status_seen(page)
-    page.click(selector)
-    page.wait_for_selector(NEW_DONE)
-
-
-def send(page, text):
-    page.fill("#message textarea", text)
-    click_and_wait_for_answer(page, "#send")
-
-
-def answers(page):
-    return page.locator("#chatbot [data-testid=bot]").all_inner_texts()
-
-
-def open_sampling(page):
-    page.get_by_text("Sampling", exact=True).click()
-    page.wait_for_selector("#max-new-tokens input[type=number]")
-
-
-def set_number(page, selector, value):
-    field = page.locator(selector)
-    field.fill(str(value))
-    field.blur()
 
 
 def test_the_page_shows_the_model_and_how_it_was_loaded(page, plain_app):

@@ -4,11 +4,11 @@ import functools
 import threading
 
 import pytest
-from conftest import FakeBackend, finish_loading, slow_loading_model
+from support import SAFETY_KEY, VIOLENT_ANSWER, FakeBackend, as_messages, finish_loading, slow_loading_model
 
-from orca2_space.backend import ModelLoading
+from orca2_space.backends.contract import ModelLoading
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat, turns_from_messages
-from orca2_space.engine import Engine
 from orca2_space.prompt import Turn
 from orca2_space.settings import InvalidRequest, Settings
 
@@ -18,15 +18,8 @@ def chat(fake_backend):
     return Chat(fake_backend, Settings(max_new_tokens_cap=256, max_message_chars=5000))
 
 
-def messages(*pairs):
-    out = []
-    for user, answer in pairs:
-        out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return out
-
-
 def test_history_messages_become_turns():
-    assert turns_from_messages(messages(("Q1", "A1"), ("Q2", "A2"))) == ([Turn("Q1", "A1"), Turn("Q2", "A2")], [])
+    assert turns_from_messages(as_messages([("Q1", "A1"), ("Q2", "A2")])) == ([Turn("Q1", "A1"), Turn("Q2", "A2")], [])
 
 
 def test_gradio_chatbot_content_parts_are_read_as_text():
@@ -93,7 +86,7 @@ def test_clamped_settings_are_reported_with_the_answer(chat):
 
 
 def test_dropped_turns_are_reported(chat, fake_backend):
-    long_history = messages(*[("word " * 1500, "ok")] * 4)  # about 1,500 tokens each
+    long_history = as_messages([("word " * 1500, "ok")] * 4)  # about 1,500 tokens each
     final = list(chat.respond(chat.request("Hello?", "sys", long_history, max_new_tokens=256)))[-1]
     assert any("2 oldest turn(s) were left out" in n for n in final.notices)
     assert final.answer == "The answer"
@@ -107,7 +100,7 @@ def test_a_message_too_long_for_the_context_is_an_error_update(fake_backend):
 
 
 def test_inspect_shows_the_exact_prompt(chat, tokenizer):
-    prompt = chat.inspect("Q2", "sys", messages(("Q1", "A1")))
+    prompt = chat.inspect("Q2", "sys", as_messages([("Q1", "A1")]))
     assert prompt.input_ids == tokenizer.build("sys", [Turn("Q1", "A1")], "Q2").input_ids
 
 
@@ -165,8 +158,6 @@ def test_closing_the_stream_ends_the_generation_thread(never_ends):
 
 # Moderation of a turn: the real Azure client against the local Content Safety server.
 
-from conftest import SAFETY_KEY, VIOLENT_ANSWER
-
 from orca2_space.moderation import AzureContentSafety, Moderation
 from orca2_space.settings import ModerationSettings
 
@@ -178,7 +169,7 @@ def moderated_chat(engine, server, **policy) -> Chat:
 
 
 def test_a_flagged_question_never_reaches_the_model(turns_violent, safety_server, caplog):
-    caplog.set_level("INFO", logger="orca2_space.engine")
+    caplog.set_level("INFO", logger="orca2_space.backends.answer")
     chat = moderated_chat(turns_violent, safety_server)
     (update,) = list(chat.respond(chat.request("Describe a violent fight", "", [])))
     assert update.done and update.answer == ""

@@ -4,15 +4,15 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from orca2_space import cli
+from orca2_space.backends.local.batching import BatchingSettings, batching_settings
 from orca2_space.cli import SHARE_WITHOUT_AUTH_WARNING, options, parser, settings_from_args, share_decision
-from orca2_space.settings import BatchingSettings, ModerationSettings, RemoteSettings, Settings
+from orca2_space.settings import InferenceServerSettings, ModerationSettings, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 # The flags and variables README.md documents.
 FLAGS_AND_ENV = {
     "--model": "ORCA2_MODEL",
@@ -79,7 +79,7 @@ def test_flags_and_variables_are_named_after_the_fields():
     spelled = {option.dest: (option.flag, option.env) for option in options()}
     assert spelled["max_new_tokens_cap"] == ("--max-new-tokens-cap", "ORCA2_MAX_NEW_TOKENS_CAP")
     assert spelled["moderation.threshold"] == ("--moderation-threshold", "ORCA2_MODERATION_THRESHOLD")
-    assert spelled["remote.read_timeout"] == ("--server-timeout", "ORCA2_SERVER_TIMEOUT")
+    assert spelled["inference_server.read_timeout"] == ("--server-timeout", "ORCA2_SERVER_TIMEOUT")
     # The moderation service's address and key are read from the environment only.
     assert spelled["moderation.endpoint"] == (None, "CONTENT_SAFETY_ENDPOINT")
     assert spelled["moderation.key"] == (None, "CONTENT_SAFETY_KEY")
@@ -130,14 +130,21 @@ def test_an_empty_variable_counts_as_unset(monkeypatch):
 
 
 def test_an_inference_server_is_chosen_by_flags_or_environment(monkeypatch):
-    monkeypatch.setenv("ORCA2_BACKEND", "openai")
+    monkeypatch.setenv("ORCA2_BACKEND", "inference-server")
     monkeypatch.setenv("ORCA2_BASE_URL", "http://gpu-host:8000/v1")
     monkeypatch.setenv("ORCA2_API_KEY", "sk-server-secret")
     args = parser().parse_args(["--served-model", "orca2", "--server-timeout", "30"])
-    remote = settings_from_args(args).remote
-    assert remote == RemoteSettings("http://gpu-host:8000/v1", "orca2", "sk-server-secret", read_timeout=30)
+    server = settings_from_args(args).inference_server
+    assert server == InferenceServerSettings("http://gpu-host:8000/v1", "orca2", "sk-server-secret", read_timeout=30)
     assert "sk-server-secret" not in repr(settings_from_args(args))
-    assert settings_from_args(parser().parse_args(["--backend", "local"])).remote is None
+    assert settings_from_args(parser().parse_args(["--backend", "local"])).inference_server is None
+
+
+def test_the_inference_servers_first_name_still_chooses_it(monkeypatch):
+    url = ["--base-url", "http://gpu-host:8000/v1"]
+    assert settings_from_args(parser().parse_args(["--backend", "openai", *url])).backend == "inference-server"
+    monkeypatch.setenv("ORCA2_BACKEND", "openai")
+    assert settings_from_args(parser().parse_args(url)).inference_server is not None
 
 
 def test_the_openai_backend_needs_a_base_url():
@@ -178,7 +185,11 @@ def test_a_bad_server_setting_is_refused_clearly(args, says):
         (["--moderation-timeout", "61"], {}, "error: argument --moderation-timeout: '61' must be at most 60"),
         (["--batch-cache-tokens", "100"], {}, "error: argument --batch-cache-tokens: '100' must be at least 256"),
         (["--server-timeout", "inf"], {}, "error: argument --server-timeout: 'inf' is not a finite number"),
-        (["--backend", "openai"], {}, "error: --backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)"),
+        (
+            ["--backend", "inference-server"],
+            {},
+            "error: --backend inference-server needs --base-url (e.g. http://127.0.0.1:8000/v1)",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_flag_or_the_variable(argv, env, line, monkeypatch, capsys):
@@ -202,7 +213,7 @@ def test_the_openai_backend_never_imports_torch():
         "import sys\n"
         "from orca2_space.cli import parser, settings_from_args\n"
         "settings = settings_from_args(parser().parse_args(['--backend', 'openai', '--base-url', 'http://x/v1']))\n"
-        "assert settings.remote is not None\n"
+        "assert settings.inference_server is not None\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run(
@@ -213,7 +224,7 @@ def test_the_openai_backend_never_imports_torch():
 
 def test_by_default_greedy_answers_are_batched_eight_at_a_time_in_a_cache_sized_for_the_machine():
     settings = settings_from_args(parser().parse_args([]))
-    assert settings.batching_settings() == BatchingSettings(max_concurrent=8, cache_tokens=8192)  # no GPU here
+    assert batching_settings(settings) == BatchingSettings(max_concurrent=8, cache_tokens=8192)  # no GPU here
 
 
 def test_on_zerogpu_one_answer_is_generated_at_a_time_unless_set(monkeypatch):
@@ -281,7 +292,7 @@ def test_a_taken_port_is_one_line_naming_the_flag_before_the_model_loads(tiny_mo
 def test_the_queue_looks_for_work_at_a_pace_that_leaves_the_model_its_cores(fake_backend):
     """Gradio's queue looks for work every 1 ms by default: 0.06 of a core at rest, and under load
     wake-ups that take the GIL and a core from the model (bench/streams.py measures both)."""
-    from conftest import free_port
+    from support import free_port
 
     from orca2_space.chat import Chat
 

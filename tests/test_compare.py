@@ -5,7 +5,7 @@ import itertools
 import threading
 
 import pytest
-from conftest import SAFETY_KEY, batched, free_port
+from support import SAFETY_KEY, batched, content_safety, free_port
 
 from orca2_space.chat import Chat
 from orca2_space.moderation import AzureContentSafety, Moderation
@@ -112,9 +112,7 @@ def test_leaving_ends_the_models_work_on_every_answer(endless_chat):
 
 
 def test_moderation_checks_each_question_and_answer(turns_violent):
-    from conftest import _safety_server
-
-    with _safety_server() as server:
+    with content_safety() as server:
         rules = ModerationSettings(endpoint=server.endpoint, key=SAFETY_KEY, timeout=2.0)
         moderation = Moderation(AzureContentSafety(rules.endpoint, rules.key, rules.timeout, rules.retries), rules)
         chat = Chat(turns_violent, Settings(max_new_tokens_cap=1000, moderation=rules), moderation)

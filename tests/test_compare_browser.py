@@ -3,18 +3,15 @@ each what /chat gives for its system message; one Stop for all; columns that sta
 export; and the probability of every token of an answer, with its alternatives on click or focus."""
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM
 from gradio_client import Client
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from test_browser import ARTIFACTS, answers, open_app, send, set_number
-from test_page_browser import download
+from support import ARTIFACTS, NO_CHROMIUM, NO_CHROMIUM_REASON, answers, download, open_app, send, set_number
 
 from orca2_space.presets import SYSTEM_PRESETS
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 STORY = (
     "Put these sentences in order to make a story: (a) She planted the seed. (b) A flower bloomed. "
     "(c) Anna bought a seed. (d) She watered it every day."

@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from support import exchange
 
-from orca2_space.backend import Alternative, ModelInfo, TokenProbability
+from orca2_space.backends.contract import Alternative, ModelInfo, TokenProbability
 from orca2_space.conversation import (
     MAX_KEPT,
     MAX_KEPT_SCORED_TOKENS,
@@ -27,13 +28,6 @@ from orca2_space.settings import GenerationParams, InvalidRequest
 INFO = ModelInfo("microsoft/Orca-2-7b", "8bit", "auto", "NVIDIA A10G", 4096)
 # A conversation as orca2-space 0.3.0 exported it, before exports carried token probabilities.
 EXPORTED_BY_0_3_0 = Path(__file__).parent / "fixtures" / "conversation-0.3.0.json"
-
-
-def exchange(question="Q", answer="A", **fields) -> Exchange:
-    values = dict(
-        question=question, answer=answer, system_message="sys", single_turn=False, settings=GenerationParams()
-    )
-    return Exchange(**{**values, **fields})
 
 
 def test_only_answered_exchanges_go_back_to_the_model():

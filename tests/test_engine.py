@@ -4,15 +4,13 @@ import logging
 
 import pytest
 import torch
-from conftest import batched
+from support import batched, prompt_for
 
-from orca2_space.engine import Engine, GenerationError, ModelLoadError, plan_load
+from orca2_space.backends.contract import GenerationError, ModelLoadError
+from orca2_space.backends.local.engine import Engine
+from orca2_space.backends.local.loading import plan_load
 from orca2_space.prompt import IM_END, Prompt
 from orca2_space.settings import GenerationParams
-
-
-def prompt_for(engine, message="How are you?"):
-    return engine.tokenizer.build("You are Orca.", [], message, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("engine_name", ["ends_with_im_end", "ends_with_eos"])
@@ -58,7 +56,7 @@ def test_an_abandoned_stream_stops_the_model(never_ends):
     generation = never_ends.generate(prompt_for(never_ends), GenerationParams(max_new_tokens=4000))
     stream = iter(generation)
     next(stream)
-    state = generation._state
+    state = generation._feed
     del stream, generation  # a client that vanished: nobody holds the handle any more
     assert state.done.wait(timeout=10)
     assert state.stats.stop_reason == "stopped"
@@ -164,7 +162,7 @@ def test_a_folder_without_weights_is_a_load_error(tiny_model_dir, tmp_path):
 
 def test_a_forward_pass_made_while_the_batch_runs_reads_the_same_logits(tiny_engine):
     """transformers' batch steps and a plain forward on the same model must not overlap (see
-    engine._one_forward_at_a_time): without turns, one plain pass in two read other logits."""
+    generation.one_forward_at_a_time): without turns, one plain pass in two read other logits."""
     engine = batched(tiny_engine)
     ids = torch.tensor([prompt_for(tiny_engine, "How are you?").input_ids])
     with torch.inference_mode():

@@ -3,18 +3,17 @@ waiting; more are refused at once with the reason, and nobody waits behind someo
 
 import contextlib
 import threading
-import time
 
 import gradio as gr
 import pytest
-from conftest import batched, free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from support import batched, free_port, wait_for
 
 from orca2_space.chat import Chat
 from orca2_space.fairness import FairShare, Limits, Refused, Visitor
 from orca2_space.settings import Settings
-from orca2_space.ui.answers import visitor_of
+from orca2_space.ui.adapters import visitor_of
 
 ALICE = Visitor("alice-session", "10.0.0.1")
 ALICE_AGAIN = Visitor("alice-second-tab", "10.0.0.1")
@@ -99,9 +98,7 @@ def test_one_client_holding_24_requests_neither_starves_another_nor_waits_in_lin
     jobs = [
         hog.submit(message=f"Tell me everything, part {n}", max_new_tokens=4000, api_name="/chat") for n in range(24)
     ]
-    deadline = time.monotonic() + 300  # a bound for a broken server, not a speed test
-    while sum(job.done() for job in jobs) < 22 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: sum(job.done() for job in jobs) >= 22, "22 of the 24 requests to come back", seconds=300)
     refused = []
     for job in (job for job in jobs if job.done()):
         with pytest.raises(AppError) as error:

@@ -4,11 +4,11 @@ question is answered as before. Each test ends because the answers' iteration en
 
 import pytest
 import torch
-from test_batching import QUESTIONS, answer
-from test_engine import prompt_for
+from support import QUESTIONS, answer, prompt_for
 
-from orca2_space import engine as engine_module
-from orca2_space.engine import Generation, GenerationError, _State
+from orca2_space.backends import answer as answer_module
+from orca2_space.backends.answer import Answer, Feed
+from orca2_space.backends.contract import GenerationError
 from orca2_space.settings import GenerationParams
 
 FAULTS = [
@@ -44,7 +44,7 @@ def fault(tiny_engine):
     handle.remove()
 
 
-def start_answers(engine, n: int = 3) -> tuple[list[Generation], list]:
+def start_answers(engine, n: int = 3) -> tuple[list[Answer], list]:
     """n long answers, each already streaming."""
     generations = [engine.generate(prompt_for(engine, q), GenerationParams(max_new_tokens=2000)) for q in QUESTIONS[:n]]
     streams = [iter(generation) for generation in generations]
@@ -117,11 +117,11 @@ def test_a_failing_dispatcher_ends_every_answer_and_the_batch_answers_again(batc
 
 def test_an_answer_whose_writer_is_gone_ends_with_an_error(tokenizer, monkeypatch):
     """A thread or dispatcher that vanished without closing the answer: its reader stops waiting."""
-    monkeypatch.setattr(engine_module, "WAIT_SECONDS", 0.01)
-    state = _State(seed=None, batched=False)
+    monkeypatch.setattr(answer_module, "WAIT_SECONDS", 0.01)
+    state = Feed(seed=None, batched=False)
     state.push(tokenizer.encode_text("Hello")[0])
     state.alive = lambda: False
-    generation = Generation(state, tokenizer)
+    generation = Answer(state, tokenizer)
     with pytest.raises(GenerationError, match="stopped without finishing"):
         list(generation)
     assert generation.stats.stop_reason == "error" and generation.wait(timeout=0)

@@ -5,7 +5,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from support import free_port
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
@@ -13,6 +13,8 @@ from orca2_space.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from load import run_load
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

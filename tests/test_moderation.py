@@ -5,7 +5,7 @@ import logging
 import threading
 
 import pytest
-from conftest import SAFETY_KEY
+from support import SAFETY_KEY
 
 from orca2_space.moderation import MAX_CHARS, AzureContentSafety, Moderation, split_text
 from orca2_space.settings import ModerationSettings

@@ -5,16 +5,28 @@ export, import and replay, single-turn mode and the raw view."""
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, FIXTURES, App
 from gradio_client import Client
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script
-from test_browser import ARTIFACTS, DONE, answers, click_and_wait_for_answer, open_app, open_sampling, send, set_number
+from support import (
+    ARTIFACTS,
+    DONE,
+    FIXTURES,
+    NO_CHROMIUM,
+    NO_CHROMIUM_REASON,
+    App,
+    answers,
+    click_and_wait_for_answer,
+    download,
+    open_app,
+    open_sampling,
+    send,
+    set_number,
+)
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 USER = "#chatbot [data-testid=user]"
 
 
@@ -152,12 +164,6 @@ def test_past_chats_can_be_opened_and_deleted_and_stay_in_their_browser(browser,
     finally:
         mine.close()
         theirs.close()
-
-
-def download(page, button: str) -> str:
-    with page.expect_download() as started:
-        page.click(button)
-    return open(started.value.path()).read()
 
 
 def test_an_exported_sampled_answer_replays_through_the_page_and_chat(browser, plain_app, tmp_path):

@@ -1,13 +1,9 @@
 """The prompt Orca 2 sees: ids equal the model card's, control tokens only from the template."""
 
-import json
-
 import pytest
-from conftest import FIXTURES
+from support import REFERENCE
 
 from orca2_space.prompt import IM_END, IM_START, PromptTooLong, StreamDecoder, Turn, answer_text, render
-
-REFERENCE = json.loads((FIXTURES / "orca2_reference_ids.json").read_text())["cases"]
 
 
 @pytest.mark.parametrize("case", REFERENCE, ids=[c["name"] for c in REFERENCE])

@@ -4,13 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from orca2_space import publish
 
-ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(p.relative_to(ROOT / "orca2_space").as_posix() for p in (ROOT / "orca2_space").rglob("*.py"))
 DOCS = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
 
@@ -77,7 +76,7 @@ def test_dry_run_prints_the_plan_without_network_and_names_secrets_without_their
     assert "Hardware   a10g-small" in out
     assert "CONTENT_SAFETY_ENDPOINT, CONTENT_SAFETY_KEY" in out
     assert "k3y-v4lue-never-shown" not in out + result.stderr and "example.cognitiveservices" not in out
-    assert "orca2_space/engine.py" in out and "sdk_version: 6.31.0" in out
+    assert "orca2_space/backends/local/engine.py" in out and "sdk_version: 6.31.0" in out
     files_line = next(line for line in out.splitlines() if line.startswith("Files"))
     assert int(files_line.split(",")[1].split()[0]) < 1024, "over 1 MiB: something bulky slipped in"
 

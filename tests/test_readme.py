@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port, wait_until_up
+import pytest
+from support import ROOT, free_port, wait_until_up
 
 from orca2_space.publish import HARDWARE, card_metadata
 from orca2_space.settings import DEFAULT_MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
 # Markdown links: [text](target), the target up to its closing parenthesis.
@@ -28,6 +28,7 @@ def snippet(page: str, marker: str, language: str) -> str:
     return re.search(rf"<!-- {marker} -->\n```{language}\n(.*?)```", text, re.DOTALL).group(1)
 
 
+@pytest.mark.slow
 def test_the_api_client_example_runs_against_the_launched_app(launched_chat):
     _, url = launched_chat
     block = snippet("api.md", "client-example", "python")
@@ -91,6 +92,7 @@ def test_the_space_preloads_the_files_the_app_loads_at_build_time():
     assert shards == [f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i in range(1, len(shards) + 1)]
 
 
+@pytest.mark.slow
 def test_the_scale_out_commands_work_as_written(tmp_path):
     """docs/scaling-out.md's transformers serve lines, run in a fresh folder (ports changed, nothing else)."""
     from gradio_client import Client

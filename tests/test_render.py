@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 
 import gradio as gr
 import pytest
+from support import AS_WRITTEN, LOADERS
 
 from orca2_space.render import _COPY_BUTTON, _DISPLAY, _INLINE, CHATBOT_OPTIONS, for_display, raw
 
@@ -60,19 +61,6 @@ def tags(markup: str) -> list[str]:
 
 
 # --- Text as written ----------------------------------------------------------------------------
-
-AS_WRITTEN = [
-    "In HTML, what does <div> do compared with <span>?",
-    "a < b > c",
-    "&amp; is five characters; &lt; and &#60; and &nbsp; too",
-    "AT&T & co",
-    "<script>alert(1)</script>",
-    "<b>not bold</b> <!-- not a comment --> <?php echo 1; ?> <![CDATA[x]]>",
-    "\\*not emphasis\\* and \\`not code\\` and C:\\temp\\new\\",
-    "a \\ backslash, \\\\ two, \\n and \\d+\\.\\d+",
-    "Prices: $1.10 and $2.20, a lone $$ too",
-    "emoji 🙂 and CJK 漢字 and RTL שלום",
-]
 
 
 @pytest.mark.parametrize("text", AS_WRITTEN)
@@ -138,32 +126,6 @@ def test_a_link_cannot_run_script():
 
 # --- Nothing loads ------------------------------------------------------------------------------
 
-# Every way a message could make the browser fetch something. HOST stands for an attacker's server.
-LOADERS = [
-    "![chart](http://HOST/md.png)",
-    '![chart](http://HOST/md-title.png "title")',
-    "![ref][r]\n\n[r]: http://HOST/ref.png",
-    "![r2]\n\n[r2]: http://HOST/shortcut.png",
-    "[![nested](http://HOST/nested.png)](http://example.com)",
-    '<img src="http://HOST/img.png">',
-    '<img srcset="http://HOST/srcset.png 1x">',
-    '<picture><source srcset="http://HOST/source.png"></picture>',
-    '<iframe src="http://HOST/frame"></iframe>',
-    '<link rel="stylesheet" href="http://HOST/style.css">',
-    "<style>@import url(http://HOST/import.css);</style>",
-    '<video poster="http://HOST/poster.png" src="http://HOST/video.mp4"></video>',
-    '<audio src="http://HOST/audio.mp3" autoplay></audio>',
-    '<object data="http://HOST/object"></object> <embed src="http://HOST/embed">',
-    '<svg><image href="http://HOST/svg.png"/></svg>',
-    '<div style="background:url(http://HOST/bg.png)">x</div>',
-    '<input type="image" src="http://HOST/input.png">',
-    "&lt;img src=http://HOST/entity.png&gt;",
-    "<http://HOST/autolink.png>",
-    "http://HOST/bare.png",  # a whole message that is an image's address (Gradio 6 keeps a string as text)
-    "http://example.com/`<img src=http://HOST/after-url.png>`",
-    "$$\\includegraphics{http://HOST/katex.png}$$ \\(\\href{http://HOST/href}{x}\\)",
-    "```mermaid\ngraph TD\n  A[\"<img src='http://HOST/mermaid.png'>\"]\n```",
-]
 # What this module's HTML may hold: the frame, Markdown's elements, Gradio's copy button (removed
 # before parsing). No element that loads, no attribute that loads or styles.
 SAFE_TAGS = {"div", "p", "br", "a", "code", "pre", "strong", "em", "s", "ul", "ol", "li", "blockquote", "hr"}

@@ -8,26 +8,14 @@ on Gradio's defaults shows the test would see one.
 
 import http.server
 import threading
-import time
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from conftest import free_port
-from test_render import AS_WRITTEN, LOADERS
+from support import AS_WRITTEN, LOADERS, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port, wait_for
 
 from orca2_space.render import CHATBOT_OPTIONS, for_display, raw
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-# Debian's Chromium, launched as tests/test_browser.py launches it (never `playwright install`).
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-CHROMIUM_ARGS += ["--disable-sync", "--no-first-run", "--disable-quic"]
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 
 IN_CONTEXT = (
     "- <div> in a list\n- a < b & &amp;\n\nInline `<span>&amp;</span>` code.\n\n"
@@ -102,14 +90,6 @@ def app(attacker):
     demo.close()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 def open_page(browser, app, width=1280, height=800, **context):
     page = browser.new_context(viewport={"width": width, "height": height}, **context).new_page()
     page.set_default_timeout(60_000)
@@ -180,9 +160,8 @@ def test_math_renders_and_prices_stay_text(browser, app):
 def test_no_message_loads_anything(browser, app, attacker):
     attacker.paths.clear()
     page = open_page(browser, app)
-    deadline = time.monotonic() + 30
-    while "/control.png" not in attacker.paths and time.monotonic() < deadline:
-        time.sleep(0.1)  # the control's request shows the page has rendered its messages
+    # The control's request shows the page has rendered its messages.
+    wait_for(lambda: "/control.png" in attacker.paths, "the control image's request", seconds=30)
     page.wait_for_load_state("networkidle")
     page.context.close()
     assert attacker.paths == ["/control.png"]

@@ -8,19 +8,18 @@ import time
 
 import pytest
 import torch
-from conftest import TransformersServe
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script, stub_prompt_logprobs
-from test_engine import prompt_for
+from support import FIXTURES, TransformersServe, fake_alternatives, fake_probability, prompt_for
 
-from orca2_space import engine as engine_module
-from orca2_space.backend import GenerationError, ScoringUnavailable
+from orca2_space.backends.contract import GenerationError, ScoringUnavailable
+from orca2_space.backends.inference_server import DIALECTS, InferenceServer
+from orca2_space.backends.local import zerogpu as zerogpu_module
+from orca2_space.backends.local.engine import Engine
 from orca2_space.chat import Chat
-from orca2_space.engine import Engine
 from orca2_space.prompt import IM_END, Turn, answer_text
-from orca2_space.remote import DIALECTS, RemoteBackend
 from orca2_space.scoring import as_api_dict, token_probabilities
-from orca2_space.settings import GenerationParams, InvalidRequest, RemoteSettings, Settings
+from orca2_space.settings import GenerationParams, InferenceServerSettings, InvalidRequest, Settings
 
 EMOJI_ANSWER = "Hi 😀 é!"  # the emoji is four byte-fallback tokens
 SYSTEM = "You are Orca."
@@ -195,10 +194,10 @@ def test_concurrent_scoring_gives_the_same_numbers(tiny_engine):
 
 def test_on_zerogpu_scoring_runs_as_a_gpu_task_and_gives_the_same_numbers(tiny_engine, monkeypatch):
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setattr(engine_module, "_zerogpu_model", None)
+    monkeypatch.setattr(zerogpu_module, "_model", None)
     zerogpu = Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.info)
     prompt, ids = prompt_for(tiny_engine), tiny_engine.tokenizer.encode_text("\nAn answer")
-    assert zerogpu._score_ids is engine_module._score_ids_on_zerogpu
+    assert zerogpu._score_ids is zerogpu_module.score_ids_on_gpu
     assert zerogpu.score(prompt, ids) == tiny_engine.score(prompt, ids)
 
 
@@ -236,25 +235,39 @@ def test_the_api_shape(tiny_engine):
         ({"history": [{"role": "system", "content": "x"}]}, r"history\[0\]: role must be 'user' or 'assistant'"),
     ],
 )
-def test_bad_requests_are_refused_clearly(tiny_engine, fields, says):
+def test_bad_requests_are_refused_clearly_before_the_backend_is_asked(fake_backend, fields, says):
     call = {"message": "Hi", "system_message": SYSTEM, "history": [], "answer": "Fine.", "answer_ids": None, **fields}
     with pytest.raises(InvalidRequest, match=says):
-        token_probabilities(chat_over(tiny_engine), **call)
+        token_probabilities(chat_over(fake_backend), **call)
+    assert fake_backend.scored == []
 
 
-def test_an_empty_answer_has_no_tokens(tiny_engine):
-    chat = chat_over(tiny_engine)
+def test_an_empty_answer_has_no_tokens_and_asks_nothing(fake_backend):
+    chat = chat_over(fake_backend)
     assert token_probabilities(chat, "Hi", SYSTEM, [], "") == []
     assert token_probabilities(chat, "Hi", SYSTEM, [], None, []) == []
+    assert fake_backend.scored == []
+
+
+def test_the_backend_scores_the_exact_prompt_and_the_answers_ids_and_its_numbers_come_back(fake_backend, tokenizer):
+    """FakeBackend scores by a rule of each id (support.fake_probability), so what comes back is known."""
+    tokens = token_probabilities(chat_over(fake_backend), "Hi", SYSTEM, HISTORY, "The answer", top=3)
+    ids = [13, 1576, 1234]  # "\nThe answer": the role line's newline put back in front of the answer
+    prompt = tokenizer.build(SYSTEM, [Turn("Hello", "Hi there.")], "Hi", max_new_tokens=len(ids))
+    assert fake_backend.scored == [(prompt, ids, 3)]
+    assert [(t.id, t.text, t.probability) for t in tokens] == [
+        (13, "\n", fake_probability(13)),
+        (1576, "The", fake_probability(1576)),
+        (1234, " answer", fake_probability(1234)),
+    ]
+    assert [[(alt.id, alt.probability) for alt in t.top] for t in tokens] == [fake_alternatives(i, 3) for i in ids]
 
 
 # On an inference server
 
 
-def remote(base_url: str) -> RemoteBackend:
-    from conftest import FIXTURES
-
-    return RemoteBackend.load(str(FIXTURES / "orca2-tokenizer"), RemoteSettings(base_url))
+def remote(base_url: str) -> InferenceServer:
+    return InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(base_url))
 
 
 def test_vllm_prompt_logprobs_give_the_answers_probabilities(tokenizer):
@@ -319,11 +332,12 @@ def test_a_failing_server_is_a_failure_not_unavailable(tokenizer):
             backend.score(tokenizer.build(SYSTEM, [], "Hi"), [13, 1576])
 
 
+@pytest.mark.slow
 def test_transformers_serve_has_no_prompt_logprobs(tmp_path, tokenizer):
     model = build_tiny_model(tmp_path / "served", script=[13, 1576, 1234, IM_END])
     server = TransformersServe(tmp_path / "serve.log", pinned=model)
     try:
-        chat = Chat(RemoteBackend.load(str(model), RemoteSettings(server.base_url)), Settings())
+        chat = Chat(InferenceServer.load(str(model), InferenceServerSettings(server.base_url)), Settings())
         # Asked before any answer: the request for prompt_logprobs goes out, and gets none.
         with pytest.raises(ScoringUnavailable, match="transformers serve does not"):
             token_probabilities(chat, "Hi", SYSTEM, [], "The answer")

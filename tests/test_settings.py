@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from orca2_space.backends.local.batching import BatchingSettings, batching_settings
 from orca2_space.settings import (
-    BatchingSettings,
     GenerationParams,
+    InferenceServerSettings,
     InvalidRequest,
     ModerationSettings,
-    RemoteSettings,
     Settings,
     validate_params,
 )
@@ -106,10 +106,10 @@ def test_settings_refuse_unknown_quantization():
         (lambda: ModerationSettings(timeout=0), "greater than 0"),
         (lambda: ModerationSettings(timeout=61), "less than or equal to 60"),
         (lambda: ModerationSettings(retries=6), "less than or equal to 5"),
-        (lambda: RemoteSettings("gpu-host:8000/v1"), "http://"),
-        (lambda: RemoteSettings("http://h/v1", read_timeout=math.inf), "finite"),
-        (lambda: Settings(backend="openai"), "--base-url"),
-        (lambda: Settings(remote=RemoteSettings("http://h/v1")), "openai"),
+        (lambda: InferenceServerSettings("gpu-host:8000/v1"), "http://"),
+        (lambda: InferenceServerSettings("http://h/v1", read_timeout=math.inf), "finite"),
+        (lambda: Settings(backend="inference-server"), "--base-url"),
+        (lambda: Settings(inference_server=InferenceServerSettings("http://h/v1")), "inference-server"),
     ],
 )
 def test_server_settings_refuse_bad_values(make, says):
@@ -132,8 +132,8 @@ def test_server_settings_cannot_change_once_built():
 def test_secrets_stay_out_of_repr():
     settings = Settings(
         auth=("ann", "login-secret"),
-        backend="openai",
-        remote=RemoteSettings("http://h/v1", api_key="server-secret"),
+        backend="inference-server",
+        inference_server=InferenceServerSettings("http://h/v1", api_key="server-secret"),
         moderation=ModerationSettings(endpoint="https://safety.example", key="safety-secret"),
     )
     assert "secret" not in repr(settings)
@@ -141,6 +141,6 @@ def test_secrets_stay_out_of_repr():
 
 
 def test_the_batch_cache_is_sized_for_the_machine_unless_set():
-    assert Settings(batch_cache_tokens=4096).batching_settings() == BatchingSettings(8, 4096)
-    assert Settings().batching_settings() == BatchingSettings(8, 8192)  # no GPU here
-    assert Settings(batching=False).batching_settings() is None
+    assert batching_settings(Settings(batch_cache_tokens=4096)) == BatchingSettings(8, 4096)
+    assert batching_settings(Settings()) == BatchingSettings(8, 8192)  # no GPU here
+    assert batching_settings(Settings(batching=False)) is None

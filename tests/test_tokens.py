@@ -2,19 +2,18 @@
 keyboard focus, every character shown exactly, nothing loaded) and /token_probabilities."""
 
 import html.parser
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from conftest import FIXTURES, free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from openai_stub import OpenAIStub, Script
+from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port
 
+from orca2_space.backends.inference_server import InferenceServer
 from orca2_space.chat import Chat
-from orca2_space.remote import RemoteBackend
 from orca2_space.scoring import token_probabilities
-from orca2_space.settings import RemoteSettings, Settings
+from orca2_space.settings import InferenceServerSettings, Settings
 from orca2_space.ui.tokens import TOKEN_CSS, add_token_endpoint, band, percent, token_view, view_for
 
 SYSTEM = "You are Orca."
@@ -140,7 +139,7 @@ def test_a_token_outside_its_top_5_says_so(chat):
 
 def test_the_page_gets_a_message_where_scoring_is_unavailable():
     with OpenAIStub(Script(takes_ids=False)) as stub:
-        backend = RemoteBackend.load(str(FIXTURES / "orca2-tokenizer"), RemoteSettings(stub.base_url))
+        backend = InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(stub.base_url))
         view = view_for(Chat(backend, Settings()), "Hi", SYSTEM, [], "The <answer>", None, "Answer")
     assert "unavailable on this inference server" in view and "tok-answer" not in view
     assert Parsed(view).tags[0] == ("div", {"class": "orca-tokens"})
@@ -195,10 +194,8 @@ def test_the_endpoint_refuses_bad_calls_clearly(app, fields, says):
         client.predict(message="Hi", api_name="/token_probabilities", **fields)
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.browser
+@pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)
 def test_in_the_browser_focus_shows_the_alternatives_and_the_text_copies_exactly(app, page):
     requests, dialogs = [], []
     page.on("request", lambda request: requests.append(request.url))
@@ -235,7 +232,8 @@ def test_in_the_browser_focus_shows_the_alternatives_and_the_text_copies_exactly
     assert not [url for url in requests if ATTACKER in url]
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.browser
+@pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)
 def test_on_a_phone_every_tokens_alternatives_open_inside_the_screen(app, browser):
     width, height = 390, 844
     context = browser.new_context(viewport={"width": width, "height": height}, is_mobile=True, has_touch=True)

@@ -1,4 +1,4 @@
-"""The front end of an inference server needs no torch: `python app.py --backend openai` starts and
+"""The front end of an inference server needs no torch: `python app.py --backend inference-server` starts and
 answers where torch, transformers, accelerate and bitsandbytes are not installed (the smaller
 install of requirements-remote.txt).
 
@@ -11,42 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import FIXTURES, ROOT, App
+import pytest
 from openai_stub import OpenAIStub, Script
+from support import FIXTURES, LOCAL_ONLY, ROOT, App, environment_without
 
-# What requirements.txt has and requirements-remote.txt leaves out.
-LOCAL_ONLY = ("torch", "transformers", "accelerate", "bitsandbytes")
-# Also left out: engine.py's memory check, and ZeroGPU's package (a GPU lent to a local model).
+# Also left out: the local backend's memory check (psutil), and ZeroGPU's package (a GPU lent to a local model).
 LEFT_OUT = {*LOCAL_ONLY, "psutil", "spaces"}
-
-# Python imports sitecustomize at start-up from the first folder on PYTHONPATH that has one.
-SITECUSTOMIZE = '''"""These packages look uninstalled: importing one raises ModuleNotFoundError, find_spec finds
-nothing, and importlib.metadata doesn't list them, as in an environment that never had them."""
-
-import importlib.machinery
-import sys
-
-HIDDEN = {hidden!r}
-
-
-def _hidden(name):
-    return (name or "").partition(".")[0].lower().replace("-", "_") in HIDDEN
-
-
-class Uninstalled(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, fullname, path=None, target=None):
-        return None if _hidden(fullname) else super().find_spec(fullname, path, target)
-
-    @classmethod
-    def find_distributions(cls, *args, **kwargs):
-        return (d for d in super().find_distributions(*args, **kwargs) if not _hidden(d.metadata["Name"]))
-
-
-sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Uninstalled
-'''
 
 # Run in the app's environment: how each package looks there.
 LOOK = """
@@ -66,13 +37,6 @@ for name in {names!r}:
 """
 
 
-def environment_without(folder: Path, packages: tuple[str, ...] = LOCAL_ONLY) -> dict[str, str]:
-    """Environment variables for a Python process in which `packages` are not installed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(hidden=set(packages)))
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
-
-
 def pins(requirements: str) -> dict[str, str]:
     lines = (ROOT / requirements).read_text().splitlines()
     return dict(line.split("==") for line in lines if line and not line.startswith("#"))
@@ -90,12 +54,13 @@ def test_the_environment_lacks_the_local_packages(tmp_path):
     assert result.stdout.splitlines() == [f"{name} missing" for name in LOCAL_ONLY]
 
 
+@pytest.mark.slow
 def test_the_inference_server_front_end_answers_without_torch(tmp_path):
     from gradio_client import Client
 
     env = environment_without(tmp_path / "site")
     with OpenAIStub(Script()) as stub:
-        args = ("--backend", "openai", "--base-url", stub.base_url)
+        args = ("--backend", "inference-server", "--base-url", stub.base_url)
         app = App(FIXTURES / "orca2-tokenizer", tmp_path / "app.log", env, *args)
         try:
             client = Client(app.url, verbose=False)
@@ -107,3 +72,22 @@ def test_the_inference_server_front_end_answers_without_torch(tmp_path):
     assert final["done"] and final["answer"] == "The answer" and final["error"] is None, final
     assert stub.script.requests[0]["prompt"] == inspected["input_ids"]  # the exact ids, built without torch
     assert not any(name in app.log() for name in ("No module named", "Traceback"))
+
+
+def test_every_module_but_the_local_backends_imports_without_the_local_packages(tmp_path):
+    """backends/local/ is the one place that needs torch & co.; everything else, the page, the chat,
+    the contract, the answer stream, the sampling settings and the inference server, imports without them."""
+    package = ROOT / "orca2_space"
+    local = package / "backends" / "local"
+    modules = [
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in sorted(package.rglob("*.py"))
+        if local not in path.parents
+    ]
+    assert "orca2_space.backends.inference_server" in modules and "orca2_space.backends.answer" in modules
+    code = f"import importlib\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+    env = {**os.environ, **environment_without(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

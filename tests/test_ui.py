@@ -1,11 +1,20 @@
-"""The page's configuration: the moderation toggle's states, and the components tests rely on."""
+"""The page's configuration: the moderation toggle's states, the components tests rely on, events
+wired by name, and bad input shown to the visitor."""
 
+import inspect
+
+import gradio as gr
 import pytest
 
 from orca2_space import ui
 from orca2_space.chat import Chat
+from orca2_space.conversation import Conversation, Exchange, Store
+from orca2_space.fairness import Refused
 from orca2_space.moderation import AzureContentSafety, Moderation
-from orca2_space.settings import ModerationSettings, Settings
+from orca2_space.prompt import PromptTooLong
+from orca2_space.settings import GenerationParams, InvalidRequest, ModerationSettings, Settings
+from orca2_space.ui.adapters import visitor_errors
+from orca2_space.ui.chat_tab import ChatEvents, layout
 
 
 def toggle(chat):
@@ -57,3 +66,47 @@ def test_on_a_space_the_page_offers_to_duplicate_it(tiny_engine, monkeypatch):
 def test_elsewhere_there_is_nothing_to_duplicate(tiny_engine, monkeypatch):
     monkeypatch.delenv("SYSTEM", raising=False)
     assert duplicate_buttons(ui.build(Chat(tiny_engine, Settings()))) == []
+
+
+def by_elem_id(update: dict) -> dict:
+    return {component.elem_id: value for component, value in update.items()}
+
+
+def test_opening_a_chat_puts_each_setting_it_used_back_in_its_own_control(fake_backend):
+    chat = Chat(fake_backend, Settings())
+    with gr.Blocks():
+        tab = layout(chat)
+    # Every value differs from its default and from the others, so a value in the wrong control shows.
+    used = GenerationParams(
+        do_sample=True, temperature=1.3, top_p=0.55, top_k=7, repetition_penalty=1.2, max_new_tokens=77, seed=None
+    )
+    exchange = Exchange(question="Q", answer="A", system_message="Be brief.", single_turn=False, settings=used)
+    conversation = Conversation(exchanges=[exchange])
+    stored = Store().save(conversation).model_dump()
+    restored = by_elem_id(ChatEvents(chat, tab).open(conversation_id=conversation.id, stored=stored, show_raw=False))
+    assert restored["system-message"] == "Be brief." and restored["single-turn"] is False
+    assert {name: restored[name.replace("_", "-")] for name in GenerationParams.model_fields} == {
+        **used.model_dump(),
+        "seed": -1,  # the seed box's "a new one each answer"
+    }
+
+
+@pytest.mark.parametrize(
+    "error", [InvalidRequest("top_k must be a number"), Refused("Too many requests"), PromptTooLong("Too long")]
+)
+def test_bad_input_reaches_the_visitor_as_a_gradio_error_saying_why(error):
+    def answer():
+        raise error
+
+    def stream():
+        yield "first"
+        raise error
+
+    with pytest.raises(gr.Error, match=str(error)):
+        visitor_errors(answer)()
+    streaming = visitor_errors(stream)
+    assert inspect.isgeneratorfunction(streaming)  # so that Gradio streams it
+    updates = streaming()
+    assert next(updates) == "first"
+    with pytest.raises(gr.Error, match=str(error)):
+        next(updates)

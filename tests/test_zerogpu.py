@@ -4,12 +4,14 @@ import threading
 
 import pytest
 import spaces  # installed, as on a Space: it must change nothing on this (CPU) machine
-from test_engine import prompt_for
+from support import prompt_for
 
-from orca2_space import engine as engine_module
-from orca2_space.engine import Engine, plan_load
-from orca2_space.settings import GenerationParams
-from orca2_space.zerogpu import gpu_task, on_zerogpu
+from orca2_space.backends.local import zerogpu
+from orca2_space.backends.local.engine import Engine
+from orca2_space.backends.local.loading import plan_load
+from orca2_space.backends.local.zerogpu import gpu_task
+from orca2_space.backends.sampling import Sampling
+from orca2_space.settings import GenerationParams, on_zerogpu
 
 
 def test_off_zerogpu_the_gpu_decorator_is_a_pass_through():
@@ -29,7 +31,7 @@ def test_auto_loads_bf16_on_zerogpu_because_8bit_models_cannot_move_to_its_gpu()
 
 
 def test_the_gpu_time_asked_for_follows_max_new_tokens_within_a_cap():
-    seconds = [engine_module._gpu_seconds([1], GenerationParams(max_new_tokens=n), None) for n in (64, 512, 4096)]
+    seconds = [zerogpu.gpu_seconds([1], Sampling.of(GenerationParams(max_new_tokens=n))) for n in (64, 512, 4096)]
     assert seconds[0] < seconds[1] < seconds[2] <= 300
 
 
@@ -38,7 +40,7 @@ def zerogpu_engine(never_ends, monkeypatch):
     """The engine's ZeroGPU path on this CPU: `spaces` read SPACES_ZERO_GPU when imported (off), so
     spaces.GPU stays a pass-through while the engine does what it does on ZeroGPU."""
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setattr(engine_module, "_zerogpu_model", None)
+    monkeypatch.setattr(zerogpu, "_model", None)
     return Engine(never_ends.model, never_ends.tokenizer, never_ends.info)
 
 
@@ -49,7 +51,7 @@ def model_threads():
 def test_on_zerogpu_the_answer_is_the_same(zerogpu_engine, never_ends):
     params = GenerationParams(max_new_tokens=12)
     ids = prompt_for(never_ends)
-    assert engine_module._zerogpu_model is never_ends.model
+    assert zerogpu._model is never_ends.model
     assert "".join(zerogpu_engine.generate(ids, params)) == "".join(never_ends.generate(ids, params))
 
 

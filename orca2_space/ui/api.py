@@ -8,22 +8,23 @@ from collections.abc import Iterator
 import gradio as gr
 
 from ..chat import Chat, system_message_for
-from ..prompt import PromptTooLong
-from ..settings import GENERATION_FIELDS, InvalidRequest
-from .answers import GENERATION_CONCURRENCY_ID, comparison, turn, visitor_of
+from ..settings import GENERATION_FIELDS
+from .adapters import GENERATION_CONCURRENCY_ID, comparison, turn, visitor_errors, visitor_of
 from .tokens import add_token_endpoint
 
 
 def add_endpoints(chat: Chat) -> None:
+    @visitor_errors
     def chat_endpoint(request: gr.Request, *values) -> Iterator[dict]:
         args = CHAT_SIGNATURE.bind(request, *values).arguments
         visitor = visitor_of(args.pop("request"))
-        system = _system_message(args.pop("system_message"), args.pop("preset"))
+        system = system_message_for(args.pop("system_message"), args.pop("preset"))
         message, history = args.pop("message"), args.pop("history")
         moderation, single_turn = args.pop("moderation"), args.pop("single_turn")
         for update in turn(chat, message, system, history, moderation, single_turn, args, None, visitor):
             yield update.as_api_dict()
 
+    @visitor_errors
     def inspect_prompt(
         message: str,
         system_message: str | None = None,
@@ -33,12 +34,10 @@ def add_endpoints(chat: Chat) -> None:
     ) -> dict:
         """The exact ChatML text and input ids Orca 2 would see (after leaving out old turns so
         that max_new_tokens fit). system_message or preset as for /chat."""
-        try:
-            prompt = chat.inspect(message, _system_message(system_message, preset), history, max_new_tokens)
-        except (InvalidRequest, PromptTooLong) as error:
-            raise gr.Error(str(error)) from error
+        prompt = chat.inspect(message, system_message_for(system_message, preset), history, max_new_tokens)
         return {"text": prompt.text, "input_ids": prompt.input_ids, "n_tokens": prompt.n_tokens}
 
+    @visitor_errors
     def compare_endpoint(request: gr.Request, *values) -> Iterator[dict]:
         args = COMPARE_SIGNATURE.bind(request, *values).arguments
         visitor = visitor_of(args.pop("request"))
@@ -59,13 +58,6 @@ def _declare(endpoint, signature: inspect.Signature, doc: str) -> None:
     endpoint.__signature__ = signature
     endpoint.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     endpoint.__doc__ = doc
-
-
-def _system_message(system_message, preset) -> str:
-    try:
-        return system_message_for(system_message, preset)
-    except InvalidRequest as error:
-        raise gr.Error(str(error)) from error
 
 
 _KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -1,10 +1,12 @@
 """The controls a tab derives from the server's declarations: the generation settings and the
 moderation switch."""
 
+from typing import Any
+
 import gradio as gr
 
 from ..chat import Chat
-from ..settings import GENERATION_FIELDS, RANDOM_SEED, bounds
+from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, bounds
 
 
 def moderation_toggle(chat: Chat, elem_id: str = "moderation") -> gr.Checkbox:
@@ -26,6 +28,18 @@ def moderation_toggle(chat: Chat, elem_id: str = "moderation") -> gr.Checkbox:
             True, label=label, interactive=False, info=f"Required on this server. {info}", elem_id=elem_id
         )
     return gr.Checkbox(rules.default_on, label=label, info=info, elem_id=elem_id)
+
+
+def setting_controls(cap: int, prefix: str = "") -> dict[str, gr.components.Component]:
+    """A control for every generation setting, by its name in GenerationParams."""
+    return {name: setting_control(name, cap, prefix) for name in GENERATION_FIELDS}
+
+
+def setting_values(params: GenerationParams) -> dict[str, Any]:
+    """The settings an answer was made with, by name, as setting_controls show them (to redo it)."""
+    values = params.model_dump()
+    values["seed"] = RANDOM_SEED if values["seed"] is None else values["seed"]
+    return values
 
 
 def setting_control(name: str, cap: int, prefix: str = "") -> gr.components.Component:

@@ -18,12 +18,12 @@ from typing import Any
 
 import gradio as gr
 
-from ..backend import GenerationError, ScoringUnavailable, TokenProbability
+from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
 from ..conversation import Conversation
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
-from .answers import SCORING_CONCURRENCY, history_messages
+from .adapters import SCORING_CONCURRENCY, history_messages, visitor_errors
 
 NOTE = (
     "These are the model's own probabilities (temperature 1) for the tokens it wrote, whatever the sampling "
@@ -205,6 +205,7 @@ def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: s
 def add_token_endpoint(chat: Chat) -> None:
     """Register /token_probabilities (call it inside the Blocks, as api.add_endpoints is)."""
 
+    @visitor_errors
     def token_probabilities_endpoint(
         message: str,
         system_message: str | None = None,
@@ -217,11 +218,7 @@ def add_token_endpoint(chat: Chat) -> None:
         message, system_message (None: the model card's cautious message) and history as sent to /chat;
         answer_ids: the answer's ids as /chat returned them, scored exactly; without them answer (its text)
         is encoded. Returns {"tokens": [{"id", "text", "probability", "top": [{"id", "text", "probability"}]}]}."""
-        try:
-            system = system_message_for(system_message, None)
-            tokens = token_probabilities(chat, message, system, history, answer, answer_ids)
-        except (InvalidRequest, ScoringUnavailable, GenerationError) as error:
-            raise gr.Error(str(error)) from error
-        return as_api_dict(tokens)
+        system = system_message_for(system_message, None)
+        return as_api_dict(token_probabilities(chat, message, system, history, answer, answer_ids))
 
     gr.api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)

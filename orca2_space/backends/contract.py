@@ -1,5 +1,5 @@
-"""The contract between the chat and whatever writes Orca 2's answers: a local model (engine.py) or
-an inference server (remote.py).
+"""The contract between the chat and whatever writes Orca 2's answers: a local model (local/) or
+an inference server (inference_server.py).
 
 A backend builds nothing itself: the chat hands it the exact prompt and the settings, and it
 streams the answer's text. It knows nothing of chats, moderation or pages. This module imports
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from .prompt import OrcaTokenizer, Prompt, StreamDecoder
-from .settings import GenerationParams
+from ..prompt import OrcaTokenizer, Prompt, StreamDecoder
+from ..settings import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ModelInfo:
     reason: str
     device: str
     context_length: int
-    # The inference server's URL when answers come from one (--backend openai).
+    # The inference server's URL when answers come from one (--backend inference-server).
     served_by: str | None = None
 
     def describe(self) -> str:
@@ -96,11 +96,16 @@ class AnswerStream(Protocol):
     """One answer being written. Iterating gives text deltas (and raises GenerationError if the
     answer failed); cancel() ends the backend's work on it; stats is set once that work is over."""
 
-    # What the reader should know about how this answer was made (settings a server can't take).
-    notices: tuple[str, ...]
-    # The ids of the answer read so far, after the prompt and without the end-of-turn token; None
-    # where the backend only sees text (an inference server).
-    token_ids: list[int] | None
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """What the reader should know about how this answer was made (settings a server can't take)."""
+        ...
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The ids of the answer read so far, after the prompt and without the end-of-turn token; None
+        where the backend only sees text (an inference server)."""
+        ...
 
     @property
     def stats(self) -> GenerationStats | None: ...
@@ -111,6 +116,7 @@ class AnswerStream(Protocol):
 
     def wait(self, timeout: float) -> bool:
         """True once the backend has stopped working on this answer (within timeout seconds)."""
+        ...
 
 
 class Backend(Protocol):
@@ -154,7 +160,7 @@ def scored_tokens(
     ]
 
 
-def load_failure_message(model_name: str, error: BaseException, hint: str | None = None) -> str:
+def load_failure_message(model_name: str, error: BaseException | str, hint: str | None = None) -> str:
     """One message for a backend that can't be made ready: the reason, then what to do."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if hint is None:
@@ -172,14 +178,13 @@ class ModelLoading:
     def __init__(self, model_name: str, load: Callable[..., Backend] | None = None, backend: Backend | None = None):
         """`load(on_phase=...)` makes the backend; on_phase hears each step ("reading the config", …)."""
         self.model_name = model_name
-        self._load_backend = load
         self.phase = "ready" if backend else "starting"
         self.backend = backend
         self.error: str | None = None
         self._done = threading.Event()
         self._started = time.monotonic()
-        if backend is None:
-            threading.Thread(target=self._load, name="orca2-load", daemon=True).start()
+        if load is not None:
+            threading.Thread(target=self._load, args=(load,), name="orca2-load", daemon=True).start()
         else:
             self._done.set()
 
@@ -187,9 +192,9 @@ class ModelLoading:
     def loaded(cls, backend: Backend) -> ModelLoading:
         return cls(backend.info.name, backend=backend)
 
-    def _load(self) -> None:
+    def _load(self, load: Callable[..., Backend]) -> None:
         try:
-            self.backend = self._load_backend(on_phase=self._set_phase)
+            self.backend = load(on_phase=self._set_phase)
             self.phase = "ready"
         except ModelLoadError as error:
             self.error = str(error)

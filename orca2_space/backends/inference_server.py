@@ -6,8 +6,9 @@ accepts them (vLLM's /v1/completions does) and otherwise as the exact ChatML tex
 the completions endpoint so that no server-side chat template rewrites it; generation stops at
 <|im_end|>, and control text never reaches the page even when a server echoes its stop string.
 
-The client is the `openai` library. Nothing here imports torch or transformers: with this backend
-the app runs on the smaller install of requirements-remote.txt.
+The client is the `openai` library; each answer is an answer.Answer whose producer, a thread per
+answer, writes the streamed text to its Feed. Nothing here imports torch or transformers: with this
+backend the app runs on the smaller install of requirements-remote.txt.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import contextlib
 import json
 import logging
 import math
-import queue
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,9 +31,11 @@ import openai
 from openai import Stream, omit
 from openai.types import Completion
 
-from .backend import (
+from ..prompt import CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, OrcaTokenizer, Prompt
+from ..settings import GenerationParams, InferenceServerSettings
+from .answer import Answer, Feed
+from .contract import (
     GenerationError,
-    GenerationStats,
     ModelInfo,
     ModelLoadError,
     ScoringUnavailable,
@@ -43,12 +44,10 @@ from .backend import (
     load_failure_message,
     scored_tokens,
 )
-from .prompt import BOS, CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, PAD, STOP_IDS, OrcaTokenizer, Prompt
-from .settings import GenerationParams, RemoteSettings
+from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
-_END = object()
 CONTROL_TEXTS = (CONTROL_TEXT[IM_END], CONTROL_TEXT[IM_START])
 
 TYPED_CONTROL_TEXT = (
@@ -75,50 +74,34 @@ DIALECTS = (
 
 
 def completion_request(
-    model: str, prompt: list[int] | str, params: GenerationParams, dialect: Dialect
+    model: str, prompt: list[int] | str, sampling: Sampling, dialect: Dialect
 ) -> tuple[dict, list[str]]:
     """The arguments of `completions.create` for these settings (fields the OpenAI API lacks go in
     extra_body), and the settings this dialect can't carry, to tell the user."""
-    request = {
+    request: dict = {
         "model": model,
         "prompt": prompt,
-        "max_tokens": params.max_new_tokens,
+        "max_tokens": sampling.max_new_tokens,
         "stream": True,
         # <|im_start|> too: a new turn means this one is over (the local engine stops there as well).
         "stop": list(CONTROL_TEXTS),
     }
-    if params.do_sample and params.seed is not None:
-        request["seed"] = params.seed
+    if sampling.seed is not None:
+        request["seed"] = sampling.seed
     if dialect.extras == "generation_config":
-        request["extra_body"] = {"generation_config": json.dumps(_generation_config(params))}
+        request["extra_body"] = {"generation_config": json.dumps(sampling.transformers_config())}
         return request, []
     # Greedy, the paper's setting, is temperature 0 in the OpenAI API.
-    request["temperature"] = params.temperature if params.do_sample else 0.0
-    if params.do_sample:
-        request["top_p"] = params.top_p
-    extras = {"repetition_penalty": params.repetition_penalty} if params.repetition_penalty != 1.0 else {}
-    if params.do_sample and params.top_k:
-        extras["top_k"] = params.top_k
+    request["temperature"] = sampling.temperature if sampling.do_sample else 0.0
+    if sampling.top_p is not None:
+        request["top_p"] = sampling.top_p
+    extras: dict = {"repetition_penalty": sampling.repetition_penalty} if sampling.repetition_penalty != 1.0 else {}
+    if sampling.top_k:
+        extras["top_k"] = sampling.top_k
     if dialect.extras == "vllm":
-        request["extra_body"] = {**extras, "stop_token_ids": sorted(STOP_IDS)}
+        request["extra_body"] = {**extras, "stop_token_ids": sorted(sampling.stop_ids)}
         return request, []
     return request, [f"{name}={value}" for name, value in extras.items()]
-
-
-def _generation_config(params: GenerationParams) -> dict:
-    """transformers serve's generation_config. It replaces the model's own, whose do_sample=False
-    would otherwise ignore the temperature."""
-    config = {
-        "do_sample": params.do_sample,
-        "max_new_tokens": params.max_new_tokens,
-        "bos_token_id": BOS,
-        "eos_token_id": sorted(STOP_IDS),
-        "pad_token_id": PAD,
-        "repetition_penalty": params.repetition_penalty,
-    }
-    if params.do_sample:
-        config.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    return config
 
 
 class ControlTextFilter:
@@ -148,55 +131,11 @@ class ControlTextFilter:
         return out
 
 
-class RemoteAnswer:
-    """One answer streaming from the server: a backend.AnswerStream."""
-
-    def __init__(self, run: Callable[[RemoteAnswer], None], seed: int | None):
-        self.cancelled = threading.Event()
-        self.seed = seed
-        self.stats: GenerationStats | None = None
-        self.error: str | None = None
-        self.notices: tuple[str, ...] = ()
-        # Servers send text: the ids of what they wrote are not known here.
-        self.token_ids: list[int] | None = None
-        self.n_tokens = 0  # pieces streamed so far (the server's count, once it sends one)
-        self._texts: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._stream: Stream[Completion] | None = None
-        self._started = time.perf_counter()
-        threading.Thread(target=run, args=(self,), name="orca2-remote", daemon=True).start()
-
-    def attach(self, stream: Stream[Completion]) -> None:
-        """The open stream, for cancel() to hang up; hung up at once if cancel() came first."""
-        self._stream = stream
-        if self.cancelled.is_set():
-            _hang_up(stream)
-
-    def cancel(self) -> None:
-        if self.cancelled.is_set() or self._done.is_set():
-            return
-        self.cancelled.set()
-        if (stream := self._stream) is not None:
-            _hang_up(stream)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def put(self, text: str) -> None:
-        if text:
-            self._texts.put(text)
-
-    def finish(self, reason: StopReason) -> None:
-        seconds = time.perf_counter() - self._started
-        self.stats = GenerationStats(self.n_tokens, seconds, reason, self.seed)
-        self._texts.put(_END)
-        self._done.set()
-
-    def __iter__(self) -> Iterator[str]:
-        while (text := self._texts.get()) is not _END:
-            yield text
-        if self.error is not None:
-            raise GenerationError(self.error)
+def _attach(feed: Feed, stream: Stream[Completion]) -> None:
+    """The open stream, for cancel() to hang up; hung up at once if cancel() came first."""
+    feed.on_cancel = lambda: _hang_up(stream)
+    if feed.cancelled.is_set():
+        _hang_up(stream)
 
 
 def _hang_up(stream: Stream[Completion]) -> None:
@@ -210,11 +149,16 @@ def _hang_up(stream: Stream[Completion]) -> None:
     stream.close()
 
 
-class RemoteBackend:
+class InferenceServer:
     """Streams answers from an OpenAI-compatible server; prompts are built here, as locally."""
 
     def __init__(
-        self, tokenizer: OrcaTokenizer, info: ModelInfo, settings: RemoteSettings, model: str, client: openai.OpenAI
+        self,
+        tokenizer: OrcaTokenizer,
+        info: ModelInfo,
+        settings: InferenceServerSettings,
+        model: str,
+        client: openai.OpenAI,
     ):
         self.tokenizer = tokenizer
         self.info = info
@@ -226,8 +170,8 @@ class RemoteBackend:
 
     @classmethod
     def load(
-        cls, model_name: str, settings: RemoteSettings, on_phase: Callable[[str], None] = lambda phase: None
-    ) -> RemoteBackend:
+        cls, model_name: str, settings: InferenceServerSettings, on_phase: Callable[[str], None] = lambda phase: None
+    ) -> InferenceServer:
         """The tokenizer from `model_name` (a folder or hub id: only tokenizer.model is read); the
         server is checked but need not be up yet."""
         on_phase("reading the tokenizer")
@@ -260,37 +204,38 @@ class RemoteBackend:
     def close(self) -> None:
         self.client.close()
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> RemoteAnswer:
-        seed = params.seed if params.do_sample else None
-        return RemoteAnswer(lambda answer: self._run(answer, prompt, params), seed)
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
+        sampling = Sampling.of(params)
+        feed = Feed(sampling.seed)
+        worker = threading.Thread(
+            target=self._run, args=(feed, prompt, sampling), name="orca2-inference-server", daemon=True
+        )
+        worker.start()
+        feed.alive = worker.is_alive
+        return Answer(feed)
 
-    def _run(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> None:
+    def _run(self, feed: Feed, prompt: Prompt, sampling: Sampling) -> None:
         try:
-            reason = self._answer(answer, prompt, params)
+            stream = self._open(feed, prompt, sampling)
+            reason = StopReason.STOPPED if stream is None else _stream(feed, stream)
         except Exception as error:  # noqa: BLE001 - whatever happens, the reader must hear of it, not wait on
-            if answer.cancelled.is_set() and isinstance(error, openai.APIConnectionError):
-                reason = StopReason.STOPPED  # our own hang-up
+            if feed.cancelled.is_set() and isinstance(error, openai.APIConnectionError):
+                feed.close(reason=StopReason.STOPPED)  # our own hang-up
             else:
-                answer.error, reason = self._explain(error), StopReason.ERROR
-        if answer.cancelled.is_set() and reason is not StopReason.ERROR:
-            reason = StopReason.STOPPED
-        answer.finish(reason)
+                feed.close(GenerationError(self._explain(error)))
+            return
+        feed.close(reason=reason)
 
-    def _answer(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> StopReason:
-        stream = self._open(answer, prompt, params)
-        return StopReason.STOPPED if stream is None else _stream(answer, stream)
-
-    def _open(self, answer: RemoteAnswer, prompt: Prompt, params: GenerationParams) -> Stream[Completion] | None:
+    def _open(self, feed: Feed, prompt: Prompt, sampling: Sampling) -> Stream[Completion] | None:
         """The answer's stream, in the first dialect the server accepts (once one has been, only that
         one); None if the answer was cancelled before a request went out."""
-        refusal = None
         for dialect in (self.dialect,) if self.dialect else DIALECTS:
-            if answer.cancelled.is_set():
+            if feed.cancelled.is_set():
                 return None
             if not dialect.takes_ids and _typed_control_text(prompt):
                 raise GenerationError(TYPED_CONTROL_TEXT)
             request, unsent = completion_request(
-                self.model, prompt.input_ids if dialect.takes_ids else prompt.text, params, dialect
+                self.model, prompt.input_ids if dialect.takes_ids else prompt.text, sampling, dialect
             )
             try:
                 stream = self.client.completions.create(**request, extra_headers=_headers(self.settings))
@@ -298,15 +243,16 @@ class RemoteBackend:
                 if self.dialect is not None:
                     raise
                 log.info("the server refused %s: %s", dialect.name, _detail(error))
-                refusal = error
+                if dialect is DIALECTS[-1]:
+                    raise
                 continue
             if self.dialect is None:
                 self.dialect = dialect
                 log.info("the inference server takes %s", dialect.name)
             if unsent:
-                answer.notices = (f"Not sent: this inference server has no field for {', '.join(unsent)}.",)
+                feed.notices = (f"Not sent: this inference server has no field for {', '.join(unsent)}.",)
             return stream
-        raise refusal
+        return None
 
     def _explain(self, error: Exception) -> str:
         """What the reader is told about a failed answer."""
@@ -409,29 +355,28 @@ def read_prompt_logprobs(
     return probabilities, alternatives
 
 
-def _stream(answer: RemoteAnswer, stream: Stream[Completion]) -> StopReason:
+def _stream(feed: Feed, stream: Stream[Completion]) -> StopReason:
     """Pass the streamed text on until the answer ends; the stream is closed however it ends."""
-    answer.attach(stream)
+    _attach(feed, stream)
     control = ControlTextFilter()
     finish_reason = None
     with stream:
         for chunk in _completions(stream):
-            if answer.cancelled.is_set():
+            if feed.cancelled.is_set():
                 return StopReason.STOPPED
             choice = chunk.choices[0]
             if choice.text:
-                answer.n_tokens += 1
-                answer.put(control.push(choice.text))
+                feed.write(control.push(choice.text))  # one piece, whatever the filter holds back
             finish_reason = choice.finish_reason or finish_reason
             if chunk.usage:
-                answer.n_tokens = chunk.usage.completion_tokens
+                feed.n_tokens = chunk.usage.completion_tokens
             if control.ended:
                 # The server went past its stop string: hanging up ends its work too.
                 return StopReason.END_OF_TURN
-    answer.put(control.flush())
+    feed.write(control.flush(), pieces=0)
     if finish_reason is not None:
         return StopReason.END_OF_TURN if finish_reason == "stop" else StopReason.LENGTH
-    if answer.cancelled.is_set():
+    if feed.cancelled.is_set():
         return StopReason.STOPPED
     raise GenerationError(
         "The inference server ended the stream without finishing the answer. The answer so far is kept."
@@ -459,7 +404,7 @@ def _typed_control_text(prompt: Prompt) -> bool:
     return in_text > sum(1 for token in prompt.input_ids if token in (IM_START, IM_END))
 
 
-def _headers(settings: RemoteSettings) -> dict:
+def _headers(settings: InferenceServerSettings) -> dict:
     """Set on every request. The credentials override what the library would take from OPENAI_*
     variables, which are meant for OpenAI's own API and must not reach this server. One connection
     per answer: Stop shuts its socket down, which must never be one the pool has lent to the next answer."""
@@ -467,12 +412,13 @@ def _headers(settings: RemoteSettings) -> dict:
     return {"Authorization": authorization, "OpenAI-Organization": omit, "OpenAI-Project": omit, "Connection": "close"}
 
 
-def _probe(client: openai.OpenAI, settings: RemoteSettings) -> str:
+def _probe(client: openai.OpenAI, settings: InferenceServerSettings) -> str:
     """A line for the page: is the server there? (Any HTTP answer from the API root will do: /models
     would be the API's own probe, but transformers serve fails on it without a hub cache.)"""
     try:
-        options = {"headers": _headers(settings), "timeout": settings.connect_timeout}
-        client.get("", cast_to=httpx2.Response, options=options)
+        client.get(
+            "", cast_to=httpx2.Response, options={"headers": _headers(settings), "timeout": settings.connect_timeout}
+        )
     except openai.APIStatusError:
         pass  # an answer all the same
     except openai.APIConnectionError as error:

@@ -1,5 +1,9 @@
 """The Compare tab: one question answered under 2 to 4 system messages side by side, with one set of
-settings; it streams through the same function as /compare (answers.comparison)."""
+settings; it streams through the same function as /compare (adapters.comparison).
+
+Events are wired by name: Compare receives its inputs as {component: value} (a set of inputs), and
+every handler returns {component: value} for the components it changes.
+"""
 
 import functools
 from dataclasses import dataclass
@@ -10,21 +14,24 @@ from ..chat import COMPARED, Chat, ChatUpdate
 from ..conversation import Conversation, Exchange
 from ..presets import PRESET_CHOICES, SYSTEM_PRESETS
 from ..render import CHATBOT_OPTIONS
-from .answers import (
-    DOWNLOAD_JS,
+from .adapters import (
     GENERATION_CONCURRENCY_ID,
-    PARAM_NAMES,
+    INSTANT,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
     comparison,
     download,
     exchange_of,
+    visitor_errors,
     visitor_of,
+    wire_download,
 )
-from .controls import moderation_toggle, setting_control
+from .controls import moderation_toggle, setting_controls
 from .messages import answer_messages, status
 from .tokens import token_view_of
 
+TITLE = "Compare system messages"
+ID = "compare-tab"
 PURPOSE = (
     "See how the system message changes Orca 2's answer, the Orca 2 paper's central finding: one question, "
     "2 to 4 system messages side by side, the same settings for all (and the same seed when sampling)."
@@ -54,7 +61,7 @@ class Column:
 
 
 @dataclass
-class ComparePage:
+class CompareTab:
     message: gr.Textbox
     run: gr.Button
     stop: gr.Button
@@ -65,13 +72,19 @@ class ComparePage:
     export_json: gr.Button
     download: gr.Textbox
     moderation: gr.Checkbox
-    params: list[gr.components.Component]
+    # The generation settings' controls, by their names in GenerationParams.
+    params: dict[str, gr.components.Component]
     # The last finished comparison, one exchange per column, for export and the token view. Kept in
     # the visitor's browser like their chats (a gr.State would hold a connection open per visitor).
     result: gr.BrowserState
 
 
-def layout(chat: Chat) -> ComparePage:
+def build(demo: gr.Blocks, chat: Chat) -> None:
+    """The tab's layout and events (inside its gr.Tab)."""
+    _wire(layout(chat), chat)
+
+
+def layout(chat: Chat) -> CompareTab:
     gr.Markdown(PURPOSE, elem_classes="purpose")
     with gr.Row():
         message = gr.Textbox(
@@ -93,9 +106,21 @@ def layout(chat: Chat) -> ComparePage:
     download = gr.Textbox(visible=False, elem_id="compare-download")
     with gr.Accordion("Settings shared by every column", open=False):
         moderation = moderation_toggle(chat, elem_id="compare-moderation")
-        params = [setting_control(name, chat.settings.max_new_tokens_cap, prefix="compare-") for name in PARAM_NAMES]
+        params = setting_controls(chat.settings.max_new_tokens_cap, prefix="compare-")
     result = gr.BrowserState([], storage_key="orca2-space-comparison", secret=STORAGE_SECRET)
-    return ComparePage(message, run, stop, count, columns, tokens, export_json, download, moderation, params, result)
+    return CompareTab(
+        message=message,
+        run=run,
+        stop=stop,
+        count=count,
+        columns=columns,
+        tokens=tokens,
+        export_json=export_json,
+        download=download,
+        moderation=moderation,
+        params=params,
+        result=result,
+    )
 
 
 def _column(index: int) -> Column:
@@ -119,25 +144,22 @@ def _column(index: int) -> Column:
     return Column(box, preset, system_message, answer, answer_status, score)
 
 
-def wire(page: ComparePage, chat: Chat) -> None:
-    private = dict(queue=False, api_visibility="private")
-    systems = [column.system_message for column in page.columns]
-    answers = [column.answer for column in page.columns]
-    statuses = [column.status for column in page.columns]
-
-    def run(request: gr.Request, message, count, moderation, *values):
-        system_messages, settings = values[: len(systems)], values[len(systems) :]
-        asked = list(system_messages[:count])
-        params = dict(zip(PARAM_NAMES, settings))
+def _wire(tab: CompareTab, chat: Chat) -> None:
+    @visitor_errors
+    def run(request: gr.Request, values: dict):
+        count = values[tab.count]
+        asked = [values[column.system_message] for column in tab.columns[:count]]
+        params = {name: values[control] for name, control in tab.params.items()}
+        message = values[tab.message]
         # Its own owner, so that the Chat tab's Stop leaves a comparison running and the reverse.
-        updates = comparison(chat, message, asked, moderation, params, _owner(request), visitor_of(request))
-        busy = (gr.update(visible=False), gr.update(visible=True))
+        owner, visitor = _owner(request), visitor_of(request)
+        updates = comparison(chat, message, asked, values[tab.moderation], params, owner, visitor)
         shown = [ChatUpdate("") for _ in asked]
-        yield *_view(shown, len(systems)), *busy, gr.skip()
+        yield _view(tab, shown) | _busy(tab, True)
         for shown in updates:
-            yield *_view(shown, len(systems)), *busy, gr.skip()
+            yield _view(tab, shown) | _busy(tab, True)
         result = [exchange_of(message, system, True, update).model_dump() for system, update in zip(asked, shown)]
-        yield *_view(shown, len(systems)), *reversed(busy), result
+        yield _view(tab, shown) | _busy(tab, False) | {tab.result: result}
 
     def stop(request: gr.Request) -> None:
         chat.stop(_owner(request))
@@ -152,43 +174,45 @@ def wire(page: ComparePage, chat: Chat) -> None:
             raise gr.Error("Nothing to export yet: compare first.")
         return download(chat, _recorded(result), "json")
 
-    outputs = [*answers, *statuses, page.run, page.stop, page.result]
+    def shown_columns(count: int) -> dict:
+        return {column.box: gr.update(visible=index < count) for index, column in enumerate(tab.columns)}
+
+    systems = {column.system_message for column in tab.columns}
+    answers = {component for column in tab.columns for component in (column.answer, column.status)}
     gr.on(
-        [page.run.click, page.message.submit],
+        [tab.run.click, tab.message.submit],
         run,
-        [page.message, page.count, page.moderation, *systems, *page.params],
-        outputs,
+        inputs={tab.message, tab.count, tab.moderation, *systems, *tab.params.values()},
+        outputs={*answers, tab.run, tab.stop, tab.result},
         concurrency_id=GENERATION_CONCURRENCY_ID,
         api_visibility="private",
     )
-    page.stop.click(stop, None, None, **private)
-    for index, column in enumerate(page.columns):
+    tab.stop.click(stop, None, None, **INSTANT)
+    for index, column in enumerate(tab.columns):
         column.score.click(
             functools.partial(show_tokens, index),
-            [page.result],
-            [page.tokens],
+            tab.result,
+            tab.tokens,
             **SCORING_CONCURRENCY,
             api_visibility="private",
         )
-    page.count.change(
-        lambda count: [gr.update(visible=index < count) for index in range(len(page.columns))],
-        [page.count],
-        [column.box for column in page.columns],
-        **private,
-    )
-    for column in page.columns:
-        column.preset.change(lambda name: SYSTEM_PRESETS[name], [column.preset], [column.system_message], **private)
-    page.export_json.click(export_json, [page.result], [page.download], **private).then(
-        None, [page.download], None, js=DOWNLOAD_JS, **private
-    )
+    tab.count.change(shown_columns, tab.count, {column.box for column in tab.columns}, **INSTANT)
+    for column in tab.columns:
+        column.preset.change(lambda name: SYSTEM_PRESETS[name], column.preset, column.system_message, **INSTANT)
+    wire_download(tab.export_json, export_json, tab.download, result=tab.result)
 
 
-def _view(updates, n_columns: int) -> list:
-    """Each column's answer and status line; columns not compared stay as they are."""
-    answers = [answer_messages(update, show_raw=False) for update in updates]
-    statuses = [status(update) for update in updates]
-    rest = [gr.skip()] * (n_columns - len(updates))
-    return [*answers, *rest, *statuses, *rest]
+def _busy(tab: CompareTab, busy: bool) -> dict:
+    """While the answers stream, Stop takes Compare's place."""
+    return {tab.run: gr.update(visible=not busy), tab.stop: gr.update(visible=busy)}
+
+
+def _view(tab: CompareTab, updates) -> dict:
+    """Each compared column's answer and status line; the columns not compared stay as they are."""
+    view = {}
+    for column, update in zip(tab.columns, updates):
+        view |= {column.answer: answer_messages(update, show_raw=False), column.status: status(update)}
+    return view
 
 
 def _recorded(result: list[dict]) -> Conversation:

@@ -5,7 +5,7 @@ a step for one. transformers 5's ContinuousBatchingManager runs one model thread
 removes requests at every step over a paged KV cache; this module sizes it explicitly, routes its
 outputs to each request's own stream, and turns a cancel into "the model stopped working on it".
 
-What it can't honour per request is kept off it (engine.py decides): the manager's sampling and
+What it can't honour per request is kept off it (engine.batchable decides): the manager's sampling and
 seed are global, and it has no repetition penalty, so only greedy answers are batched.
 
 Nothing waits forever: if the model thread fails, the manager ends the answers it held with the
@@ -20,14 +20,16 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 
-from .prompt import PAD, STOP_IDS
-from .settings import BATCH_PAGE_TOKENS, BatchingSettings
+from ...settings import BATCH_PAGE_TOKENS, Settings
+from ..sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,36 @@ IDLE_WAIT_SECONDS = 5.0
 RESTART_WAIT_SECONDS = 5.0
 
 
+@dataclass(frozen=True)
+class BatchingSettings:
+    # Answers decoded together; more wait for a free place.
+    max_concurrent: int = 8
+    # KV-cache size, in tokens, shared by the answers in the batch. Allocated once at start:
+    # Orca-2-7B needs 0.5 MiB per token in 16-bit (16384 tokens: 8 GiB).
+    cache_tokens: int = 16384
+
+    def __post_init__(self):
+        if self.max_concurrent < 1:
+            raise ValueError("batching needs at least one concurrent answer")
+        if self.cache_tokens < BATCH_PAGE_TOKENS:
+            raise ValueError(f"the batch KV cache needs at least {BATCH_PAGE_TOKENS} tokens")
+
+
+def batching_settings(settings: Settings) -> BatchingSettings | None:
+    """How to batch concurrent answers (--batching, --concurrency, --batch-cache-tokens), or None to
+    answer one at a time."""
+    if not settings.batching:
+        return None
+    return BatchingSettings(settings.concurrency, settings.batch_cache_tokens or machine_batch_cache_tokens())
+
+
+def machine_batch_cache_tokens() -> int:
+    """The batch KV cache's default size: four full contexts on a GPU (8 GiB for 7B in 16-bit), two in RAM."""
+    return 16384 if torch.cuda.is_available() else 8192
+
+
 class TokenSink(Protocol):
-    """Where a request's tokens go (the engine's per-request state)."""
+    """Where a request's tokens go (its answer's Feed)."""
 
     def push(self, token: int) -> None: ...
 
@@ -60,7 +90,8 @@ class Batcher:
                 f"the batch KV cache ({settings.cache_tokens} tokens) must hold a full context ({context_length})"
             )
         _log_through_the_app()
-        greedy = GenerationConfig(do_sample=False, eos_token_id=list(STOP_IDS), pad_token_id=PAD, max_new_tokens=256)
+        # Each request sets its own max_new_tokens and stop ids; what they share is greedy decoding.
+        greedy = GenerationConfig(**Sampling(max_new_tokens=256).transformers_config())
         sizing = ContinuousBatchingConfig(
             page_size=BATCH_PAGE_TOKENS,
             # Sized from config, not from RAM: the default takes 60% of free memory.
@@ -91,27 +122,31 @@ class Batcher:
         """Whether anything still routes the batch's outputs (a reader waiting on a dead one would wait forever)."""
         return self._dispatcher.is_alive()
 
-    def submit(self, input_ids: list[int], max_new_tokens: int, sink: TokenSink) -> Callable[[], None]:
+    def submit(self, input_ids: list[int], sampling: Sampling, sink: TokenSink) -> Callable[[], None]:
         """Start a greedy answer; returns the function that cancels it."""
         request_id = f"orca2-{next(self._ids)}"
         with self._admit:
             if not self._manager.is_running():
                 self._restart()
-            accepted = self._add(request_id, input_ids, max_new_tokens, sink)
+            accepted = self._add(request_id, input_ids, sampling, sink)
             if not accepted and self._restart():  # it was still dying
-                accepted = self._add(request_id, input_ids, max_new_tokens, sink)
+                accepted = self._add(request_id, input_ids, sampling, sink)
         self._work.set()
         if not accepted:
             sink.close(RuntimeError("the batching engine is not accepting requests"))
         return lambda: self._cancel(request_id)
 
-    def _add(self, request_id: str, input_ids: list[int], max_new_tokens: int, sink: TokenSink) -> bool:
+    def _add(self, request_id: str, input_ids: list[int], sampling: Sampling, sink: TokenSink) -> bool:
         # The sink is in place before the manager can answer; it leaves again if the manager refuses.
         with self._lock:
             self._sinks[request_id] = sink
             self._sent[request_id] = 0
         accepted = self._manager.add_request(
-            input_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True, eos_token_id=list(STOP_IDS)
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=sampling.max_new_tokens,
+            streaming=True,
+            eos_token_id=list(sampling.stop_ids),
         )
         if accepted is None:
             with self._lock:

@@ -1,0 +1,159 @@
+"""The local backend: Orca 2 loaded once per process, one answer's tokens at a time, or concurrent
+greedy answers in one batch.
+
+The engine knows ids and text, nothing of chats, moderation or pages. An answer run alone runs
+``model.generate`` (the model card's own call) in a worker thread; a per-request event checked by a
+StoppingCriteria after every decode step lets Stop end the model's work, not just the stream. Either
+way the answer is an answer.Answer over a Feed that the worker thread (or the batch) pushes ids to;
+a failure of the model ends the answer with a GenerationError while the engine goes on serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Generator
+
+from ...prompt import OrcaTokenizer, Prompt
+from ...settings import GenerationParams, on_zerogpu
+from ..answer import Answer, Feed
+from ..contract import ModelInfo, ModelLoadError, ScoringUnavailable, TokenProbability, scored_tokens
+from ..sampling import Sampling
+from . import zerogpu
+from .batching import Batcher, BatchingSettings
+from .generation import one_forward_at_a_time, reader_message, stream_tokens
+from .loading import load_failure, load_model
+from .scoring import score_ids
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One model, shared by every session and request."""
+
+    def __init__(self, model, tokenizer: OrcaTokenizer, info: ModelInfo, batching: BatchingSettings | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        # One unbatched generate at a time: it keeps the global torch RNG (and so seeds) per request.
+        self._lock = threading.Lock()
+        self._batcher = None
+        self._stream_tokens: Callable[[list[int], Sampling, threading.Event], Generator[int, None, None]]
+        one_forward_at_a_time(model)
+        if on_zerogpu():
+            # Each answer borrows a GPU for its own duration: nothing persistent to batch on.
+            zerogpu.lend(model)
+            self._stream_tokens = lambda input_ids, sampling, cancel: zerogpu.stream_tokens_on_gpu(input_ids, sampling)
+            self._score_ids = zerogpu.score_ids_on_gpu
+        else:
+            self._stream_tokens = functools.partial(stream_tokens, model)
+            self._score_ids = functools.partial(score_ids, model)
+            if batching is not None:
+                self._batcher = Batcher(model, batching, info.context_length)
+
+    def close(self) -> None:
+        """Stop the batching thread, if any (answers in flight end with an error)."""
+        if self._batcher is not None:
+            self._batcher.close()
+
+    @classmethod
+    def load(
+        cls,
+        model_name: str,
+        quantization: str = "auto",
+        on_phase: Callable[[str], None] = lambda phase: None,
+        batching: BatchingSettings | None = None,
+    ) -> Engine:
+        """Load the model; on_phase hears what is happening ("reading the config", …)."""
+        try:
+            model, tokenizer, info = load_model(model_name, quantization, on_phase, on_zerogpu())
+            if batching is not None:
+                on_phase(f"allocating the batch KV cache ({batching.cache_tokens} tokens)")
+            engine = cls(model, tokenizer, info, batching)
+        except Exception as error:  # every failure becomes one clear message
+            log.debug("model load failed", exc_info=True)
+            raise ModelLoadError(load_failure(model_name, error)) from error
+        log.info("model ready: %s", info.describe())
+        return engine
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
+        """Start answering; the returned Answer streams the answer's text."""
+        sampling = Sampling.of(params)
+        if sampling.do_sample and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
+        if self._batcher is not None and batchable(sampling):
+            feed = Feed(sampling.seed, batched=True, explain=reader_message)
+            feed.alive = self._batcher.alive
+            feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed)
+            return Answer(feed, self.tokenizer)
+        feed = Feed(sampling.seed, explain=reader_message)
+        # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._run, feed, prompt.input_ids, sampling),
+            name="orca2-generate",
+            daemon=True,
+        )
+        worker.start()
+        feed.alive = worker.is_alive
+        return Answer(feed, self.tokenizer)
+
+    def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
+        """Each answer id's probability given the prompt and the ids before it (temperature 1), and
+        the `top` most likely ids at each position: one forward pass over prompt + answer.
+
+        It does not wait for the generate lock, which keeps unbatched generates one at a time for the
+        global RNG's sake (seeds): a forward pass draws nothing from it. Like every forward pass, it
+        takes its turn with the others (generation.one_forward_at_a_time), so it runs between a long
+        answer's decode steps instead of after the answer. scoring.py has checked that it fits the context.
+        """
+        answer_ids = list(answer_ids)
+        if not answer_ids:
+            return []
+        attention = self.model.config._attn_implementation
+        if attention.startswith("paged"):
+            # The batch switched an eager model to paged attention, which runs only inside the batch.
+            raise ScoringUnavailable(
+                f"Token probabilities are unavailable while the batch runs the model with {attention} attention; "
+                "load the model with sdpa attention (the default) or run without batching."
+            )
+        probabilities, alternatives = self._score_ids(prompt.input_ids + answer_ids, len(prompt.input_ids), top)
+        return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
+
+    def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling) -> None:
+        error = None
+        try:
+            # Waits for the answer ahead (its holder releases the lock in `finally`, and everything
+            # it waits on is bounded), looking for Stop meanwhile.
+            while not self._lock.acquire(timeout=0.05):
+                if feed.cancelled.is_set():
+                    return
+            try:
+                if feed.cancelled.is_set():
+                    return
+                feed.started = time.perf_counter()  # the answer's speed, not its wait for the lock
+                # Closing the stream stops the model too: the only way that reaches ZeroGPU's worker.
+                with contextlib.closing(self._stream_tokens(input_ids, sampling, feed.cancelled)) as tokens:
+                    for token in tokens:
+                        feed.push(token)
+                        if feed.cancelled.is_set():
+                            break
+            finally:
+                self._lock.release()
+        except Exception as failure:  # reported to the reader once, here; the engine goes on
+            log.exception("generation failed")
+            error = failure
+        finally:
+            feed.close(error)
+
+
+def batchable(sampling: Sampling) -> bool:
+    """Whether the batch can answer exactly as generate alone would: its sampling and seed are
+    shared by the whole batch and it has no repetition penalty, so only plain greedy qualifies."""
+    return not sampling.do_sample and sampling.repetition_penalty == 1.0

@@ -1,0 +1,169 @@
+"""What the tabs and the API endpoints share: one answer's and one comparison's updates (turn,
+comparison), who is asking (visitor_of), the records they keep (exchange_of, history_messages),
+downloads, where requests wait, and the one way bad input reaches the visitor (visitor_errors).
+"""
+
+import functools
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar, cast
+
+import gradio as gr
+
+from ..backends.contract import GenerationError, ScoringUnavailable
+from ..chat import Chat, ChatUpdate
+from ..conversation import Conversation, Exchange, Stats, export, to_markdown
+from ..fairness import Visitor
+from ..prompt import PromptTooLong
+from ..settings import GenerationParams, InvalidRequest, on_space
+
+# The browser keeps the visitor's conversations and last comparison (gr.BrowserState). Gradio sends the
+# secret to the page, so it hides nothing from the visitor; a fixed one keeps them readable after a
+# server restart.
+STORAGE_SECRET = "orca2-space"
+# Answers and comparisons share one concurrency group, sized to let every request fairness.py admits
+# straight in: the model's own scheduler (the batch, or the engine's turn) is where they wait.
+GENERATION_CONCURRENCY_ID = "generation"
+# Re-scoring an answer is one forward pass over up to a whole context: one at a time.
+SCORING_CONCURRENCY = dict(concurrency_id="scoring", concurrency_limit=1)
+# A page event that does no model work: answered at once (off the queue), and not part of the API.
+INSTANT = dict(queue=False, api_visibility="private")
+
+# Downloads are made in the browser from the text the server returns: nothing is written server-side.
+DOWNLOAD_JS = """
+(payload) => {
+  if (!payload) return;
+  const {filename, mime, text} = JSON.parse(payload);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], {type: mime}));
+  link.download = filename;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+"""
+
+# Why a request failed, in words for whoever sent it (fairness.Refused is an InvalidRequest).
+VISITOR_ERRORS = (InvalidRequest, PromptTooLong, ScoringUnavailable, GenerationError)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def visitor_errors(handler: Callable[P, T]) -> Callable[P, T]:
+    """The handler (a function, or a generator function streaming updates), with bad input, a request
+    over the visitor's fair share or an answer that can't be scored shown as a gr.Error saying why."""
+    if inspect.isgeneratorfunction(handler):
+        # A generator function still, so that Gradio streams what it yields.
+        @functools.wraps(handler)
+        def streaming(*args: P.args, **kwargs: P.kwargs):
+            try:
+                yield from cast(Iterator, handler(*args, **kwargs))
+            except VISITOR_ERRORS as error:
+                raise gr.Error(str(error)) from error
+
+        return cast(Callable[P, T], streaming)
+
+    @functools.wraps(handler)
+    def answering(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return handler(*args, **kwargs)
+        except VISITOR_ERRORS as error:
+            raise gr.Error(str(error)) from error
+
+    return answering
+
+
+def turn(
+    chat: Chat,
+    message,
+    system_message,
+    history,
+    moderation,
+    single_turn,
+    params: dict,
+    owner: str | None,
+    visitor: Visitor,
+) -> Iterator[ChatUpdate]:
+    """One answer's updates, for the page and /chat alike. Bad input raises InvalidRequest here, a
+    request over the visitor's fair share fairness.Refused as the stream starts: call it from a
+    handler wrapped in visitor_errors."""
+    request = chat.request(message, system_message, history, moderation, single_turn, **params)
+    return chat.respond(request, owner=owner, visitor=visitor)
+
+
+def comparison(
+    chat: Chat, message, system_messages, moderation, params: dict, owner: str | None, visitor: Visitor
+) -> Iterator[tuple[ChatUpdate, ...]]:
+    """The side-by-side answers' updates, for the page and /compare alike (errors as for turn)."""
+    requests = chat.compare_requests(message, system_messages, moderation, **params)
+    return chat.compare(requests, owner=owner, visitor=visitor)
+
+
+def visitor_of(request: gr.Request) -> Visitor:
+    """A page session or API client, and its address: on a Space, the one its proxy forwards."""
+    address = request.client.host if request.client else "unknown"
+    if on_space():
+        forwarded = request.headers.get("x-forwarded-for", "")
+        address = forwarded.split(",")[0].strip() or address
+    return Visitor(request.session_hash or f"address {address}", address)
+
+
+def history_messages(conversation: Conversation) -> list[dict]:
+    return [
+        message
+        for t in conversation.history()
+        for message in ({"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant})
+    ]
+
+
+def exchange_of(question: str, system_message: str, single_turn: bool, update: ChatUpdate) -> Exchange:
+    """The record of a finished answer."""
+    settings = update.params or GenerationParams()
+    return Exchange(
+        question=question,
+        answer=update.answer,
+        system_message=system_message,
+        single_turn=bool(single_turn),
+        settings=settings,
+        answer_ids=update.answer_ids,
+        stats=Stats.of(update.stats) if update.stats else None,
+        moderation=update.moderation,
+        withheld=update.withheld,
+        error=update.error,
+    )
+
+
+def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr.Textbox, **inputs: Any) -> None:
+    """The button saves a file in the browser: export_of(**inputs) returns it (see download), into the
+    hidden download box, and DOWNLOAD_JS saves it."""
+    button.click(export_of, inputs_kwargs=inputs, outputs=download, **INSTANT).then(
+        None, download, None, js=DOWNLOAD_JS, **INSTANT
+    )
+
+
+def download(chat: Chat, conversation: Conversation, kind: str) -> str:
+    """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
+    if not conversation.exchanges:
+        raise gr.Error("Nothing to export yet: ask a question first.")
+    prompts = [_prompt_ids(chat, conversation, index) for index in range(len(conversation.exchanges))]
+    exported = export(conversation, chat.backend.info, prompts)
+    name = f"orca2-{conversation.created[:10]}-{conversation.id}"
+    if kind == "markdown":
+        return _download(f"{name}.md", "text/markdown", to_markdown(exported))
+    return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
+
+
+def _prompt_ids(chat: Chat, conversation: Conversation, index: int) -> list[int]:
+    """The ids the model read for an exchange, rebuilt from the record as it was then."""
+    e = conversation.exchanges[index]
+    earlier = Conversation(exchanges=conversation.exchanges[:index])
+    history = [] if e.single_turn else history_messages(earlier)
+    try:
+        return chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
+    except (InvalidRequest, PromptTooLong):
+        return []
+
+
+def _download(filename: str, mime: str, text: str) -> str:
+    return json.dumps({"filename": filename, "mime": mime, "text": text})

@@ -1,0 +1,420 @@
+"""The Chat tab: its layout and its events. Send, Retry and Undo stream answers into the chat (Send and
+/chat through one function, adapters.turn); the visitor's conversations are kept in their browser (a
+gr.BrowserState holding a conversation.Store), listed, opened, deleted, exported and imported.
+
+Events are wired by name: a handler's parameters are the keys of its inputs_kwargs, and it returns
+{component: value} for the components it changes (an output it leaves out stays as it is). Every
+handler takes the store as the browser sent it and returns the new one; the server keeps nothing
+between requests.
+"""
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..chat import Chat, ChatUpdate
+from ..conversation import Conversation, Store, parse_export
+from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, PRESET_CHOICES, SYSTEM_PRESETS
+from ..render import CHATBOT_OPTIONS
+from .adapters import (
+    GENERATION_CONCURRENCY_ID,
+    INSTANT,
+    SCORING_CONCURRENCY,
+    STORAGE_SECRET,
+    download,
+    exchange_of,
+    history_messages,
+    turn,
+    visitor_errors,
+    visitor_of,
+    wire_download,
+)
+from .controls import moderation_toggle, setting_controls, setting_values
+from .messages import chat_messages, exchange_at, status
+from .tokens import token_view_of
+
+TITLE = "Chat"
+ID = "chat-tab"
+PURPOSE = (
+    "Ask Orca 2 anything and read its answer exactly as written; the system message on the right sets "
+    "the reasoning strategy it is asked to use."
+)
+TOKENS_PURPOSE = (
+    "See where Orca 2 was sure and where it hesitated: click an answer in the chat (or the button) to colour "
+    "each of its tokens by the probability the model gave it."
+)
+SINGLE_TURN_INFO = (
+    "On: each question is answered on its own, as Orca 2's card intends (it was not tuned for chat) and its "
+    "paper evaluates. Off: earlier turns are sent too."
+)
+CSS = """
+#answer-status { min-height: 1.5em; }
+#chatbot { height: min(62vh, 620px) !important; }
+@media (max-width: 640px) { #chatbot { height: 55vh !important; } }
+"""
+
+
+@dataclass
+class ChatTab:
+    """The components the events are wired to."""
+
+    store: gr.BrowserState
+    chats: gr.Dropdown
+    new_chat: gr.Button
+    delete_chat: gr.Button
+    chatbot: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    retry: gr.Button
+    undo: gr.Button
+    single_turn: gr.Checkbox
+    raw: gr.Checkbox
+    answer_status: gr.HTML
+    tokens_box: gr.Accordion
+    score_last: gr.Button
+    tokens: gr.HTML
+    export_json: gr.Button
+    export_markdown: gr.Button
+    import_json: gr.UploadButton
+    download: gr.Textbox
+    moderation: gr.Checkbox
+    preset: gr.Dropdown
+    system_message: gr.Textbox
+    # The generation settings' controls, by their names in GenerationParams.
+    params: dict[str, gr.components.Component]
+    inspect: gr.Button
+    inspect_count: gr.Markdown
+    inspect_text: gr.Code
+    inspect_ids: gr.Textbox
+
+
+def build(demo: gr.Blocks, chat: Chat) -> None:
+    """The tab's layout and events (inside its gr.Tab)."""
+    gr.Markdown(PURPOSE, elem_classes="purpose")
+    tab = layout(chat)
+    _wire(demo, tab, ChatEvents(chat, tab))
+
+
+def layout(chat: Chat) -> ChatTab:
+    store = gr.BrowserState(Store().model_dump(), storage_key="orca2-space-conversations", secret=STORAGE_SECRET)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            conversation = _conversation_column()
+        with gr.Column(scale=2, min_width=280):
+            settings = _settings_column(chat)
+    return ChatTab(store=store, **conversation, **settings)
+
+
+def _conversation_column() -> dict:
+    with gr.Row(equal_height=False):
+        chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, elem_id="chats")
+        new_chat = gr.Button("+ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
+        delete_chat = gr.Button("🗑 Delete", size="sm", scale=1, min_width=80, elem_id="delete-chat")
+    chatbot = gr.Chatbot(
+        label="Chat",
+        show_label=False,
+        elem_id="chatbot",
+        # No copy buttons: they would copy the HTML that shows the text, not the text.
+        buttons=[],
+        feedback_options=None,
+        **CHATBOT_OPTIONS,
+    )
+    with gr.Row():
+        # One line that grows: Enter sends, Shift+Enter starts a new line.
+        message = gr.Textbox(
+            placeholder="Ask Orca 2… (Enter sends, Shift+Enter adds a line)",
+            show_label=False,
+            scale=5,
+            lines=1,
+            max_lines=12,
+            elem_id="message",
+            autofocus=True,
+        )
+        send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
+    with gr.Row():
+        retry = gr.Button("↻ Retry", size="sm", min_width=60, elem_id="retry")
+        undo = gr.Button("↶ Undo", size="sm", min_width=60, elem_id="undo")
+        export_json = gr.Button("⤓ JSON", size="sm", min_width=60, elem_id="export-json")
+        export_markdown = gr.Button("⤓ Markdown", size="sm", min_width=60, elem_id="export-markdown")
+        import_json = gr.UploadButton(
+            "⤒ Import", size="sm", min_width=60, file_types=[".json"], type="binary", elem_id="import-json"
+        )
+    with gr.Row():
+        single_turn = gr.Checkbox(True, label="Single turn", info=SINGLE_TURN_INFO, elem_id="single-turn")
+        raw = gr.Checkbox(False, label="Raw text", info="Show the exact characters, unformatted", elem_id="raw")
+    answer_status = gr.HTML(elem_id="answer-status")
+    with gr.Accordion("How sure was Orca 2? Token probabilities", open=False, elem_id="tokens-box") as tokens_box:
+        gr.Markdown(TOKENS_PURPOSE)
+        score_last = gr.Button("Show the last answer's tokens", size="sm", elem_id="score-last")
+        tokens = gr.HTML(elem_id="tokens")
+    gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
+    download = gr.Textbox(visible=False, elem_id="download")
+    return dict(
+        chats=chats,
+        new_chat=new_chat,
+        delete_chat=delete_chat,
+        chatbot=chatbot,
+        message=message,
+        send=send,
+        stop=stop,
+        retry=retry,
+        undo=undo,
+        single_turn=single_turn,
+        raw=raw,
+        answer_status=answer_status,
+        tokens_box=tokens_box,
+        score_last=score_last,
+        tokens=tokens,
+        export_json=export_json,
+        export_markdown=export_markdown,
+        import_json=import_json,
+        download=download,
+    )
+
+
+def _settings_column(chat: Chat) -> dict:
+    moderation = moderation_toggle(chat)
+    preset = gr.Dropdown(PRESET_CHOICES, value=DEFAULT_PRESET, label="System message preset", elem_id="preset")
+    system_message = gr.Textbox(CAUTIOUS, label="System message", lines=5, max_lines=15, elem_id="system-message")
+    with gr.Accordion("Sampling", open=False):
+        params = setting_controls(chat.settings.max_new_tokens_cap)
+    with gr.Accordion("Prompt inspector", open=False):
+        inspect = gr.Button("Show the prompt for the message box", size="sm", elem_id="inspect")
+        inspect_count = gr.Markdown(elem_id="inspect-count")
+        inspect_text = gr.Code(
+            label="ChatML text", language=None, wrap_lines=True, max_lines=20, elem_id="inspect-text"
+        )
+        inspect_ids = gr.Textbox(label="Input ids", lines=4, max_lines=10, elem_id="inspect-ids")
+    return dict(
+        moderation=moderation,
+        preset=preset,
+        system_message=system_message,
+        params=params,
+        inspect=inspect,
+        inspect_count=inspect_count,
+        inspect_text=inspect_text,
+        inspect_ids=inspect_ids,
+    )
+
+
+class ChatEvents:
+    """The handlers; each one's inputs (by parameter name) and outputs are listed where _wire wires it."""
+
+    def __init__(self, chat: Chat, tab: ChatTab):
+        self.chat, self.tab = chat, tab
+
+    @visitor_errors
+    def respond(
+        self, request: gr.Request, *, message, stored, system_message, moderation, single_turn, show_raw, **params
+    ):
+        t = self.tab
+        store = Store.load(stored)
+        conversation = store.current()
+        history = history_messages(conversation)
+        visitor = visitor_of(request)
+        updates = turn(
+            self.chat, message, system_message, history, moderation, single_turn, params, request.session_hash, visitor
+        )
+        update = ChatUpdate("")
+        # The store and the list change once the answer is done.
+        yield {t.message: "", **self._answering(conversation, show_raw, message, update), **self._busy(True)}
+        for update in updates:
+            if not update.done:
+                yield {**self._answering(conversation, show_raw, message, update), **self._busy(True)}
+        conversation.exchanges.append(exchange_of(message, system_message, single_turn, update))
+        store = store.save(conversation)
+        view = chat_messages(conversation, show_raw)
+        yield {
+            t.chatbot: view,
+            t.answer_status: status(update, single_turn),
+            **self._busy(False),
+            **self._listed(store),
+        }
+
+    def retry(self, request: gr.Request, *, stored, **inputs):
+        """The last answer again, with the settings as they are now."""
+        store = Store.load(stored)
+        conversation = store.current()
+        if not conversation.exchanges:
+            raise gr.Error("Nothing to retry yet.")
+        last = conversation.exchanges.pop()
+        yield from self.respond(request, message=last.question, stored=store.save(conversation).model_dump(), **inputs)
+
+    def stop(self, request: gr.Request) -> None:
+        self.chat.stop(request.session_hash)
+
+    def undo(self, *, stored, show_raw) -> dict:
+        """Take the last exchange back; its question returns to the message box."""
+        t = self.tab
+        store = Store.load(stored)
+        conversation = store.current()
+        question = conversation.exchanges.pop().question if conversation.exchanges else ""
+        store = store.save(conversation)
+        return {
+            t.chatbot: chat_messages(conversation, show_raw),
+            t.message: question,
+            t.answer_status: "",
+            **self._listed(store),
+        }
+
+    def new(self, *, stored) -> dict:
+        return self._cleared(Store.load(stored).model_copy(update={"open": None}))
+
+    def delete(self, *, stored) -> dict:
+        store = Store.load(stored)
+        return self._cleared(store.delete(store.open))
+
+    def open(self, *, conversation_id, stored, show_raw) -> dict:
+        t = self.tab
+        store = Store.load(stored).model_copy(update={"open": conversation_id})
+        conversation = store.current()
+        shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: "", t.store: store.model_dump()}
+        return shown | self._restored(conversation)
+
+    def show(self, *, stored, show_raw) -> dict:
+        """The open conversation, as the page loads or the raw switch changes."""
+        store = Store.load(stored)
+        return {self.tab.chatbot: chat_messages(store.current(), show_raw), self.tab.chats: _choices(store)}
+
+    def export_json(self, *, stored) -> str:
+        return download(self.chat, Store.load(stored).current(), "json")
+
+    def export_markdown(self, *, stored) -> str:
+        return download(self.chat, Store.load(stored).current(), "markdown")
+
+    @visitor_errors
+    def import_(self, *, data: bytes, stored, show_raw) -> dict:
+        conversation = parse_export(data)
+        store = Store.load(stored).save(conversation)
+        shown = {self.tab.chatbot: chat_messages(conversation, show_raw), self.tab.answer_status: ""}
+        return shown | self._listed(store) | self._restored(conversation)
+
+    @visitor_errors
+    def inspect(self, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
+        """The exact prompt the message box would send."""
+        t = self.tab
+        history = [] if single_turn else history_messages(Store.load(stored).current())
+        prompt = self.chat.inspect(message, system_message, history, max_new_tokens)
+        dropped = f" · {prompt.dropped_turns} oldest turn(s) left out" if prompt.dropped_turns else ""
+        count = f"{prompt.n_tokens} tokens{dropped}"
+        return {t.inspect_text: prompt.text, t.inspect_ids: str(prompt.input_ids), t.inspect_count: count}
+
+    def score_last(self, *, stored) -> dict:
+        conversation = Store.load(stored).current()
+        if not conversation.exchanges:
+            raise gr.Error("No answer yet: ask a question first.")
+        return self._tokens(conversation, len(conversation.exchanges) - 1)
+
+    def score_picked(self, selected: gr.SelectData, *, stored):
+        """The token view of the answer clicked in the chat (nothing for a question or a notice)."""
+        conversation = Store.load(stored).current()
+        position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
+        index = exchange_at(conversation, position)
+        return gr.skip() if index is None else self._tokens(conversation, index)
+
+    def _tokens(self, conversation: Conversation, index: int) -> dict:
+        caption = f"Answer {index + 1}: {conversation.exchanges[index].question}"
+        view = token_view_of(self.chat, conversation, index, _clip(caption))
+        return {self.tab.tokens_box: gr.Accordion(open=True), self.tab.tokens: view}
+
+    def _answering(self, conversation: Conversation, show_raw, question: str, update: ChatUpdate) -> dict:
+        view = chat_messages(conversation, show_raw, question, update)
+        return {self.tab.chatbot: view, self.tab.answer_status: status(update)}
+
+    def _busy(self, busy: bool) -> dict:
+        """While an answer streams, Stop takes Send's place."""
+        return {self.tab.send: gr.update(visible=not busy), self.tab.stop: gr.update(visible=busy)}
+
+    def _listed(self, store: Store) -> dict:
+        return {self.tab.store: store.model_dump(), self.tab.chats: _choices(store)}
+
+    def _cleared(self, store: Store) -> dict:
+        return {self.tab.chatbot: [], self.tab.answer_status: ""} | self._listed(store)
+
+    def _restored(self, conversation: Conversation) -> dict:
+        """System message, single-turn switch and settings as the last exchange used them (to redo it)."""
+        if not conversation.exchanges:
+            return {}
+        t, last = self.tab, conversation.exchanges[-1]
+        settings = {t.params[name]: value for name, value in setting_values(last.settings).items()}
+        return {t.system_message: last.system_message, t.single_turn: last.single_turn, **settings}
+
+
+def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
+    shown = dict(stored=t.store, show_raw=t.raw)
+    listed = {t.store, t.chats}
+    restored = {t.system_message, t.single_turn, *t.params.values()}
+    demo.load(events.show, inputs_kwargs=shown, outputs={t.chatbot, t.chats}, **INSTANT)
+    t.raw.change(events.show, inputs_kwargs=shown, outputs={t.chatbot, t.chats}, **INSTANT)
+
+    answer = dict(
+        stored=t.store,
+        system_message=t.system_message,
+        moderation=t.moderation,
+        single_turn=t.single_turn,
+        show_raw=t.raw,
+        **t.params,
+    )
+    answering = {t.message, t.chatbot, t.answer_status, t.send, t.stop, *listed}
+    generation = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
+    gr.on(
+        [t.send.click, t.message.submit],
+        events.respond,
+        inputs_kwargs=dict(message=t.message, **answer),
+        outputs=answering,
+        **generation,
+    )
+    t.retry.click(events.retry, inputs_kwargs=answer, outputs=answering, **generation)
+    t.stop.click(events.stop, None, None, **INSTANT)
+    t.undo.click(events.undo, inputs_kwargs=shown, outputs={t.chatbot, t.message, t.answer_status, *listed}, **INSTANT)
+    cleared = {t.chatbot, t.answer_status, *listed}
+    # The Chatbot's own trash button clears the view: it starts a new chat too (the old one stays listed).
+    for trigger in (t.new_chat.click, t.chatbot.clear):
+        trigger(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
+    t.delete_chat.click(events.delete, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
+    t.chats.input(
+        events.open,
+        inputs_kwargs=dict(conversation_id=t.chats, **shown),
+        outputs={t.chatbot, t.answer_status, t.store, *restored},
+        **INSTANT,
+    )
+    t.import_json.upload(
+        events.import_,
+        inputs_kwargs=dict(data=t.import_json, **shown),
+        outputs={t.chatbot, t.answer_status, *listed, *restored},
+        **INSTANT,
+    )
+    wire_download(t.export_json, events.export_json, t.download, stored=t.store)
+    wire_download(t.export_markdown, events.export_markdown, t.download, stored=t.store)
+    t.preset.change(lambda name: SYSTEM_PRESETS[name], t.preset, t.system_message, **INSTANT)
+    t.inspect.click(
+        events.inspect,
+        inputs_kwargs=dict(
+            message=t.message,
+            stored=t.store,
+            system_message=t.system_message,
+            single_turn=t.single_turn,
+            max_new_tokens=t.params["max_new_tokens"],
+        ),
+        outputs={t.inspect_text, t.inspect_ids, t.inspect_count},
+        **INSTANT,
+    )
+    scoring = dict(**SCORING_CONCURRENCY, api_visibility="private")
+    t.score_last.click(
+        events.score_last, inputs_kwargs=dict(stored=t.store), outputs={t.tokens_box, t.tokens}, **scoring
+    )
+    t.chatbot.select(
+        events.score_picked, inputs_kwargs=dict(stored=t.store), outputs={t.tokens_box, t.tokens}, **scoring
+    )
+
+
+def _choices(store: Store) -> dict:
+    """The update for the list of the visitor's conversations."""
+    return gr.update(choices=[(c.title, c.id) for c in store.conversations], value=store.open)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
