@@ -9,15 +9,17 @@ is shown is render.py's business.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import secrets
 from collections.abc import Sequence
-from typing import Literal, TypeVar
+from typing import Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .backends.contract import GenerationStats, ModelInfo, TokenProbability
+from .chat import COMPARED
 from .moderation import ModerationState
 from .presets import preset_of
 from .prompt import Turn
@@ -29,9 +31,9 @@ COMPARISON_FORMAT = "orca2-space/comparison"
 COMPARISON_FORMAT_VERSION = 1
 # The browser keeps this many conversations; the oldest go first.
 MAX_KEPT = 50
-# The browser sends its store with every request, so it keeps the token probabilities of this many
-# tokens at most, newest first (an older answer's can be scored again). One whole context, so the
-# answer just scored always keeps its own.
+# The browser sends what it keeps with the requests that read it, so it keeps the token probabilities
+# of this many tokens at most, newest first (an older answer's can be scored again). One whole
+# context, so the answer just scored always keeps its own.
 MAX_KEPT_SCORED_TOKENS = 4096
 _STRICT = ConfigDict(extra="forbid")
 
@@ -101,8 +103,6 @@ class Exchange(BaseModel):
     moderation: ModerationState = ModerationState.OFF
     withheld: str | None = None
     error: str | None = None
-    # The token probabilities the visitor looked at; absent until they do.
-    tokens: list[ScoredToken] | None = None
 
     @property
     def usable(self) -> bool:
@@ -156,26 +156,59 @@ class Store(BaseModel):
         """The store with this conversation open and first in the list."""
         others = [c for c in self.conversations if c.id != conversation.id]
         kept = [conversation, *others][:MAX_KEPT] if conversation.exchanges else others
-        return Store(open=conversation.id, conversations=_within_scored_budget(kept))
+        return Store(open=conversation.id, conversations=kept)
 
     def delete(self, conversation_id: str | None) -> Store:
         kept = [c for c in self.conversations if c.id != conversation_id]
         return Store(open=None if self.open == conversation_id else self.open, conversations=kept)
 
 
-def _within_scored_budget(conversations: list[Conversation]) -> list[Conversation]:
-    """The conversations with scored tokens kept on the newest answers only (MAX_KEPT_SCORED_TOKENS)."""
-    budget = MAX_KEPT_SCORED_TOKENS
-    kept = []
-    for conversation in conversations:
-        exchanges = []
-        for e in reversed(conversation.exchanges):
-            if e.tokens is not None and len(e.tokens) > budget:
-                e = e.model_copy(update={"tokens": None})
-            budget -= len(e.tokens or ())
-            exchanges.append(e)
-        kept.append(conversation.model_copy(update={"exchanges": exchanges[::-1]}))
-    return kept
+def answer_keys(exchanges: Sequence[Exchange]) -> list[str]:
+    """Each answer's key in LookedAt: a digest of what its token probabilities follow from (the
+    system message, the earlier turns it was sent with, the question, and the answer's ids or text)."""
+    keys = []
+    for index, e in enumerate(exchanges):
+        earlier = [] if e.single_turn else [[x.question, x.answer] for x in exchanges[:index] if x.usable]
+        scored = [e.system_message, earlier, e.question, e.answer, e.answer_ids]
+        keys.append(hashlib.sha256(json.dumps(scored).encode()).hexdigest()[:32])
+    return keys
+
+
+class LookedAt(BaseModel):
+    """The token probabilities the visitor looked at, by answer (answer_keys), newest first, for the
+    exports. Kept apart from the conversations: scoring an earlier answer while the next one streams
+    must never write an older copy of the conversation over the one being recorded."""
+
+    model_config = _STRICT
+
+    answers: list[tuple[str, list[ScoredToken]]] = []
+
+    @classmethod
+    def load(cls, value: object) -> LookedAt:
+        try:
+            return cls.model_validate(value or {})
+        except ValidationError:
+            return cls()
+
+    def add(self, key: str, tokens: list[ScoredToken]) -> LookedAt:
+        """With this answer's tokens first; the oldest go past MAX_KEPT_SCORED_TOKENS in all."""
+        kept, budget = [], MAX_KEPT_SCORED_TOKENS
+        for answer in [(key, tokens), *(a for a in self.answers if a[0] != key)]:
+            if len(answer[1]) <= budget:
+                kept.append(answer)
+                budget -= len(answer[1])
+        return LookedAt(answers=kept)
+
+    def tokens(self, exchanges: Sequence[Exchange]) -> list[list[ScoredToken] | None]:
+        """The tokens looked at of each of these answers (None: not looked at)."""
+        looked = dict(self.answers)
+        return [looked.get(key) for key in answer_keys(exchanges)]
+
+    def with_imported(self, exchanges: Sequence[Exchange], tokens: Sequence[list[ScoredToken] | None]) -> LookedAt:
+        looked = self
+        for key, scored in zip(answer_keys(exchanges), tokens):
+            looked = looked if scored is None else looked.add(key, scored)
+        return looked
 
 
 class _Exported(BaseModel):
@@ -191,15 +224,23 @@ class _Exported(BaseModel):
     backend: str
     exported: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
-    @staticmethod
-    def made_by(info: ModelInfo) -> dict[str, str]:
-        backend = f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
-        return dict(model=info.name, weights=info.quantization, backend=backend)
+
+class _MadeBy(TypedDict):
+    model: str
+    weights: str
+    backend: str
+
+
+def _made_by(info: ModelInfo) -> _MadeBy:
+    backend = f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
+    return _MadeBy(model=info.name, weights=info.quantization, backend=backend)
 
 
 class ExportedExchange(Exchange):
     # The exact ids the model read, recomputed when exporting (they follow from the record).
     prompt_ids: list[int]
+    # The answer's token probabilities, if the visitor looked at them.
+    tokens: list[ScoredToken] | None = None
 
 
 class Export(_Exported):
@@ -212,13 +253,13 @@ class Export(_Exported):
     exchanges: list[ExportedExchange]
 
 
-def export(conversation: Conversation, info: ModelInfo, prompt_ids: list[list[int]]) -> Export:
+def export(conversation: Conversation, info: ModelInfo, prompt_ids: list[list[int]], looked: LookedAt) -> Export:
+    tokens = looked.tokens(conversation.exchanges)
     exchanges = [
-        ExportedExchange(**e.model_dump(), prompt_ids=ids) for e, ids in zip(conversation.exchanges, prompt_ids)
+        ExportedExchange(**e.model_dump(), prompt_ids=ids, tokens=scored)
+        for e, ids, scored in zip(conversation.exchanges, prompt_ids, tokens)
     ]
-    return Export(
-        **_Exported.made_by(info), conversation_id=conversation.id, created=conversation.created, exchanges=exchanges
-    )
+    return Export(**_made_by(info), conversation_id=conversation.id, created=conversation.created, exchanges=exchanges)
 
 
 class ComparedAnswer(BaseModel):
@@ -247,37 +288,50 @@ class ComparisonExport(_Exported):
     version: Literal[1] = COMPARISON_FORMAT_VERSION
     question: str
     settings: GenerationParams
-    answers: list[ComparedAnswer] = Field(min_length=1)
+    answers: list[ComparedAnswer] = Field(min_length=COMPARED.start, max_length=COMPARED.stop - 1)
 
 
 _E = TypeVar("_E", bound=_Exported)
-_COMPARED_FIELDS = set(ComparedAnswer.model_fields) - {"preset", "prompt_ids"}
+_COMPARED_FIELDS = set(ComparedAnswer.model_fields) - {"preset", "prompt_ids", "tokens"}
 
 
-def export_comparison(answers: Sequence[Exchange], info: ModelInfo, prompt_ids: list[list[int]]) -> ComparisonExport:
+def export_comparison(
+    answers: Sequence[Exchange], info: ModelInfo, prompt_ids: list[list[int]], looked: LookedAt
+) -> ComparisonExport:
     """A comparison as the page keeps it (one exchange per column, all of one question and settings)."""
     columns = [
-        ComparedAnswer(**e.model_dump(include=_COMPARED_FIELDS), preset=preset_of(e.system_message), prompt_ids=ids)
-        for e, ids in zip(answers, prompt_ids)
+        ComparedAnswer(
+            **e.model_dump(include=_COMPARED_FIELDS), preset=preset_of(e.system_message), prompt_ids=ids, tokens=scored
+        )
+        for e, ids, scored in zip(answers, prompt_ids, looked.tokens(answers))
     ]
     first = answers[0]
-    return ComparisonExport(
-        **_Exported.made_by(info), question=first.question, settings=first.settings, answers=columns
-    )
+    return ComparisonExport(**_made_by(info), question=first.question, settings=first.settings, answers=columns)
 
 
-def parse_export(text: str | bytes) -> Conversation:
-    """A conversation from an exported JSON file; InvalidRequest says what is wrong with it."""
+def parse_export(text: str | bytes, looked: LookedAt) -> tuple[Conversation, LookedAt]:
+    """A conversation from an exported JSON file, and what the browser has looked at with the file's
+    token probabilities added; InvalidRequest says what is wrong with the file."""
     exported = _parsed(Export, text, "a conversation")
-    exchanges = [Exchange(**e.model_dump(exclude={"prompt_ids"})) for e in exported.exchanges]
-    return Conversation(id=exported.conversation_id, created=exported.created, exchanges=exchanges)
+    exchanges = [Exchange(**e.model_dump(exclude={"prompt_ids", "tokens"})) for e in exported.exchanges]
+    conversation = Conversation(id=exported.conversation_id, created=exported.created, exchanges=exchanges)
+    return conversation, looked.with_imported(exchanges, [e.tokens for e in exported.exchanges])
 
 
-def parse_comparison(text: str | bytes) -> list[Exchange]:
-    """A comparison from an exported JSON file, as the page keeps it: one exchange per column."""
+def parse_comparison(text: str | bytes, looked: LookedAt) -> tuple[list[Exchange], LookedAt]:
+    """A comparison from an exported JSON file, as the page keeps it (one exchange per column), and
+    what the browser has looked at with the file's token probabilities added."""
     exported = _parsed(ComparisonExport, text, "a comparison")
-    common = dict(question=exported.question, single_turn=True, settings=exported.settings)
-    return [Exchange(**a.model_dump(include=_COMPARED_FIELDS), **common) for a in exported.answers]
+    answers = [
+        Exchange(
+            **a.model_dump(include=_COMPARED_FIELDS),
+            question=exported.question,
+            single_turn=True,
+            settings=exported.settings,
+        )
+        for a in exported.answers
+    ]
+    return answers, looked.with_imported(answers, [a.tokens for a in exported.answers])
 
 
 def _parsed(kind: type[_E], text: str | bytes, what: str) -> _E:

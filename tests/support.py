@@ -22,6 +22,7 @@ from orca2_space.backends.contract import GenerationStats, ModelInfo, StopReason
 from orca2_space.backends.local.batching import BatchingSettings
 from orca2_space.backends.local.engine import Engine
 from orca2_space.conversation import Exchange
+from orca2_space.presets import PRESET_CHOICES
 from orca2_space.prompt import OrcaTokenizer, Prompt
 from orca2_space.settings import GenerationParams
 
@@ -345,6 +346,29 @@ def download(page, button: str) -> str:
     with page.expect_download() as started:
         page.click(button)
     return open(started.value.path()).read()
+
+
+def fits(page, selector: str) -> bool:
+    """Whether the text of the input (its value, or its placeholder when empty) shows in full."""
+    return page.locator(selector).evaluate(
+        """field => { const style = getComputedStyle(field);
+        const text = field.value || field.placeholder;
+        const measure = document.createElement('canvas').getContext('2d');
+        measure.font = style.font;
+        const room = field.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return field.scrollWidth <= field.clientWidth && measure.measureText(text).width <= room; }"""
+    )
+
+
+def preset_labels_shown(page, dropdown: str) -> list[tuple[str, bool]]:
+    """Each preset chosen in turn: its label, and whether it reads in full."""
+    shown = []
+    for label, _ in PRESET_CHOICES:
+        page.click(f"{dropdown} input")
+        page.get_by_role("option", name=label, exact=True).click()
+        page.wait_for_function(f"document.querySelector('{dropdown} input').value == {json.dumps(label)}")
+        shown.append((label, fits(page, f"{dropdown} input")))
+    return shown
 
 
 # --- Texts a message may hold ---------------------------------------------------------------------

@@ -6,14 +6,14 @@ downloads, where requests wait, and the one way bad input reaches the visitor (v
 import functools
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import gradio as gr
 
 from ..backends.contract import GenerationError, ScoringUnavailable
 from ..chat import Chat, ChatUpdate
-from ..conversation import Conversation, Exchange, Stats, export, to_markdown
+from ..conversation import Conversation, Exchange, LookedAt, Stats, export, export_comparison, to_markdown
 from ..fairness import Visitor
 from ..prompt import PromptTooLong
 from ..settings import GenerationParams, InvalidRequest, on_space
@@ -142,23 +142,32 @@ def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr
     )
 
 
-def download(chat: Chat, conversation: Conversation, kind: str) -> str:
+def download(chat: Chat, conversation: Conversation, kind: str, looked: LookedAt) -> str:
     """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
     if not conversation.exchanges:
         raise gr.Error("Nothing to export yet: ask a question first.")
-    prompts = [_prompt_ids(chat, conversation, index) for index in range(len(conversation.exchanges))]
-    exported = export(conversation, chat.backend.info, prompts)
+    exported = export(conversation, chat.backend.info, _prompt_ids(chat, conversation.exchanges), looked)
     name = f"orca2-{conversation.created[:10]}-{conversation.id}"
     if kind == "markdown":
         return _download(f"{name}.md", "text/markdown", to_markdown(exported))
     return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
 
 
-def _prompt_ids(chat: Chat, conversation: Conversation, index: int) -> list[int]:
-    """The ids the model read for an exchange, rebuilt from the record as it was then."""
-    e = conversation.exchanges[index]
-    earlier = Conversation(exchanges=conversation.exchanges[:index])
-    history = [] if e.single_turn else history_messages(earlier)
+def comparison_download(chat: Chat, answers: list[Exchange], looked: LookedAt) -> str:
+    """A comparison's JSON file, as download's."""
+    exported = export_comparison(answers, chat.backend.info, _prompt_ids(chat, answers), looked)
+    name = f"orca2-comparison-{exported.exported[:19].replace(':', '')}.json"
+    return _download(name, "application/json", exported.model_dump_json(indent=2))
+
+
+def _prompt_ids(chat: Chat, exchanges: Sequence[Exchange]) -> list[list[int]]:
+    """The ids the model read for each exchange, rebuilt from the record as it was then."""
+    return [_prompt_ids_of(chat, exchanges, index) for index in range(len(exchanges))]
+
+
+def _prompt_ids_of(chat: Chat, exchanges: Sequence[Exchange], index: int) -> list[int]:
+    e = exchanges[index]
+    history = [] if e.single_turn else history_messages(Conversation(exchanges=list(exchanges[:index])))
     try:
         return chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
     except (InvalidRequest, PromptTooLong):
