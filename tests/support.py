@@ -349,13 +349,17 @@ def download(page, button: str) -> str:
 
 
 def fits(page, selector: str) -> bool:
-    """Whether the text of the input (its value, or its placeholder when empty) shows in full."""
+    """Whether the text of the input (its value, or its placeholder when empty) shows in full: none of
+    it past the input's padding or under a dropdown's caret (which Gradio lays over the input's end)."""
     return page.locator(selector).evaluate(
         """field => { const style = getComputedStyle(field);
         const text = field.value || field.placeholder;
         const measure = document.createElement('canvas').getContext('2d');
         measure.font = style.font;
-        const room = field.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        const box = field.getBoundingClientRect();
+        const caret = field.parentElement.querySelector('.icon-wrap');
+        const end = caret ? Math.min(caret.getBoundingClientRect().left, box.right) : box.right;
+        const room = end - box.left - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
         return field.scrollWidth <= field.clientWidth && measure.measureText(text).width <= room; }"""
     )
 

@@ -325,3 +325,15 @@ def test_the_token_probabilities_looked_at_travel_with_the_export(browser, plain
     assert first["tokens"] is None and len(second["tokens"]) == 12
     assert [t["id"] for t in second["tokens"]] == second["answer_ids"]
     assert markdown.count("Token probabilities (all in the JSON export): 12 tokens") == 1
+
+
+def test_a_long_chat_title_ends_in_an_ellipsis_before_the_caret(page, plain_app):
+    open_app(page, plain_app)
+    send(page, "How can you determine if a restaurant is popular among locals or mainly attracts tourists?")
+    shown = page.locator("#chats input").evaluate(
+        """title => { const style = getComputedStyle(title);
+        const caret = title.parentElement.querySelector('.icon-wrap').getBoundingClientRect();
+        const textEnd = title.getBoundingClientRect().right - parseFloat(style.paddingRight);
+        return [title.scrollWidth > title.clientWidth, style.textOverflow, textEnd <= caret.left]; }"""
+    )
+    assert shown == [True, "ellipsis", True]  # cut, says so, and not under the caret

@@ -54,8 +54,9 @@ CSS = """
 /* The Chatbot's toolbar holds only its unlabelled trash button (buttons=[]): it looks like Delete, and
    "+ New chat" and "🗑 Delete" above say what they do. */
 #chatbot .icon-button-wrapper { display: none; }
-/* A chat's title (its first question) cut short says so. */
-#chats input { text-overflow: ellipsis; }
+/* A chat's title (its first question) cut short says so, before the dropdown's caret (which Gradio
+   lays over the input's end). */
+#chats input { text-overflow: ellipsis; padding-right: 24px; }
 """
 # Opening the page puts the cursor in the message box without scrolling to it (autofocus would: on
 # a phone, to below the chat).
@@ -120,7 +121,8 @@ def layout(chat: Chat) -> ChatTab:
 
 def _conversation_column() -> dict:
     with gr.Row(equal_height=False):
-        chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, elem_id="chats")
+        # On a phone the list has a row of its own (the buttons go below it), room for a title to read.
+        chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, min_width=300, elem_id="chats")
         new_chat = gr.Button("+ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
         delete_chat = gr.Button("🗑 Delete", size="sm", scale=1, min_width=80, elem_id="delete-chat")
     chatbot = gr.Chatbot(
