@@ -42,6 +42,7 @@ SHARE_WITHOUT_AUTH_WARNING = (
     "Add --auth USER:PASS to require a login."
 )
 ENV_PREFIX = "ORCA2_"
+MIB = 1024 * 1024
 # What a variable may say for a switch (ORCA2_SHARE=1).
 SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 # Pydantic's complaints as phrases that follow the value: "'0' must be at least 1".
@@ -360,14 +361,23 @@ def backend_loader(settings: Settings) -> Callable[..., Backend]:
 def launch(chat, share: bool = False, block: bool = True):
     """Build the page for this chat service and serve it; with block=False, return the running app."""
     from . import ui
+    from .ui import guard, mcp_tools
 
     settings = chat.settings
     demo = ui.build(chat)
     # Every request the fair share admits goes straight to the chat, which waits for the model; Gradio's
-    # queue holds nothing back from it (its size only bounds a burst of page events).
+    # queue holds nothing back from it (its size only bounds a burst of page events). The API's endpoints
+    # are called through the queue only (api_open: no direct POST to /gradio_api/run/NAME around it).
     admitted = chat.fair_share.limits.total
-    demo.queue(default_concurrency_limit=admitted, max_size=settings.max_queue)
+    demo.queue(default_concurrency_limit=admitted, max_size=settings.max_queue, api_open=False)
     _pace_queue(demo)
+    # Gradio starts uvicorn with its defaults, which take any loopback peer's X-Forwarded-For as the
+    # client's address (FORWARDED_ALLOW_IPS); the guard reads it from the socket's peer as
+    # --trusted-proxies says instead, so uvicorn must trust no one.
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
+    lifespan = guard.lifespan(demo, settings, share)
+    if settings.mcp:
+        lifespan = mcp_tools.lifespan(demo, lifespan)
     demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -382,6 +392,14 @@ def launch(chat, share: bool = False, block: bool = True):
         show_error=True,
         # A thread per streaming request, and room for the page's other events.
         max_threads=admitted + 40,
+        app_kwargs={"lifespan": lifespan},
+        # Gradio's MCP server (agents' tools, mcp_tools.py); off unless asked, whatever GRADIO_MCP_SERVER says.
+        mcp_server=settings.mcp,
+        max_file_size=settings.max_upload_mb * MIB,
+        # Gradio's /monitoring: its summary shows every event's traffic to anyone, and its key goes to the log.
+        enable_monitoring=False,
+        # Server-side rendering would put a Node proxy in front, one more X-Forwarded-For entry.
+        ssr_mode=False,
     )
     return demo
 

@@ -4,6 +4,11 @@ the settings, seed and ids that reproduce each answer, and the token probabiliti
 The page keeps them in the visitor's browser (never on the server) and exports them as JSON (to
 replay or share) or Markdown (to read). A record holds the text exactly as typed and written; how it
 is shown is render.py's business.
+
+A conversation's JSON export (version 2) holds the ids the model read for each exchange without repeating the earlier
+turns a multi-turn prompt carried: those are named (earlier_turns) and each carried exchange's ids are
+written once (turn_ids), so an export's size follows the conversation's (Export.prompt_ids_of puts a
+prompt back together). Version 1 files, which repeated them, still import.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from .backends.contract import GenerationStats, ModelInfo, TokenProbability
 from .chat import COMPARED
 from .moderation import ModerationState
 from .presets import preset_of
-from .prompt import Turn
-from .settings import GenerationParams, InvalidRequest
+from .prompt import Asked, ConversationPrompts, Turn
+from .settings import GenerationParams, InvalidRequest, Settings
 
 FORMAT = "orca2-space/conversation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COMPARISON_FORMAT = "orca2-space/comparison"
 COMPARISON_FORMAT_VERSION = 1
 # The browser keeps this many conversations; the oldest go first.
@@ -109,6 +114,12 @@ class Exchange(BaseModel):
         """Whether a later turn may send this one back to the model."""
         return self.withheld is None and bool(self.answer)
 
+    @property
+    def asked(self) -> Asked:
+        """The question as its prompt was built: the earlier turns went with it unless single-turn."""
+        answer = self.answer if self.usable else None
+        return Asked(self.question, self.system_message, self.settings.max_new_tokens, not self.single_turn, answer)
+
 
 class Conversation(BaseModel):
     model_config = _STRICT
@@ -127,6 +138,22 @@ class Conversation(BaseModel):
         """The earlier turns a multi-turn question carries: moderation's and errors' notices never."""
         return [Turn(e.question, e.answer) for e in self.exchanges if e.usable]
 
+    def within(self, max_exchanges: int) -> None:
+        """Refuses (InvalidRequest) a conversation longer than the server shows and exports."""
+        if len(self.exchanges) > max_exchanges:
+            raise InvalidRequest(
+                f"A chat of {len(self.exchanges):,} exchanges is longer than this server takes: at most "
+                f"{max_exchanges:,} in one chat (--max-exchanges)."
+            )
+
+    def room_for_another(self, max_exchanges: int) -> None:
+        """Refuses (InvalidRequest) a new question where the conversation is as long as the server takes."""
+        if len(self.exchanges) >= max_exchanges:
+            raise InvalidRequest(
+                f"This chat has {len(self.exchanges):,} exchanges, the most this server keeps in one chat "
+                "(--max-exchanges). Start a new chat to go on."
+            )
+
 
 class Store(BaseModel):
     """Everything the browser keeps: the conversations, newest first, and which one is open."""
@@ -137,12 +164,29 @@ class Store(BaseModel):
     conversations: list[Conversation] = []
 
     @classmethod
-    def load(cls, value: object) -> Store:
-        """The store as the browser sent it; an unreadable one (an older format) starts afresh."""
+    def load(cls, value: object, settings: Settings) -> Store:
+        """The store as the browser sent it; an unreadable one (an older format) starts afresh.
+
+        A store over the server's caps is refused (InvalidRequest, naming the cap): its size before
+        it is read, then its length. The browser sends it with every request, so a script can send
+        anything; the page never sends more than a browser keeps."""
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        if size > settings.max_store_chars:
+            raise InvalidRequest(
+                f"Your browser sent {size:,} characters of conversations; this server reads at most "
+                f"{settings.max_store_chars:,} (--max-store-chars)."
+            )
         try:
-            return cls.model_validate(value or {})
+            store = cls.model_validate(value or {})
         except ValidationError:
             return cls()
+        if len(store.conversations) > MAX_KEPT:
+            raise InvalidRequest(
+                f"Your browser sent {len(store.conversations)} conversations; it keeps at most {MAX_KEPT}."
+            )
+        for conversation in store.conversations:
+            conversation.within(settings.max_exchanges)
+        return store
 
     def current(self) -> Conversation:
         """The open conversation; one emptied by Retry or Undo keeps its id (it is listed again once it
@@ -165,12 +209,15 @@ class Store(BaseModel):
 
 def answer_keys(exchanges: Sequence[Exchange]) -> list[str]:
     """Each answer's key in LookedAt: a digest of what its token probabilities follow from (the
-    system message, the earlier turns it was sent with, the question, and the answer's ids or text)."""
-    keys = []
-    for index, e in enumerate(exchanges):
-        earlier = [] if e.single_turn else [[x.question, x.answer] for x in exchanges[:index] if x.usable]
-        scored = [e.system_message, earlier, e.question, e.answer, e.answer_ids]
+    system message, the earlier turns it was sent with, the question, and the answer's ids or text).
+    The earlier turns enter as a running digest, so the keys of a conversation take time in step with it."""
+    keys, earlier = [], hashlib.sha256()
+    for e in exchanges:
+        carried = "" if e.single_turn else earlier.hexdigest()
+        scored = [e.system_message, carried, e.question, e.answer, e.answer_ids]
         keys.append(hashlib.sha256(json.dumps(scored).encode()).hexdigest()[:32])
+        if e.usable:
+            earlier.update(json.dumps([e.question, e.answer]).encode())
     return keys
 
 
@@ -236,9 +283,23 @@ def _made_by(info: ModelInfo) -> _MadeBy:
     return _MadeBy(model=info.name, weights=info.quantization, backend=backend)
 
 
+class EarlierTurns(BaseModel):
+    """Where a multi-turn prompt carried earlier turns: at index `at` of its prompt_ids go the turn_ids
+    of every exchange numbered `first` (counting from 1) up to this one that has turn_ids."""
+
+    model_config = _STRICT
+
+    first: int = Field(ge=1)
+    at: int = Field(ge=0)
+
+
 class ExportedExchange(Exchange):
-    # The exact ids the model read, recomputed when exporting (they follow from the record).
+    # The exact ids the model read, recomputed when exporting (they follow from the record); without the
+    # earlier turns, where earlier_turns says they go.
     prompt_ids: list[int]
+    earlier_turns: EarlierTurns | None = None
+    # This exchange's question and answer as a later prompt carried them (where one did).
+    turn_ids: list[int] | None = None
     # The answer's token probabilities, if the visitor looked at them.
     tokens: list[ScoredToken] | None = None
 
@@ -247,18 +308,37 @@ class Export(_Exported):
     """A conversation, exchange by exchange."""
 
     format: Literal["orca2-space/conversation"] = FORMAT
-    version: Literal[1] = FORMAT_VERSION
+    # 1: each prompt_ids held the whole prompt, earlier turns and all.
+    version: Literal[1, 2] = FORMAT_VERSION
     conversation_id: str
     created: str
     exchanges: list[ExportedExchange]
 
+    def prompt_ids_of(self, index: int) -> list[int]:
+        """The whole prompt the model read for the exchange at index (from 0), earlier turns included."""
+        e = self.exchanges[index]
+        if e.earlier_turns is None:
+            return e.prompt_ids
+        at, carried = e.earlier_turns.at, self.exchanges[e.earlier_turns.first - 1 : index]
+        return e.prompt_ids[:at] + [i for c in carried for i in c.turn_ids or ()] + e.prompt_ids[at:]
 
-def export(conversation: Conversation, info: ModelInfo, prompt_ids: list[list[int]], looked: LookedAt) -> Export:
+
+def export(conversation: Conversation, info: ModelInfo, prompts: ConversationPrompts, looked: LookedAt) -> Export:
+    """The conversation with the prompts Chat.prompts gave for its exchanges (an exchange whose prompt
+    the server would refuse exports no ids) and the token probabilities looked at."""
+    exchanges = []
     tokens = looked.tokens(conversation.exchanges)
-    exchanges = [
-        ExportedExchange(**e.model_dump(), prompt_ids=ids, tokens=scored)
-        for e, ids, scored in zip(conversation.exchanges, prompt_ids, tokens)
-    ]
+    for index, (e, prompt, scored) in enumerate(zip(conversation.exchanges, prompts.prompts, tokens)):
+        carried = None if prompt is None or prompt.first is None else EarlierTurns(first=prompt.first + 1, at=prompt.at)
+        exchanges.append(
+            ExportedExchange(
+                **e.model_dump(),
+                prompt_ids=[] if prompt is None else prompt.ids,
+                earlier_turns=carried,
+                turn_ids=prompts.turn_ids.get(index),
+                tokens=scored,
+            )
+        )
     return Export(**_made_by(info), conversation_id=conversation.id, created=conversation.created, exchanges=exchanges)
 
 
@@ -309,12 +389,15 @@ def export_comparison(
     return ComparisonExport(**_made_by(info), question=first.question, settings=first.settings, answers=columns)
 
 
-def parse_export(text: str | bytes, looked: LookedAt) -> tuple[Conversation, LookedAt]:
-    """A conversation from an exported JSON file, and what the browser has looked at with the file's
-    token probabilities added; InvalidRequest says what is wrong with the file."""
+def parse_export(text: str | bytes, looked: LookedAt, max_exchanges: int) -> tuple[Conversation, LookedAt]:
+    """A conversation from an exported JSON file (either version), and what the browser has looked at
+    with the file's token probabilities added; InvalidRequest says what is wrong with the file, or that
+    it is longer than the server takes."""
     exported = _parsed(Export, text, "a conversation")
-    exchanges = [Exchange(**e.model_dump(exclude={"prompt_ids", "tokens"})) for e in exported.exchanges]
+    exported_only = {"prompt_ids", "earlier_turns", "turn_ids", "tokens"}
+    exchanges = [Exchange(**e.model_dump(exclude=exported_only)) for e in exported.exchanges]
     conversation = Conversation(id=exported.conversation_id, created=exported.created, exchanges=exchanges)
+    conversation.within(max_exchanges)
     return conversation, looked.with_imported(exchanges, [e.tokens for e in exported.exchanges])
 
 
@@ -353,22 +436,25 @@ def _format_of(text: str | bytes) -> object:
     return data.get("format") if isinstance(data, dict) else None
 
 
-def to_markdown(exported: Export) -> str:
-    """The conversation for reading: each question and answer verbatim, in fenced blocks."""
+def to_markdown(conversation: Conversation, info: ModelInfo, looked: LookedAt) -> str:
+    """The conversation for reading: each question and answer verbatim, in fenced blocks, and a line
+    on the token probabilities looked at."""
+    made_by = _made_by(info)
     lines = [
-        f"# Orca 2 conversation ({exported.created})",
+        f"# Orca 2 conversation ({conversation.created})",
         "",
-        f"Model: {exported.model} · {exported.weights} · {exported.backend} · orca2-space {exported.app_version}",
+        f"Model: {made_by['model']} · {made_by['weights']} · {made_by['backend']} · orca2-space {__version__}",
     ]
-    for number, e in enumerate(exported.exchanges, 1):
+    tokens = looked.tokens(conversation.exchanges)
+    for number, (e, scored) in enumerate(zip(conversation.exchanges, tokens), 1):
         mode = "single turn" if e.single_turn else "with the earlier turns"
         how = f"seed {e.settings.seed}" if e.settings.do_sample else "greedy"
         lines += ["", f"## {number}. Question ({mode}, {how})", "", _fenced(e.question)]
         lines += ["", "System message:", "", _fenced(e.system_message)]
         lines += ["", "Answer:", "", _fenced(e.answer)]
         lines += [f"\n> {notice}" for notice in (e.withheld, e.error) if notice]
-        if e.tokens:
-            lines += ["", _scored_summary(e.tokens)]
+        if scored:
+            lines += ["", _scored_summary(scored)]
     return "\n".join(lines) + "\n"
 
 

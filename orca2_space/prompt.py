@@ -54,6 +54,53 @@ class Prompt:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True)
+class Frame:
+    """A prompt without its earlier turns: they go between head and tail, as many as room holds."""
+
+    # <s>, "▁" and the system message.
+    head: list[int]
+    # The new user message and "<|im_start|>assistant", which the answer follows.
+    tail: list[int]
+    # Ids left for earlier turns, once the answer's max_new_tokens are set aside.
+    room: int
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One question of a conversation, as its prompt was built (see Chat.prompts)."""
+
+    message: str
+    system_message: str
+    max_new_tokens: int
+    # Multi-turn: the prompt carried the earlier turns that fit.
+    with_history: bool
+    # What later prompts carry with the question: its answer; None where they leave it out (withheld, failed).
+    answer: str | None
+
+
+@dataclass(frozen=True)
+class CarriedPrompt:
+    """One prompt of a conversation, its earlier turns named, not repeated: the ids the model read
+    are ids[:at], then the turn ids of every question from index `first` on that has an answer to
+    carry, then ids[at:]."""
+
+    ids: list[int]
+    at: int
+    # The index of the oldest question carried; None where the prompt carried no earlier turn.
+    first: int | None
+
+
+@dataclass(frozen=True)
+class ConversationPrompts:
+    """The prompts of a conversation's questions, each earlier turn's ids held once."""
+
+    # One per question: None where the server refuses to build it.
+    prompts: list[CarriedPrompt | None]
+    # The ids of each question (by index) that a later prompt carried, as it carried them.
+    turn_ids: dict[int, list[int]]
+
+
 class PromptTooLong(ValueError):
     """The system message and the new message alone leave no room for the answer."""
 
@@ -94,6 +141,26 @@ class OrcaTokenizer:
         text = f"{role}\n{content.replace(SPIECE_UNDERLINE, ' ')}"
         return [IM_START, *self.encode_text(text), IM_END, *self.encode_text("\n")]
 
+    def turn_ids(self, turn: Turn) -> list[int]:
+        """An earlier turn as every later prompt carries it: the same ids wherever it sits."""
+        return self._message("user", turn.user) + self._message("assistant", turn.assistant)
+
+    def frame(
+        self, system: str, user: str, *, max_new_tokens: int = 0, context_length: int = DEFAULT_CONTEXT_LENGTH
+    ) -> Frame:
+        """What the prompt for a new user message holds around its earlier turns, and the room left
+        for them; PromptTooLong where there is none."""
+        head = [BOS, *self.encode_text(SPIECE_UNDERLINE), *self._message("system", system)]
+        tail = [*self._message("user", user), IM_START, *self.encode_text("assistant")]
+        room = context_length - max_new_tokens - len(head) - len(tail)
+        if room < 0:
+            raise PromptTooLong(
+                f"The message is {len(tail)} tokens and the system message {len(head)}; with "
+                f"{max_new_tokens} new tokens that exceeds Orca 2's {context_length}-token context. "
+                "Shorten the message or the system message, or lower max new tokens."
+            )
+        return Frame(head, tail, room)
+
     def build(
         self,
         system: str,
@@ -106,23 +173,20 @@ class OrcaTokenizer:
         """The prompt for a new user message, leaving room for max_new_tokens.
 
         Oldest whole turns are dropped until it fits; the system message and the new message
-        are never cut.
+        are never cut. Turns are encoded newest first, up to the first that no longer fits: the
+        cost follows what the prompt holds, not how long the history is.
         """
-        head = [BOS, *self.encode_text(SPIECE_UNDERLINE), *self._message("system", system)]
-        tail = [*self._message("user", user), IM_START, *self.encode_text("assistant")]
-        turns = [self._message("user", t.user) + self._message("assistant", t.assistant) for t in history]
-        room = context_length - max_new_tokens - len(head) - len(tail)
-        if room < 0:
-            raise PromptTooLong(
-                f"The message is {len(tail)} tokens and the system message {len(head)}; with "
-                f"{max_new_tokens} new tokens that exceeds Orca 2's {context_length}-token context. "
-                "Shorten the message or the system message, or lower max new tokens."
-            )
-        kept = len(turns)
-        while sum(len(t) for t in turns[len(turns) - kept :]) > room:
-            kept -= 1
-        dropped = len(turns) - kept
-        ids = head + [i for t in turns[dropped:] for i in t] + tail
+        frame = self.frame(system, user, max_new_tokens=max_new_tokens, context_length=context_length)
+        kept: list[list[int]] = []
+        used = 0
+        for turn in reversed(history):
+            ids = self.turn_ids(turn)
+            used += len(ids)
+            if used > frame.room:
+                break
+            kept.append(ids)
+        dropped = len(history) - len(kept)
+        ids = frame.head + [i for turn in reversed(kept) for i in turn] + frame.tail
         return Prompt(render(system, history[dropped:], user), ids, dropped)
 
     def decode(self, ids: list[int]) -> str:

@@ -31,6 +31,7 @@ code block's own copy button, and selecting the text, copy what is shown.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import html
 import re
@@ -90,6 +91,10 @@ _BLOCK_MATH_OPENERS = ("$$", "\\[")
 # A bare web address, as GFM links it: up to whitespace or <, less trailing punctuation (below).
 _URL = re.compile(r"https?://[^\s<>\"]+", re.IGNORECASE)
 _URL_TRAILING = ".,:;!?'\"*_~"
+_NON_BLANK = re.compile(r"\S")  # what str.strip() keeps: the same Unicode whitespace
+# Where the math rules keep what they found in one render (markdown-it's env lives as long as one).
+_ENV_CLOSERS = "orca2_closers"
+_ENV_CONTAINER_ENDS = "orca2_container_ends"
 
 
 @functools.lru_cache(maxsize=256)
@@ -150,8 +155,8 @@ def _math_inline(state: StateInline, silent: bool) -> bool:
     if opener not in _MATH_OPENERS:
         return False
     closer, delimiters = _MATH_OPENERS[opener]
-    end = state.src.find(closer, state.pos + 2, state.posMax)
-    if end < 0 or not state.src[state.pos + 2 : end].strip():
+    end = _closers(state).find(closer, state.pos + 2, state.posMax)
+    if end < 0 or not _NON_BLANK.search(state.src, state.pos + 2, end):
         return False
     if not silent:
         token = state.push("math", "", 0)
@@ -173,30 +178,92 @@ def _math_block(state: StateBlock, start_line: int, end_line: int, silent: bool)
     if opener not in _BLOCK_MATH_OPENERS:
         return False
     closer, delimiters = _MATH_OPENERS[opener]
-    if state.src.find(closer, begin + 2, state.eMarks[end_line - 1]) < 0:
-        return False  # never closed: one search, not one per line
-    parts, line, first = [], start_line, begin + 2
-    while line < end_line:
-        start = first if line == start_line else state.bMarks[line] + state.tShift[line]
-        end = state.eMarks[line]
-        if line > start_line and start < end and state.sCount[line] < state.blkIndent:
-            return False  # the container ended before the math did
-        found = state.src.find(closer, start, end)
-        if found >= 0:
-            if state.src[found + 2 : end].strip():
-                return False  # more text after it: a paragraph, where _math_inline finds the math
-            parts.append(state.src[start:found])
-            content = "\n".join(parts)
-            if not content.strip():
-                return False
-            if not silent:
-                token = state.push("math_block", "", 0)
-                token.content, token.info, token.map = content, "".join(delimiters), [start_line, line + 1]
-            state.line = line + 1
+    closers = _closers(state)
+    found = closers.find(closer, begin + 2, state.eMarks[end_line - 1])
+    if found < 0:
+        return False
+    last = bisect.bisect_left(state.eMarks, found + 2, start_line, end_line)  # the closer's line
+    if not closers.ends_line(found + 2, state.eMarks[last]):
+        return False  # more text after it: a paragraph, where _math_inline finds the math
+    if _leaves_container(state, start_line, last, (closer, found, end_line)):
+        return False
+    parts = [state.src[begin + 2 : found if last == start_line else state.eMarks[start_line]]]
+    parts += [
+        state.src[state.bMarks[line] + state.tShift[line] : state.eMarks[line]] for line in range(start_line + 1, last)
+    ]
+    if last > start_line:
+        parts.append(state.src[state.bMarks[last] + state.tShift[last] : found])
+    content = "\n".join(parts)
+    if not content.strip():
+        return False
+    if not silent:
+        token = state.push("math_block", "", 0)
+        token.content, token.info, token.map = content, "".join(delimiters), [start_line, last + 1]
+    state.line = last + 1
+    return True
+
+
+def _leaves_container(state: StateBlock, start_line: int, last: int, closing: tuple) -> bool:
+    """Whether a line after start_line, up to last, is outside the container the math starts in (a
+    list item, say).
+
+    Every opener before one closer asks about the same lines (a paragraph checks each of its lines as
+    a possible start): the line where the container was found to end is kept for the rest of the
+    render, per closer and container, so that the lines are walked once, not once per opener.
+    """
+    ends: dict[tuple, int] = state.env.setdefault(_ENV_CONTAINER_ENDS, {})
+    key = (*closing, state.blkIndent, state.level)
+    if start_line < ends.get(key, -1):
+        return True
+    for line in range(start_line + 1, last + 1):
+        if state.bMarks[line] + state.tShift[line] < state.eMarks[line] and state.sCount[line] < state.blkIndent:
+            ends[key] = line
             return True
-        parts.append(state.src[start:end])
-        line += 1
     return False
+
+
+class _Closers:
+    """Where each math closer occurs in one text, found in one pass when first asked for: a rule finds
+    the next one after an opener by bisection. Searching the rest of the text for each opener instead
+    costs the square of the text's length when the openers are never closed (an attacker's 200k
+    characters of "\\(" took 13 s)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._at: dict[str, list[int]] = {}
+        self._ends_line: dict[int, bool] = {}
+
+    def find(self, closer: str, start: int, end: int) -> int:
+        """As self.text.find(closer, start, end)."""
+        if closer not in self._at:
+            self._at[closer] = _occurrences(self.text, closer)
+        at = self._at[closer]
+        index = bisect.bisect_left(at, start)
+        return at[index] if index < len(at) and at[index] + len(closer) <= end else -1
+
+    def ends_line(self, position: int, line_end: int) -> bool:
+        """Whether only blanks follow position up to line_end (every opener before a closer asks
+        about the same line)."""
+        if position not in self._ends_line:
+            self._ends_line[position] = not _NON_BLANK.search(self.text, position, line_end)
+        return self._ends_line[position]
+
+
+def _closers(state: StateBlock | StateInline) -> _Closers:
+    """The closers of the text this state parses (the document's, or one paragraph's)."""
+    known: dict[str, _Closers] = state.env.setdefault(_ENV_CLOSERS, {})
+    if state.src not in known:
+        known[state.src] = _Closers(state.src)
+    return known[state.src]
+
+
+def _occurrences(text: str, sub: str) -> list[int]:
+    """Every position of sub in text, overlapping ones too ("$$$" holds "$$" twice), in order."""
+    positions, at = [], text.find(sub)
+    while at >= 0:
+        positions.append(at)
+        at = text.find(sub, at + 1)
+    return positions
 
 
 # --- Core rule --------------------------------------------------------------------------------
@@ -246,9 +313,11 @@ def _split_urls(state: StateCore, token: Token) -> list[Token]:
 
 def _trim_url(url: str) -> str:
     """GFM's rule: trailing punctuation and unbalanced closing parentheses are not part of a URL."""
-    while url and (url[-1] in _URL_TRAILING or (url[-1] == ")" and url.count(")") > url.count("("))):
-        url = url[:-1]
-    return url
+    end, unbalanced = len(url), url.count(")") - url.count("(")
+    while end and (url[end - 1] in _URL_TRAILING or (url[end - 1] == ")" and unbalanced > 0)):
+        unbalanced -= url[end - 1] == ")"
+        end -= 1
+    return url[:end]
 
 
 def _token(kind: str, level: int, **fields: Any) -> Token:

@@ -24,6 +24,7 @@ from typing import Any
 from .backends.contract import TokenProbability
 from .chat import Chat
 from .conversation import ScoredToken
+from .fairness import Visitor
 from .prompt import OrcaTokenizer, PromptTooLong, StreamDecoder, answer_text
 from .settings import InvalidRequest
 
@@ -41,10 +42,19 @@ def token_probabilities(
     answer: Any,
     answer_ids: Any = None,
     top: int = 5,
+    visitor: Visitor | None = None,
 ) -> list[TokenProbability]:
     """The probabilities of the answer's tokens, from untrusted values (as /chat takes them: history
     is the list of {"role", "content"} messages that was sent with the message). Raises
-    InvalidRequest with a clear message, and ScoringUnavailable where the backend can't score."""
+    InvalidRequest with a clear message, and ScoringUnavailable where the backend can't score.
+    A scoring is a request of the visitor's fair share, like an answer: fairness.Refused over it."""
+    with chat.fair_share.admit(visitor):
+        return _token_probabilities(chat, message, system_message, history, answer, answer_ids, top)
+
+
+def _token_probabilities(
+    chat: Chat, message: Any, system_message: Any, history: Any, answer: Any, answer_ids: Any, top: int
+) -> list[TokenProbability]:
     if answer is not None and not isinstance(answer, str):
         raise InvalidRequest(f"answer must be text, got {type(answer).__name__}")
     if answer is None and answer_ids is None:
@@ -58,7 +68,7 @@ def token_probabilities(
             raise InvalidRequest(f"The answer is {len(text):,} characters, more than Orca 2's context can hold.")
         ids = backend.tokenizer.encode_text(ROLE_LINE_END + text) if text else []
     try:
-        prompt = chat.inspect(message, system_message, history, max_new_tokens=len(ids))
+        prompt = chat.prompt_for(message, system_message, history, max_new_tokens=len(ids))
     except PromptTooLong as error:
         raise InvalidRequest(_too_long(None, len(ids), context)) from error
     if prompt.n_tokens + len(ids) > context:

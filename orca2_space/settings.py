@@ -36,6 +36,9 @@ BATCH_PAGE_TOKENS = 256
 BackendName = Literal["local", "inference-server"]
 # --backend's words; "openai" is what inference-server was called first.
 BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "openai": "inference-server"}
+# Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
+# says what this relies on).
+SPACE_TRUSTED_PROXIES = 1
 
 
 class InvalidRequest(ValueError):
@@ -194,16 +197,55 @@ class Settings:
     )
     max_queue: int = Field(default=32, ge=1, description="requests that may wait; more are told the app is busy")
     visitor_limit: int = Field(
-        default=2,
+        default=4,
         ge=1,
-        description="requests one visitor (a page session or an API client) may have running or waiting; "
-        "more are refused at once, with the reason",
+        description="requests one visitor (a page session, an API client, an agent's address) may have running "
+        "or waiting, a comparison counting one per answer (so 4 lets a visitor compare 4 system messages); more "
+        "are refused at once, with the reason",
     )
     address_limit: int = Field(
         default=8,
         ge=1,
-        description="requests one network address may have running or waiting (visitors behind one NAT share "
-        "it, so keep it above --visitor-limit); on a Space, the address its proxy forwards",
+        description="requests one network address may have running or waiting, counted as for --visitor-limit "
+        "(visitors behind one NAT share it, so keep it above --visitor-limit); behind a proxy, the address "
+        "--trusted-proxies reads",
+    )
+    trusted_proxies: Annotated[int, Cli(default=f"{SPACE_TRUSTED_PROXIES} on a Space, 0 elsewhere")] = Field(
+        default_factory=lambda: SPACE_TRUSTED_PROXIES if on_space() else 0,
+        ge=0,
+        le=10,
+        description="proxies in front of this server that each append the address they see to X-Forwarded-For; "
+        "a visitor's address is the entry this many from the right, and what the client wrote left of it is "
+        "ignored (0: the connection's own address, the header ignored)",
+    )
+    max_failed_logins: int = Field(
+        default=5,
+        ge=1,
+        description="wrong logins one network address may try per minute with --auth; more are refused until "
+        "the minute has passed",
+    )
+    mcp: bool = Field(
+        default=False,
+        description="also offer Orca 2 to agents as MCP tools (an answer, a comparison, token probabilities) at "
+        "/gradio_api/mcp/, within the same limits as everyone",
+    )
+    max_exchanges: int = Field(
+        default=500,
+        ge=1,
+        description="most questions and answers one conversation may hold: a chat longer than this is not "
+        "shown, continued, exported or imported, and /chat takes a history of at most twice this many messages",
+    )
+    max_store_chars: int = Field(
+        default=5_000_000,
+        ge=1000,
+        description="most characters of conversation a request may bring: the chats a browser sends back (as "
+        "JSON; more than a browser's storage holds, so only a script sends more, refused before it is read), "
+        "or /chat's history",
+    )
+    max_upload_mb: int = Field(
+        default=5,
+        ge=1,
+        description="largest file a visitor may upload (a conversation to import), in MiB; larger is refused",
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         default=True,

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,14 +47,37 @@ SAFETY_KEY = "sk-test-0123456789abcdef"
 # --- A backend with no model ----------------------------------------------------------------------
 
 
+class Held:
+    """Where a held FakeBackend's requests wait until the test releases them: requests that stay in progress
+    for exactly as long as a test needs, without a clock."""
+
+    # Bounds a broken test's wait; a working one releases long before.
+    LONGEST_SECONDS = 120
+
+    def __init__(self):
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    def hold(self) -> None:
+        with self._lock:
+            self.waiting += 1
+        self._released.wait(self.LONGEST_SECONDS)
+        with self._lock:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._released.set()
+
+
 class FakeAnswer:
     """An AnswerStream that writes scripted pieces, one per token, in the reader's thread."""
 
     notices: tuple[str, ...] = ()
     token_ids: list[int] | None = None  # it writes text, like an inference server
 
-    def __init__(self, pieces: list[str], max_tokens: int, forever: bool):
-        self._pieces, self._max_tokens, self._forever = pieces, max_tokens, forever
+    def __init__(self, pieces: list[str], max_tokens: int, forever: bool, held: Held | None = None):
+        self._pieces, self._max_tokens, self._forever, self._held = pieces, max_tokens, forever, held
         self._cancelled = False
         self._started = time.perf_counter()
         self.stats: GenerationStats | None = None
@@ -69,6 +93,8 @@ class FakeAnswer:
                 break
             yield self._pieces[n % len(self._pieces)]
             n += 1
+            if n == 1 and self._held is not None:
+                self._held.hold()
         if self._cancelled:
             reason = StopReason.STOPPED
         self.stats = GenerationStats(n, time.perf_counter() - self._started, reason, seed=None)
@@ -82,21 +108,24 @@ class FakeAnswer:
 
 class FakeBackend:
     """A backend with no model, like simonw/llm's MockModel: it answers a script, scores by a rule, and
-    keeps what it was asked, so the chat layer's tests run in milliseconds."""
+    keeps what it was asked, so the chat layer's tests run in milliseconds. With `held`, each answer
+    writes its first piece and each scoring starts, then waits for held.release()."""
 
-    def __init__(self, tokenizer: OrcaTokenizer, pieces: list[str], forever: bool = False):
+    def __init__(self, tokenizer: OrcaTokenizer, pieces: list[str], forever: bool = False, held: Held | None = None):
         self.tokenizer = tokenizer
         self.info = ModelInfo("fake-orca2", "none", "a test double", "nowhere", 4096)
-        self.pieces, self.forever = pieces, forever
+        self.pieces, self.forever, self.held = pieces, forever, held
         self.prompts: list[Prompt] = []
         self.scored: list[tuple[Prompt, list[int], int]] = []
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> FakeAnswer:
         self.prompts.append(prompt)
-        return FakeAnswer(self.pieces, params.max_new_tokens, self.forever)
+        return FakeAnswer(self.pieces, params.max_new_tokens, self.forever, self.held)
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
         self.scored.append((prompt, list(answer_ids), top))
+        if self.held is not None:
+            self.held.hold()
         return scored_tokens(
             self.tokenizer,
             answer_ids,

@@ -93,6 +93,15 @@ def test_dropped_turns_are_reported(chat, fake_backend):
     assert fake_backend.prompts[-1].dropped_turns == 2
 
 
+def test_a_history_over_the_caps_is_refused_with_the_cap(fake_backend):
+    chat = Chat(fake_backend, Settings(max_exchanges=3, max_store_chars=1000))
+    chat.request("Hello?", "sys", as_messages([("Q", "A")] * 3))  # at the caps
+    with pytest.raises(InvalidRequest, match="8 messages; this server takes at most 6 .3 questions and their answers"):
+        chat.request("Hello?", "sys", as_messages([("Q", "A")] * 4))
+    with pytest.raises(InvalidRequest, match="history is 1,001 characters; this server takes at most 1,000"):
+        chat.inspect("Hello?", "sys", as_messages([("Q" * 500, "A" * 501)]))
+
+
 def test_a_message_too_long_for_the_context_is_an_error_update(fake_backend):
     chat = Chat(fake_backend, Settings())
     final = list(chat.respond(chat.request("word " * 4500, "sys", [])))[-1]

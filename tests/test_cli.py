@@ -302,3 +302,10 @@ def test_the_queue_looks_for_work_at_a_pace_that_leaves_the_model_its_cores(fake
         assert demo._queue.progress_update_sleep_when_free == cli.PROGRESS_POLL_SECONDS
     finally:
         demo.close()
+
+
+def test_on_a_space_one_proxy_is_trusted_with_the_visitors_address_and_elsewhere_none(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert settings_from_args(parser().parse_args([])).trusted_proxies == 0
+    monkeypatch.setenv("SPACE_ID", "someone/orca2")
+    assert settings_from_args(parser().parse_args([])).trusted_proxies == 1

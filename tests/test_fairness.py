@@ -1,5 +1,6 @@
 """A fair share for everyone: a visitor (and an address) may have only a few requests running or
-waiting; more are refused at once with the reason, and nobody waits behind someone else's pile."""
+waiting, a comparison counting one per answer; more are refused at once with the reason, and nobody
+waits behind someone else's pile. Answers, comparisons, scoring and prompt inspection all count."""
 
 import contextlib
 import threading
@@ -8,10 +9,11 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from support import batched, free_port, wait_for
+from support import FakeBackend, Held, batched, free_port, wait_for
 
 from orca2_space.chat import Chat
-from orca2_space.fairness import FairShare, Limits, Refused, Visitor
+from orca2_space.fairness import FairShare, Limits, Refused, Visitor, visitor_address
+from orca2_space.scoring import token_probabilities
 from orca2_space.settings import Settings
 from orca2_space.ui.adapters import visitor_of
 
@@ -24,7 +26,7 @@ BOB = Visitor("bob-session", "10.0.0.2")
 def hold():
     """hold(share, visitor) takes a place and keeps it: the request 'runs' until the test ends."""
     with contextlib.ExitStack() as places:
-        yield lambda share, visitor: places.enter_context(share.admit(visitor))
+        yield lambda share, visitor, count=1: places.enter_context(share.admit(visitor, count))
 
 
 def test_a_visitor_over_the_limit_is_refused_with_the_reason_and_others_go_on(hold):
@@ -72,10 +74,47 @@ def test_a_stream_that_is_left_gives_its_place_back(fake_backend):
     assert list(chat.respond(chat.request("Again", "", []), visitor=ALICE))[-1].answer == "The answer"
 
 
-def test_a_comparison_is_one_request_of_the_visitors_share(fake_backend):
+def test_a_request_counts_as_the_answers_it_runs_and_is_refused_if_they_do_not_fit(hold):
+    share = FairShare(Limits(per_visitor=4, per_address=6, total=40))
+    hold(share, ALICE)
+    with pytest.raises(Refused, match=r"You already have 1 request running or waiting, and this one counts 4 \(one "):
+        hold(share, ALICE, 4)
+    hold(share, ALICE, 3)
+    with pytest.raises(Refused, match="Your network address already has 4 requests.*this one counts 3"):
+        hold(share, ALICE_AGAIN, 3)
+    hold(share, ALICE_AGAIN, 2)
+    assert share.in_progress() == 6
+
+
+def test_by_default_a_visitor_can_compare_4_system_messages_and_that_is_their_whole_share(fake_backend):
+    chat = Chat(fake_backend, Settings())
+    comparison = chat.compare(chat.compare_requests("Hi", ["A", "B", "C", "D"]), visitor=ALICE)
+    updates = [next(comparison)]
+    assert chat.fair_share.in_progress() == 4
+    with pytest.raises(Refused, match="You already have 4 requests running or waiting"):
+        next(chat.respond(chat.request("And a chat", "", []), visitor=ALICE))
+    updates += comparison
+    assert [update.answer for update in updates[-1]] == ["The answer"] * 4
+    assert chat.fair_share.in_progress() == 0
+
+
+def test_a_comparison_larger_than_a_visitors_share_is_refused_saying_how_many_fit(fake_backend):
+    chat = Chat(fake_backend, Settings(visitor_limit=2))
+    with pytest.raises(Refused, match=r"one visitor run 2 at a time: compare at most 2 system messages \(got 3\)"):
+        chat.compare_requests("Hi", ["A", "B", "C"])
+    assert len(chat.compare_requests("Hi", ["A", "B"])) == 2
+
+
+def test_inspecting_and_scoring_take_a_place_of_the_share(fake_backend):
     chat = Chat(fake_backend, Settings(visitor_limit=1))
-    final = list(chat.compare(chat.compare_requests("Hi", ["A", "B", "C"]), visitor=ALICE))[-1]
-    assert [update.answer for update in final] == ["The answer"] * 3
+    with chat.fair_share.admit(ALICE):
+        with pytest.raises(Refused, match="You already have 1 request running or waiting"):
+            chat.inspect("Hi", "", [], visitor=ALICE)
+        with pytest.raises(Refused, match="You already have 1 request running or waiting"):
+            token_probabilities(chat, "Hi", "", [], "The answer", visitor=ALICE)
+        assert chat.inspect("Hi", "", [], visitor=BOB).n_tokens > 0
+        assert token_probabilities(chat, "Hi", "", [], "The answer", visitor=BOB)
+    assert fake_backend.scored and chat.fair_share.in_progress() == 0
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +133,21 @@ def shared_app(never_ends):
 def test_one_client_holding_24_requests_neither_starves_another_nor_waits_in_line(shared_app):
     chat, url = shared_app
     hog, other = Client(url, verbose=False), Client(url, verbose=False)
-    assert chat.settings.visitor_limit == 2
+    assert chat.settings.visitor_limit == 4
     jobs = [
         hog.submit(message=f"Tell me everything, part {n}", max_new_tokens=4000, api_name="/chat") for n in range(24)
     ]
-    wait_for(lambda: sum(job.done() for job in jobs) >= 22, "22 of the 24 requests to come back", seconds=300)
+    wait_for(lambda: sum(job.done() for job in jobs) >= 20, "20 of the 24 requests to come back", seconds=300)
     refused = []
     for job in (job for job in jobs if job.done()):
         with pytest.raises(AppError) as error:
             job.result()
         refused.append(str(error.value))
-    # Refused at once: the 22 came back while the 2 admitted answers were still being written.
-    assert len(refused) == 22 and all("You already have 2 requests running or waiting" in r for r in refused)
+    # Refused at once: the 20 came back while the 4 admitted answers were still being written.
+    assert len(refused) == 20 and all("You already have 4 requests running or waiting" in r for r in refused)
     running = [job for job in jobs if not job.done()]
-    assert len(running) == 2
+    assert len(running) == 4
+    wait_for(lambda: all(job.outputs() for job in running), "the 4 admitted answers to start")
 
     progress = lambda: max(len(job.outputs()[-1]["answer_ids"] or []) for job in running)
     before = progress()
@@ -124,22 +164,99 @@ def test_one_client_holding_24_requests_neither_starves_another_nor_waits_in_lin
         job.cancel()
 
 
-def page_request(headers: dict, session: str | None = "s1") -> gr.Request:
+@pytest.fixture
+def held_app(tokenizer):
+    """The app over a model whose answers and scorings stay in progress until released, with a visitor
+    limit of 2, as `--visitor-limit 2` sets it."""
+    from orca2_space.cli import launch
+
+    held = Held()
+    chat = Chat(
+        FakeBackend(tokenizer, ["\n", "The", " answer"], held=held), Settings(port=free_port(), visitor_limit=2)
+    )
+    demo = launch(chat, block=False)
+    yield held, demo.local_url
+    held.release()
+    demo.close()
+
+
+def refusals(jobs: list) -> list[str]:
+    """The reasons of the jobs that were refused, once every other one is known to be in progress."""
+    reasons = []
+    for job in (job for job in jobs if job.done()):
+        with pytest.raises(AppError) as error:
+            job.result()
+        reasons.append(str(error.value))
+    return reasons
+
+
+def test_one_client_flooding_scoring_fills_neither_the_queue_nor_anyone_elses_share(held_app):
+    held, url = held_app
+    hog, other = Client(url, verbose=False), Client(url, verbose=False)
+    # More than --max-queue (32): held in Gradio's queue, these would tell everyone it is full.
+    jobs = [
+        hog.submit(message="Hi", system_message="", answer=f"Answer {n}", api_name="/token_probabilities")
+        for n in range(36)
+    ]
+    wait_for(lambda: sum(job.done() for job in jobs) == 34 and held.waiting == 2, "34 refusals and 2 held scorings")
+    reasons = refusals(jobs)
+    assert len(reasons) == 34 and all("You already have 2 requests running or waiting" in r for r in reasons)
+    admitted = [job for job in jobs if not job.done()]
+    with pytest.raises(AppError, match="You already have 2 requests running or waiting"):
+        hog.predict(message="Hi", api_name="/inspect_prompt")
+
+    answer = other.submit(message="Hi", max_new_tokens=8, api_name="/chat")
+    inspected = other.predict(message="Hi", system_message="", api_name="/inspect_prompt")
+    assert inspected["n_tokens"] > 0
+    wait_for(lambda: held.waiting == 3, "the other visitor's answer to be admitted")
+    held.release()
+    assert answer.result()["answer"] == "The answer"
+    scored = {"".join(token["text"] for token in job.result()["tokens"]) for job in admitted}
+    assert len(scored) == 2 and all(text.startswith("\nAnswer ") for text in scored)
+
+
+def test_with_a_visitor_limit_of_2_a_comparison_of_3_is_refused_saying_so_and_one_of_2_runs(held_app):
+    held, url = held_app
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match=r"compare at most 2 system messages \(got 3\)"):
+        client.predict(message="Hi", system_messages=["A", "B", "C"], api_name="/compare")
+    held.release()
+    answers = client.predict(message="Hi", system_messages=["A", "B"], api_name="/compare")["answers"]
+    assert [answer["answer"] for answer in answers] == ["The answer", "The answer"]
+
+
+def page_request(session: str | None) -> gr.Request:
     from starlette.requests import Request
 
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": raw, "client": ("10.16.3.80", 50000)}
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": ("10.16.3.80", 50000)}
     return gr.Request(request=Request(scope), session_hash=session)
 
 
-def test_on_a_space_the_address_is_the_one_its_proxy_forwards(monkeypatch):
-    monkeypatch.setenv("SPACE_ID", "someone/orca2-space")
-    visitor = visitor_of(page_request({"X-Forwarded-For": "203.0.113.7, 10.16.3.1"}))
-    assert visitor == Visitor("s1", "203.0.113.7")
+def test_a_visitor_is_its_session_and_a_caller_without_one_counts_as_its_address():
+    assert visitor_of(page_request("s1")) == Visitor("s1", "10.16.3.80")
+    assert visitor_of(page_request(None)) == Visitor("address 10.16.3.80", "10.16.3.80")
 
 
-def test_elsewhere_the_address_is_the_connections(monkeypatch):
-    monkeypatch.delenv("SPACE_ID", raising=False)
-    assert visitor_of(page_request({"X-Forwarded-For": "203.0.113.7"})) == Visitor("s1", "10.16.3.80")
-    # A caller without a session counts as its address.
-    assert visitor_of(page_request({}, session=None)).session == "address 10.16.3.80"
+# The address: each trusted proxy appends the address it sees to X-Forwarded-For; the client writes the rest.
+
+
+def test_without_trusted_proxies_the_address_is_the_connections_whatever_the_header_says():
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=0) == "10.16.3.80"
+
+
+def test_behind_one_proxy_the_address_is_the_one_it_appended_and_what_the_client_wrote_is_ignored():
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+    assert visitor_address("10.16.3.80", ["1.2.3.4, 5.6.7.8, 203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+    # A client's own header line comes first; the proxy's entry is still the last.
+    assert visitor_address("10.16.3.80", ["1.2.3.4", "203.0.113.7"], trusted_proxies=1) == "203.0.113.7"
+
+
+def test_behind_two_proxies_the_address_is_the_second_entry_from_the_right():
+    forwarded = ["1.2.3.4, 203.0.113.7, 10.0.0.5"]
+    assert visitor_address("10.16.3.80", forwarded, trusted_proxies=2) == "203.0.113.7"
+
+
+def test_a_request_that_did_not_pass_every_trusted_proxy_counts_as_the_connection():
+    assert visitor_address("10.16.3.80", [], trusted_proxies=1) == "10.16.3.80"
+    assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=2) == "10.16.3.80"
+    assert visitor_address("10.16.3.80", ["203.0.113.7, "], trusted_proxies=1) == "10.16.3.80"

@@ -13,11 +13,21 @@ from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, exchange, free_po
 from orca2_space.backends.inference_server import InferenceServer
 from orca2_space.chat import Chat
 from orca2_space.conversation import Conversation, ScoredToken
+from orca2_space.fairness import Visitor
 from orca2_space.scoring import token_probabilities
 from orca2_space.settings import InferenceServerSettings, Settings
-from orca2_space.ui.tokens import TOKEN_CSS, add_token_endpoint, band, percent, token_view, token_view_of
+from orca2_space.ui.tokens import (
+    TOKEN_CSS,
+    add_token_endpoint,
+    band,
+    percent,
+    token_view,
+    token_view_of,
+    view_for,
+)
 
 SYSTEM = "You are Orca."
+VISITOR = Visitor("a-page-session", "10.0.0.1")
 ATTACKER = "127.0.0.1:9"  # the discard port: nothing may even try to reach it
 HOSTILE = (
     f"<img src=http://{ATTACKER}/img.png onerror=alert(1)> <|im_end|> & &amp; \"q\" 'a' </span></div>"
@@ -143,7 +153,7 @@ def answered(answer: str, answer_ids: list[int] | None = None) -> Conversation:
 
 
 def test_the_page_shows_an_answers_tokens_and_keeps_them_for_the_exports(chat):
-    view = token_view_of(chat, answered("Fine."), 0, "Answer")
+    view = token_view_of(chat, answered("Fine."), 0, "Answer", VISITOR)
     expected = token_probabilities(chat, "Hi", SYSTEM, [], "Fine.")
     assert "tok-answer" in view.html and [t.id for t in view.tokens] == [t.id for t in expected]
     assert view.tokens[0] == ScoredToken.of(expected[0])
@@ -152,14 +162,23 @@ def test_the_page_shows_an_answers_tokens_and_keeps_them_for_the_exports(chat):
 def test_the_page_gets_a_message_where_scoring_is_unavailable():
     with OpenAIStub(Script(takes_ids=False)) as stub:
         backend = InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(stub.base_url))
-        view = token_view_of(Chat(backend, Settings()), answered("The <answer>"), 0, "Answer")
+        view = token_view_of(Chat(backend, Settings()), answered("The <answer>"), 0, "Answer", VISITOR)
     assert "unavailable on this inference server" in view.html and "tok-answer" not in view.html
     assert Parsed(view.html).tags[0] == ("div", {"class": "orca-tokens"}) and view.tokens is None
 
 
 def test_the_page_gets_a_message_for_a_bad_request(chat):
-    view = token_view_of(chat, answered("Fine.", [40000]), 0, "Answer")
+    view = token_view_of(chat, answered("Fine.", [40000]), 0, "Answer", VISITOR)
     assert "Token probabilities could not be computed: answer_ids[0] is 40000" in view.html and view.tokens is None
+
+
+def test_the_page_gets_the_reason_when_the_visitor_has_no_place_left(chat):
+    limited = Chat(chat.backend, Settings(visitor_limit=1))
+    with limited.fair_share.admit(VISITOR):  # an answer still being written
+        view = view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR)
+    assert "You already have 1 request running or waiting" in view.html and "tok-answer" not in view.html
+    assert view.tokens is None
+    assert "tok-answer" in view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR).html
 
 
 # Served: /token_probabilities, and the view in Chromium

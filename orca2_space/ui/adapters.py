@@ -16,7 +16,7 @@ from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, LookedAt, Stats, export, export_comparison, to_markdown
 from ..fairness import Visitor
 from ..prompt import PromptTooLong
-from ..settings import GenerationParams, InvalidRequest, on_space
+from ..settings import GenerationParams, InvalidRequest
 
 # The browser keeps the visitor's conversations and last comparison (gr.BrowserState). Gradio sends the
 # secret to the page, so it hides nothing from the visitor; a fixed one keeps them readable after a
@@ -25,8 +25,10 @@ STORAGE_SECRET = "orca2-space"
 # Answers and comparisons share one concurrency group, sized to let every request fairness.py admits
 # straight in: the model's own scheduler (the batch, or the engine's turn) is where they wait.
 GENERATION_CONCURRENCY_ID = "generation"
-# Re-scoring an answer is one forward pass over up to a whole context: one at a time.
-SCORING_CONCURRENCY = dict(concurrency_id="scoring", concurrency_limit=1)
+# Scoring joins them. A scoring job held in Gradio's queue (as one at a time would) is not yet admitted:
+# one address could fill the queue with them, and everyone else's answers would be told it is full.
+# Admitted straight in, its forward pass takes its turn with the model's others (one_forward_at_a_time).
+SCORING_CONCURRENCY = dict(concurrency_id=GENERATION_CONCURRENCY_ID)
 # A page event that does no model work: answered at once (off the queue), and not part of the API.
 INSTANT = dict(queue=False, api_visibility="private")
 
@@ -101,12 +103,17 @@ def comparison(
 
 
 def visitor_of(request: gr.Request) -> Visitor:
-    """A page session or API client, and its address: on a Space, the one its proxy forwards."""
+    """A page session or API client, and its address (guard.py reads it as --trusted-proxies says)."""
     address = request.client.host if request.client else "unknown"
-    if on_space():
-        forwarded = request.headers.get("x-forwarded-for", "")
-        address = forwarded.split(",")[0].strip() or address
     return Visitor(request.session_hash or f"address {address}", address)
+
+
+def caller_of(request: gr.Request) -> Visitor:
+    """An agent calling an MCP tool: it has no page session (Gradio's MCP server is stateless), so the
+    caller is its network address, read as for every request. Gradio hands a tool the MCP request
+    itself (a Starlette Request, not a gr.Request), so only what both have is read."""
+    address = request.client.host if request.client else "unknown"
+    return Visitor(f"address {address}", address)
 
 
 def history_messages(conversation: Conversation) -> list[dict]:
@@ -142,14 +149,17 @@ def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr
     )
 
 
+@visitor_errors
 def download(chat: Chat, conversation: Conversation, kind: str, looked: LookedAt) -> str:
     """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
     if not conversation.exchanges:
         raise gr.Error("Nothing to export yet: ask a question first.")
-    exported = export(conversation, chat.backend.info, _prompt_ids(chat, conversation.exchanges), looked)
+    conversation.within(chat.settings.max_exchanges)
     name = f"orca2-{conversation.created[:10]}-{conversation.id}"
     if kind == "markdown":
-        return _download(f"{name}.md", "text/markdown", to_markdown(exported))
+        return _download(f"{name}.md", "text/markdown", to_markdown(conversation, chat.backend.info, looked))
+    prompts = chat.prompts([e.asked for e in conversation.exchanges])
+    exported = export(conversation, chat.backend.info, prompts, looked)
     return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
 
 
@@ -160,18 +170,9 @@ def comparison_download(chat: Chat, answers: list[Exchange], looked: LookedAt) -
     return _download(name, "application/json", exported.model_dump_json(indent=2))
 
 
-def _prompt_ids(chat: Chat, exchanges: Sequence[Exchange]) -> list[list[int]]:
-    """The ids the model read for each exchange, rebuilt from the record as it was then."""
-    return [_prompt_ids_of(chat, exchanges, index) for index in range(len(exchanges))]
-
-
-def _prompt_ids_of(chat: Chat, exchanges: Sequence[Exchange], index: int) -> list[int]:
-    e = exchanges[index]
-    history = [] if e.single_turn else history_messages(Conversation(exchanges=list(exchanges[:index])))
-    try:
-        return chat.inspect(e.question, e.system_message, history, e.settings.max_new_tokens).input_ids
-    except (InvalidRequest, PromptTooLong):
-        return []
+def _prompt_ids(chat: Chat, answers: Sequence[Exchange]) -> list[list[int]]:
+    """The ids the model read for each single-turn answer, rebuilt from the record."""
+    return [[] if p is None else p.ids for p in chat.prompts([e.asked for e in answers]).prompts]
 
 
 def _download(filename: str, mime: str, text: str) -> str:

@@ -26,6 +26,7 @@ def add_endpoints(chat: Chat) -> None:
 
     @visitor_errors
     def inspect_prompt(
+        request: gr.Request,
         message: str,
         system_message: str | None = None,
         history: list[dict] | None = None,
@@ -34,7 +35,8 @@ def add_endpoints(chat: Chat) -> None:
     ) -> dict:
         """The exact ChatML text and input ids Orca 2 would see (after leaving out old turns so
         that max_new_tokens fit). system_message or preset as for /chat."""
-        prompt = chat.inspect(message, system_message_for(system_message, preset), history, max_new_tokens)
+        system = system_message_for(system_message, preset)
+        prompt = chat.inspect(message, system, history, max_new_tokens, visitor=visitor_of(request))
         return {"text": prompt.text, "input_ids": prompt.input_ids, "n_tokens": prompt.n_tokens}
 
     @visitor_errors
@@ -45,55 +47,55 @@ def add_endpoints(chat: Chat) -> None:
         for updates in comparison(chat, message, system_messages, moderation, args, None, visitor):
             yield {"answers": [update.as_api_dict() for update in updates]}
 
-    _declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
-    _declare(compare_endpoint, COMPARE_SIGNATURE, COMPARE_DOC)
+    declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
+    declare(compare_endpoint, COMPARE_SIGNATURE, COMPARE_DOC)
     gr.api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
     gr.api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
     gr.api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
     add_token_endpoint(chat)
 
 
-def _declare(endpoint, signature: inspect.Signature, doc: str) -> None:
+def declare(endpoint, signature: inspect.Signature, doc: str) -> None:
     """What gr.api reads to describe an endpoint taking *values: its parameters and its help."""
     endpoint.__signature__ = signature
     endpoint.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     endpoint.__doc__ = doc
 
 
-_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 # Gradio passes the request to a parameter annotated gr.Request; it is not part of the API.
-_REQUEST = inspect.Parameter("request", _KEYWORD, annotation=gr.Request)
+REQUEST = inspect.Parameter("request", KEYWORD, annotation=gr.Request)
 
 
-def _settings_parameters() -> list[inspect.Parameter]:
+def settings_parameters() -> list[inspect.Parameter]:
     """Every generation setting as declared, then the moderation switch."""
     settings = [
-        inspect.Parameter(name, _KEYWORD, default=field.default, annotation=field.annotation)
+        inspect.Parameter(name, KEYWORD, default=field.default, annotation=field.annotation)
         for name, field in GENERATION_FIELDS.items()
     ]
-    return [*settings, inspect.Parameter("moderation", _KEYWORD, default=None, annotation=bool | None)]
+    return [*settings, inspect.Parameter("moderation", KEYWORD, default=None, annotation=bool | None)]
 
 
 def _chat_signature() -> inspect.Signature:
     """/chat's parameters: the conversation, the settings, then the single-turn switch."""
     conversation = [
-        inspect.Parameter("message", _KEYWORD, annotation=str),
-        inspect.Parameter("system_message", _KEYWORD, default=None, annotation=str | None),
-        inspect.Parameter("preset", _KEYWORD, default=None, annotation=str | None),
-        inspect.Parameter("history", _KEYWORD, default=None, annotation=list[dict] | None),
+        inspect.Parameter("message", KEYWORD, annotation=str),
+        inspect.Parameter("system_message", KEYWORD, default=None, annotation=str | None),
+        inspect.Parameter("preset", KEYWORD, default=None, annotation=str | None),
+        inspect.Parameter("history", KEYWORD, default=None, annotation=list[dict] | None),
     ]
-    single_turn = inspect.Parameter("single_turn", _KEYWORD, default=False, annotation=bool)
-    parameters = [_REQUEST, *conversation, *_settings_parameters(), single_turn]
+    single_turn = inspect.Parameter("single_turn", KEYWORD, default=False, annotation=bool)
+    parameters = [REQUEST, *conversation, *settings_parameters(), single_turn]
     return inspect.Signature(parameters, return_annotation=Iterator[dict])
 
 
 def _compare_signature() -> inspect.Signature:
     """/compare's parameters: the question, the system messages, then the settings they share."""
     question = [
-        inspect.Parameter("message", _KEYWORD, annotation=str),
-        inspect.Parameter("system_messages", _KEYWORD, annotation=list[str]),
+        inspect.Parameter("message", KEYWORD, annotation=str),
+        inspect.Parameter("system_messages", KEYWORD, annotation=list[str]),
     ]
-    return inspect.Signature([_REQUEST, *question, *_settings_parameters()], return_annotation=Iterator[dict])
+    return inspect.Signature([REQUEST, *question, *settings_parameters()], return_annotation=Iterator[dict])
 
 
 _SETTINGS_DOC = [

@@ -224,8 +224,9 @@ class ChatEvents:
         self, request: gr.Request, *, message, stored, system_message, moderation, single_turn, show_raw, **params
     ):
         t = self.tab
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
+        conversation.room_for_another(self.chat.settings.max_exchanges)
         history = history_messages(conversation)
         visitor = visitor_of(request)
         updates = turn(
@@ -247,9 +248,10 @@ class ChatEvents:
             **self._listed(store),
         }
 
+    @visitor_errors
     def retry(self, request: gr.Request, *, stored, **inputs):
         """The last answer again, with the settings as they are now."""
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
         if not conversation.exchanges:
             raise gr.Error("Nothing to retry yet.")
@@ -259,10 +261,11 @@ class ChatEvents:
     def stop(self, request: gr.Request) -> None:
         self.chat.stop(request.session_hash)
 
+    @visitor_errors
     def undo(self, *, stored, show_raw) -> dict:
         """Take the last exchange back; its question returns to the message box."""
         t = self.tab
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         conversation = store.current()
         question = conversation.exchanges.pop().question if conversation.exchanges else ""
         store = store.save(conversation)
@@ -273,67 +276,76 @@ class ChatEvents:
             **self._listed(store),
         }
 
+    @visitor_errors
     def new(self, *, stored) -> dict:
-        return self._cleared(Store.load(stored).model_copy(update={"open": None}))
+        return self._cleared(Store.load(stored, self.chat.settings).model_copy(update={"open": None}))
 
+    @visitor_errors
     def delete(self, *, stored) -> dict:
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         return self._cleared(store.delete(store.open))
 
+    @visitor_errors
     def open(self, *, conversation_id, stored, show_raw) -> dict:
         t = self.tab
-        store = Store.load(stored).model_copy(update={"open": conversation_id})
+        store = Store.load(stored, self.chat.settings).model_copy(update={"open": conversation_id})
         conversation = store.current()
         shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: "", t.store: store.model_dump()}
         return shown | self._restored(conversation)
 
+    @visitor_errors
     def show(self, *, stored, show_raw) -> dict:
         """The open conversation, as the page loads or the raw switch changes."""
-        store = Store.load(stored)
+        store = Store.load(stored, self.chat.settings)
         return {self.tab.chatbot: chat_messages(store.current(), show_raw), self.tab.chats: _choices(store)}
 
+    @visitor_errors
     def export_json(self, *, stored, looked) -> str:
-        return download(self.chat, Store.load(stored).current(), "json", LookedAt.load(looked))
+        return download(self.chat, Store.load(stored, self.chat.settings).current(), "json", LookedAt.load(looked))
 
+    @visitor_errors
     def export_markdown(self, *, stored, looked) -> str:
-        return download(self.chat, Store.load(stored).current(), "markdown", LookedAt.load(looked))
+        conversation = Store.load(stored, self.chat.settings).current()
+        return download(self.chat, conversation, "markdown", LookedAt.load(looked))
 
     @visitor_errors
     def import_(self, *, data: bytes, stored, looked, show_raw) -> dict:
-        conversation, looked_at = parse_export(data, LookedAt.load(looked))
-        store = Store.load(stored).save(conversation)
+        conversation, looked_at = parse_export(data, LookedAt.load(looked), self.chat.settings.max_exchanges)
+        store = Store.load(stored, self.chat.settings).save(conversation)
         shown = {self.tab.chatbot: chat_messages(conversation, show_raw), self.tab.answer_status: ""}
         kept = {self.tab.looked: looked_at.model_dump()}
         return shown | kept | self._listed(store) | self._restored(conversation)
 
     @visitor_errors
-    def inspect(self, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
+    def inspect(self, request: gr.Request, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
         """The exact prompt the message box would send."""
         t = self.tab
-        history = [] if single_turn else history_messages(Store.load(stored).current())
-        prompt = self.chat.inspect(message, system_message, history, max_new_tokens)
+        history = [] if single_turn else history_messages(Store.load(stored, self.chat.settings).current())
+        prompt = self.chat.inspect(message, system_message, history, max_new_tokens, visitor=visitor_of(request))
         dropped = f" · {prompt.dropped_turns} oldest turn(s) left out" if prompt.dropped_turns else ""
         count = f"{prompt.n_tokens} tokens{dropped}"
         return {t.inspect_text: prompt.text, t.inspect_ids: str(prompt.input_ids), t.inspect_count: count}
 
-    def score_last(self, *, stored, looked) -> dict:
-        conversation = Store.load(stored).current()
+    @visitor_errors
+    def score_last(self, request: gr.Request, *, stored, looked) -> dict:
+        conversation = Store.load(stored, self.chat.settings).current()
         if not conversation.exchanges:
             raise gr.Error("No answer yet: ask a question first.")
-        return self._tokens(conversation, len(conversation.exchanges) - 1, looked)
+        return self._tokens(conversation, len(conversation.exchanges) - 1, looked, request)
 
-    def score_picked(self, selected: gr.SelectData, *, stored, looked):
+    @visitor_errors
+    def score_picked(self, selected: gr.SelectData, request: gr.Request, *, stored, looked):
         """The token view of the answer clicked in the chat (nothing for a question or a notice)."""
-        conversation = Store.load(stored).current()
+        conversation = Store.load(stored, self.chat.settings).current()
         position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
         index = exchange_at(conversation, position)
-        return gr.skip() if index is None else self._tokens(conversation, index, looked)
+        return gr.skip() if index is None else self._tokens(conversation, index, looked, request)
 
-    def _tokens(self, conversation: Conversation, index: int, looked) -> dict:
+    def _tokens(self, conversation: Conversation, index: int, looked, request: gr.Request) -> dict:
         """The answer's token view; its tokens are kept for the exports."""
         t = self.tab
         caption = f"Answer {index + 1}: {conversation.exchanges[index].question}"
-        view = token_view_of(self.chat, conversation, index, _clip(caption))
+        view = token_view_of(self.chat, conversation, index, _clip(caption), visitor_of(request))
         shown = {t.tokens_box: gr.Accordion(open=True), t.tokens: view.html}
         if view.tokens is None:
             return shown

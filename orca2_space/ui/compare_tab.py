@@ -5,7 +5,6 @@ Events are wired by name: Compare receives its inputs as {component: value} (a s
 every handler returns {component: value} for the components it changes.
 """
 
-import functools
 from dataclasses import dataclass
 
 import gradio as gr
@@ -197,15 +196,20 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
     def stop(request: gr.Request) -> None:
         chat.stop(_owner(request))
 
-    def show_tokens(index: int, result, looked) -> dict:
-        if index >= len(result):
-            raise gr.Error("No answer in this column yet: compare first.")
-        answers = _recorded(result)
-        view = token_view_of(chat, Conversation(exchanges=answers), index, f"System message {index + 1}")
-        if view.tokens is None:
-            return {tab.tokens: view.html}
-        kept = LookedAt.load(looked).add(answer_keys(answers)[index], view.tokens)
-        return {tab.tokens: view.html, tab.looked: kept.model_dump()}
+    def show_tokens(index: int):
+        # A function of its own per column: Gradio finds the gr.Request parameter in a function's type hints.
+        def show(request: gr.Request, *, result, looked) -> dict:
+            if index >= len(result):
+                raise gr.Error("No answer in this column yet: compare first.")
+            answers = _recorded(result)
+            caption = f"System message {index + 1}"
+            view = token_view_of(chat, Conversation(exchanges=answers), index, caption, visitor_of(request))
+            if view.tokens is None:
+                return {tab.tokens: view.html}
+            kept = LookedAt.load(looked).add(answer_keys(answers)[index], view.tokens)
+            return {tab.tokens: view.html, tab.looked: kept.model_dump()}
+
+        return show
 
     def export_json(result, looked) -> str:
         if not result:
@@ -234,7 +238,7 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
     tab.stop.click(stop, None, None, **INSTANT)
     for index, column in enumerate(tab.columns):
         column.score.click(
-            functools.partial(show_tokens, index),
+            show_tokens(index),
             inputs_kwargs=dict(result=tab.result, looked=tab.looked),
             outputs={tab.tokens, tab.looked},
             **SCORING_CONCURRENCY,

@@ -11,6 +11,7 @@ from ..settings import on_space
 from . import chat_tab, compare_tab
 from .adapters import INSTANT
 from .api import add_endpoints
+from .mcp_tools import add_tools
 from .tokens import TOKEN_CSS
 
 # Each tab module has TITLE, ID (the tab's id and elem_id), CSS and build(demo, chat), in tab order.
@@ -33,6 +34,8 @@ def build(chat: Chat) -> gr.Blocks:
                 with gr.Tab(tab.TITLE, id=tab.ID, elem_id=tab.ID):
                     tab.build(demo, chat)
         add_endpoints(chat)
+        if chat.settings.mcp:
+            add_tools(chat)
     return demo
 
 

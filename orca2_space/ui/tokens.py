@@ -22,9 +22,10 @@ import gradio as gr
 from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
 from ..conversation import Conversation, ScoredToken
+from ..fairness import Refused, Visitor
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
-from .adapters import SCORING_CONCURRENCY, history_messages, visitor_errors
+from .adapters import SCORING_CONCURRENCY, history_messages, visitor_errors, visitor_of
 
 NOTE = (
     "These are the model's own probabilities (temperature 1) for the tokens it wrote, whatever the sampling "
@@ -194,19 +195,34 @@ class TokenView:
     tokens: list[ScoredToken] | None = None
 
 
-def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str) -> TokenView:
+def view_for(
+    chat: Chat,
+    message: str,
+    system_message: str,
+    history: list[dict] | None,
+    answer: str | None,
+    answer_ids: Sequence[int] | None,
+    caption: str,
+    visitor: Visitor,
+) -> TokenView:
+    """For the page: the token view of an answer, or a message saying why there is none."""
+    try:
+        ids = None if answer_ids is None else list(answer_ids)
+        tokens = token_probabilities(chat, message, system_message, history, answer, ids, visitor=visitor)
+    except (ScoringUnavailable, Refused) as error:
+        return TokenView(message_view(caption, str(error)))
+    except (InvalidRequest, GenerationError) as error:
+        return TokenView(message_view(caption, f"Token probabilities could not be computed: {error}"))
+    return TokenView(token_view(tokens, caption), [ScoredToken.of(token) for token in tokens])
+
+
+def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str, visitor: Visitor) -> TokenView:
     """The token probabilities of an exchange's answer, scored on the prompt it was written for."""
     e = conversation.exchanges[index]
     if not e.answer:
         return TokenView(message_view(caption, "This answer has no text to score."))
     history = [] if e.single_turn else history_messages(Conversation(exchanges=conversation.exchanges[:index]))
-    try:
-        tokens = token_probabilities(chat, e.question, e.system_message, history, e.answer, e.answer_ids)
-    except ScoringUnavailable as error:
-        return TokenView(message_view(caption, str(error)))
-    except (InvalidRequest, GenerationError) as error:
-        return TokenView(message_view(caption, f"Token probabilities could not be computed: {error}"))
-    return TokenView(token_view(tokens, caption), [ScoredToken.of(token) for token in tokens])
+    return view_for(chat, e.question, e.system_message, history, e.answer, e.answer_ids, caption, visitor)
 
 
 def add_token_endpoint(chat: Chat) -> None:
@@ -214,6 +230,7 @@ def add_token_endpoint(chat: Chat) -> None:
 
     @visitor_errors
     def token_probabilities_endpoint(
+        request: gr.Request,
         message: str,
         system_message: str | None = None,
         history: list[dict] | None = None,
@@ -226,6 +243,7 @@ def add_token_endpoint(chat: Chat) -> None:
         answer_ids: the answer's ids as /chat returned them, scored exactly; without them answer (its text)
         is encoded. Returns {"tokens": [{"id", "text", "probability", "top": [{"id", "text", "probability"}]}]}."""
         system = system_message_for(system_message, None)
-        return as_api_dict(token_probabilities(chat, message, system, history, answer, answer_ids))
+        tokens = token_probabilities(chat, message, system, history, answer, answer_ids, visitor=visitor_of(request))
+        return as_api_dict(tokens)
 
     gr.api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)

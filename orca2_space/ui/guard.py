@@ -1,0 +1,237 @@
+"""What every HTTP request passes before Gradio sees it: the visitor's address read as --trusted-proxies
+says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
+wrong passwords per address, and API calls that name an endpoint and bring the values it takes.
+
+Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
+wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..fairness import visitor_address
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_CALL = re.compile(r"^/gradio_api/call/(?P<by_name>v2/)?(?P<name>[^/]+)/?$")
+LOGIN_PATHS = ("/login", "/login/")
+LOGIN_WINDOW_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    # In the order /gradio_api/call/NAME takes their values.
+    parameters: tuple[str, ...]
+    required: frozenset[str]
+
+    def values_problem(self, name: str, data: list) -> str | None:
+        """/gradio_api/call/NAME: {"data": [every value, in order]}."""
+        if len(data) == len(self.parameters):
+            return None
+        return f"/{name} takes {len(self.parameters)} values, in this order: {self._listed()}; got {len(data)}."
+
+    def named_values_problem(self, name: str, values: dict) -> str | None:
+        """/gradio_api/call/v2/NAME: {"parameter": value, ...}, the required ones at least."""
+        unknown = [key for key in values if key not in self.parameters and key != "oauth_token"]
+        if unknown:
+            return f"/{name} has no parameter {', '.join(unknown)}; its parameters: {self._listed()}."
+        missing = [parameter for parameter in self.parameters if parameter in self.required - values.keys()]
+        if missing:
+            return f"/{name} needs {', '.join(missing)}; its parameters: {self._listed()}."
+        return None
+
+    def _listed(self) -> str:
+        return ", ".join(self.parameters)
+
+
+@dataclass(frozen=True)
+class Rules:
+    trusted_proxies: int
+    own_origin_only: bool
+    # The public API endpoints by name.
+    endpoints: Mapping[str, Endpoint]
+
+
+class LoginThrottle:
+    """Wrong logins per address within the last window; past the limit, that address waits until the
+    oldest of them is a window old. Used from the server's event loop only."""
+
+    def __init__(self, limit: int, window: float = LOGIN_WINDOW_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window, self._clock = limit, window, clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def wait(self, address: str) -> int:
+        """Seconds before this address may try again; 0 if it may now."""
+        failures = self._failures.get(address, deque())
+        now = self._clock()
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return math.ceil(failures[0] + self.window - now) if len(failures) >= self.limit else 0
+
+    def failed(self, address: str) -> None:
+        now = self._clock()
+        # Addresses whose failures have all aged out are forgotten, so the record stays small.
+        for stale in [a for a, failures in self._failures.items() if failures[-1] <= now - self.window]:
+            del self._failures[stale]
+        self._failures.setdefault(address, deque()).append(now)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, rules: Rules, throttle: LoginThrottle | None):
+        self.app, self.rules, self.throttle = app, rules, throttle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope = self._as_the_app_sees_it(scope)
+        post = scope["method"] == "POST"
+        if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
+            await self._login(scope, receive, send)
+        elif post and (call := API_CALL.match(scope["path"])):
+            await self._api_call(call, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _as_the_app_sees_it(self, scope: Scope) -> Scope:
+        headers = Headers(scope=scope)
+        host, port = scope.get("client") or (None, 0)
+        forwarded = headers.getlist("x-forwarded-for")
+        address = visitor_address(host, forwarded, self.rules.trusted_proxies)
+        if log.isEnabledFor(logging.DEBUG):  # what a Space owner reads to check --trusted-proxies
+            said = ", ".join(forwarded) or "none"
+            log.debug("%s from %s, X-Forwarded-For %s: the visitor is %s", scope["path"], host, said, address)
+        scope = {**scope, "client": (address, port if address == host else 0)}
+        if self.rules.own_origin_only and not _own_origin(headers):
+            # Without an Origin, Gradio's CORS middleware grants the other site nothing: its page can't
+            # read the answer, and a request that needs a preflight is never sent.
+            scope["headers"] = [(name, value) for name, value in scope["headers"] if name != b"origin"]
+        return scope
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        address = scope["client"][0]
+        wait = self.throttle.wait(address)
+        if wait:
+            message = (
+                f"Too many wrong logins from your network address ({self.throttle.limit} within a minute). "
+                f"Try again in {wait} s."
+            )
+            await _refuse(429, message, scope, receive, send, {"Retry-After": str(wait)})
+            return
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] == 200:
+                    self.throttle.succeeded(address)
+                elif message["status"] in (400, 401):
+                    self.throttle.failed(address)
+            await send(message)
+
+        await self.app(scope, receive, observed)
+
+    async def _api_call(self, call: re.Match, scope: Scope, receive: Receive, send: Send) -> None:
+        name = call["name"]
+        endpoint = self.rules.endpoints.get(name)
+        if endpoint is None:
+            known = ", ".join(f"/{endpoint}" for endpoint in self.rules.endpoints)
+            message = f"There is no API endpoint /{name}. This server's: {known} (GET /gradio_api/info describes them)."
+            await _refuse(404, message, scope, receive, send)
+            return
+        body = await _body(receive)
+        problem = _call_problem(endpoint, name, body, by_name=bool(call["by_name"]))
+        if problem:
+            await _refuse(422, problem, scope, receive, send)
+            return
+        await self.app(scope, _replaying(body, receive), send)
+
+
+def lifespan(demo, settings: Settings, share: bool):
+    """For launch(app_kwargs={"lifespan": ...}): puts the guard around the app Gradio builds for demo."""
+    endpoints = {
+        name.lstrip("/"): Endpoint(
+            tuple(p["parameter_name"] for p in info["parameters"]),
+            frozenset(p["parameter_name"] for p in info["parameters"] if not p["parameter_has_default"]),
+        )
+        for name, info in demo.get_api_info()["named_endpoints"].items()
+    }
+    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints)
+    throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
+
+    @contextlib.asynccontextmanager
+    async def guarded(app):
+        # The app's middleware, Gradio's CORS included, is built by now: the lifespan runs through it.
+        app.middleware_stack = Guard(app.middleware_stack or app.build_middleware_stack(), rules, throttle)
+        yield
+
+    return guarded
+
+
+def _own_origin(headers: Headers) -> bool:
+    """Whether a browser sent this from the page itself (or sent no Origin at all)."""
+    origin = headers.get("origin")
+    return origin is None or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+
+
+def _call_problem(endpoint: Endpoint, name: str, body: bytes, by_name: bool) -> str | None:
+    """What is wrong with the values a call brings; None where Gradio's own checks speak (not JSON, not
+    an object, no list of values) and where the app's do (each value's type and range)."""
+    try:
+        sent = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(sent, dict):
+        return None
+    if by_name:
+        return endpoint.named_values_problem(name, sent)
+    data = sent.get("data")
+    return endpoint.values_problem(name, data) if isinstance(data, list) else None
+
+
+async def _refuse(
+    status: int, message: str, scope: Scope, receive: Receive, send: Send, headers: dict | None = None
+) -> None:
+    await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """The request's receive, giving the body already read first."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

@@ -1,0 +1,269 @@
+"""The server against a hostile visitor: an address can't be forged, monitoring is off, only the page's
+own origin may read answers in a browser when there is a login, wrong passwords are throttled per
+address, a malformed API call is refused with what is wrong, and uploads are capped. Every check goes
+through a launched server."""
+
+import time
+
+import httpx
+import pytest
+from conftest import free_port
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from orca2_space.chat import Chat
+from orca2_space.cli import launch
+from orca2_space.settings import Settings
+from orca2_space.ui.guard import LoginThrottle
+
+PASSWORD = "correct horse battery"
+WRONG_LOGIN = {"username": "ann", "password": "wrong"}
+RIGHT_LOGIN = {"username": "ann", "password": PASSWORD}
+ADDRESS_REFUSAL = "Your network address already has"
+
+
+@pytest.fixture(scope="module")
+def open_app(never_ends):
+    """The app as it runs off a Space (no proxy trusted, no login), with an address limit a test can fill
+    and room in Gradio's queue for a burst of 44 requests (the fair share, not the queue, refuses them)."""
+    settings = Settings(
+        host="127.0.0.1", port=free_port(), max_new_tokens_cap=4000, address_limit=3, max_queue=64, max_upload_mb=1
+    )
+    demo = launch(Chat(never_ends, settings), block=False)
+    yield settings, demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def guarded_app(never_ends):
+    """With a login, behind one trusted proxy (this test's client plays it, writing X-Forwarded-For)."""
+    settings = Settings(
+        host="127.0.0.1",
+        port=free_port(),
+        max_new_tokens_cap=4000,
+        auth=("ann", PASSWORD),
+        trusted_proxies=1,
+        address_limit=2,
+        max_failed_logins=5,
+    )
+    demo = launch(Chat(never_ends, settings), block=False)
+    yield settings, demo.local_url
+    demo.close()
+
+
+def long_answers(clients: list[Client], admitted: int) -> tuple[list[str], list]:
+    """Each client asks for a long answer at once; the refusals' messages, and the jobs still running
+    once all but the admitted ones have come back."""
+    jobs = [client.submit(message="Tell me everything", max_new_tokens=4000, api_name="/chat") for client in clients]
+    deadline = time.monotonic() + 300  # a bound for a broken server, not a speed test
+    while sum(job.done() for job in jobs) < len(jobs) - admitted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refusals = []
+    for job in (job for job in jobs if job.done()):
+        with pytest.raises(AppError) as error:
+            job.result()
+        refusals.append(str(error.value))
+    return refusals, [job for job in jobs if not job.done()]
+
+
+def stop(jobs) -> None:
+    for job in jobs:
+        job.cancel()
+
+
+# The visitor's address.
+
+
+def test_44_forged_forwarded_addresses_from_one_machine_all_count_as_its_one_address(open_app):
+    """uvicorn, as Gradio starts it, would take a loopback client's X-Forwarded-For as its address."""
+    settings, url = open_app
+    assert settings.trusted_proxies == 0 and settings.address_limit == 3
+    clients = [Client(url, verbose=False, headers={"X-Forwarded-For": f"198.51.100.{n}"}) for n in range(44)]
+    refusals, running = long_answers(clients, admitted=3)
+    try:
+        assert len(running) == 3
+        assert len(refusals) == 41 and all(ADDRESS_REFUSAL in refusal for refusal in refusals)
+    finally:
+        stop(running)
+
+
+def test_behind_a_trusted_proxy_only_the_entry_it_appended_counts(guarded_app):
+    settings, url = guarded_app
+    assert settings.trusted_proxies == 1 and settings.address_limit == 2
+
+    def client(forwarded: str) -> Client:
+        return Client(url, auth=("ann", PASSWORD), verbose=False, headers={"X-Forwarded-For": forwarded})
+
+    # What the client wrote left of the proxy's entry differs; the address is one.
+    forgers = [client(f"10.9.8.{n}, 203.0.113.7") for n in range(6)]
+    refusals, running = long_answers(forgers, admitted=2)
+    try:
+        assert len(running) == 2
+        assert len(refusals) == 4 and all(ADDRESS_REFUSAL in refusal for refusal in refusals)
+        # A visitor the proxy saw elsewhere is let in.
+        other = client("203.0.113.8").submit(message="Hi", max_new_tokens=3, api_name="/chat")
+        assert other.result()["done"]
+    finally:
+        stop(running)
+
+
+# Monitoring.
+
+
+@pytest.mark.parametrize("path", ["monitoring", "monitoring/summary", "monitoring/some-key"])
+def test_monitoring_is_off(open_app, path):
+    _, url = open_app
+    response = httpx.get(url + path, timeout=30, follow_redirects=False)
+    assert response.status_code == 403 and response.json()["detail"] == "Monitoring is not enabled."
+
+
+# Cross-origin reading. Host is a public name: Gradio trusts any origin when it is not localhost.
+
+HOST = "orca2.example"
+
+
+def cors_headers(url: str, origin: str, cookies=None) -> tuple[int, dict]:
+    response = httpx.get(url + "config", headers={"Host": HOST, "Origin": origin}, cookies=cookies, timeout=30)
+    return response.status_code, {k: v for k, v in response.headers.items() if k.startswith("access-control-")}
+
+
+def test_with_a_login_another_site_may_not_read_answers_with_the_visitors_cookies(guarded_app):
+    _, url = guarded_app
+    cookies = httpx.post(url + "login", data=RIGHT_LOGIN, headers={"X-Forwarded-For": "192.0.2.50"}).cookies
+    assert cors_headers(url, "https://evil.example", cookies) == (200, {})
+    assert cors_headers(url, "null", cookies) == (200, {})
+    status, granted = cors_headers(url, f"https://{HOST}", cookies)
+    assert status == 200
+    assert granted["access-control-allow-origin"] == f"https://{HOST}"
+    assert granted["access-control-allow-credentials"] == "true"
+
+
+def test_with_a_login_another_sites_preflight_is_not_granted(guarded_app):
+    _, url = guarded_app
+    preflight = {"Host": HOST, "Access-Control-Request-Method": "POST"}
+    foreign = httpx.options(url + "gradio_api/call/chat", headers={**preflight, "Origin": "https://evil.example"})
+    assert not any(name.startswith("access-control-allow") for name in foreign.headers)
+    own = httpx.options(url + "gradio_api/call/chat", headers={**preflight, "Origin": f"https://{HOST}"})
+    assert own.headers["access-control-allow-origin"] == f"https://{HOST}"
+
+
+def test_without_a_login_or_a_share_link_other_sites_may_call_the_public_api(open_app):
+    """As Gradio serves a public Space: its API is meant to be called from other pages."""
+    _, url = open_app
+    status, granted = cors_headers(url, "https://another-space.example")
+    assert status == 200 and granted["access-control-allow-origin"] == "https://another-space.example"
+
+
+# Logins.
+
+
+def test_wrong_passwords_are_refused_after_a_few_from_one_address_and_others_may_still_log_in(guarded_app):
+    settings, url = guarded_app
+    attacker = {"X-Forwarded-For": "forged, 192.0.2.66"}
+    answers = [httpx.post(url + "login", data=WRONG_LOGIN, headers=attacker, timeout=30) for _ in range(30)]
+    wrong = [a for a in answers if a.status_code == 400 and a.json()["detail"] == "Incorrect credentials."]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(wrong) == settings.max_failed_logins == 5 and len(refused) == 25
+    assert all("Too many wrong logins from your network address" in a.json()["detail"] for a in refused)
+    assert all(int(a.headers["retry-after"]) > 0 for a in refused)
+    # The right password doesn't get through while the address waits; from elsewhere it does.
+    assert httpx.post(url + "login", data=RIGHT_LOGIN, headers=attacker).status_code == 429
+    assert httpx.post(url + "login", data=RIGHT_LOGIN, headers={"X-Forwarded-For": "192.0.2.67"}).status_code == 200
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_throttled_address_may_try_again_once_its_oldest_failure_is_a_minute_old():
+    clock = Clock()
+    throttle = LoginThrottle(limit=3, window=60, clock=clock)
+    for _ in range(3):
+        assert throttle.wait("192.0.2.1") == 0
+        throttle.failed("192.0.2.1")
+        clock.now += 10
+    assert throttle.wait("192.0.2.1") == 30 and throttle.wait("192.0.2.2") == 0
+    clock.now += 30
+    assert throttle.wait("192.0.2.1") == 0
+
+
+def test_a_successful_login_clears_the_addresss_failures():
+    throttle = LoginThrottle(limit=2, clock=Clock())
+    throttle.failed("192.0.2.1")
+    throttle.succeeded("192.0.2.1")
+    throttle.failed("192.0.2.1")
+    assert throttle.wait("192.0.2.1") == 0
+
+
+# Malformed API calls: refused before they start, with what is wrong.
+
+COMPARE_PARAMETERS = (
+    "message, system_messages, do_sample, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, "
+    "moderation"
+)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, says",
+    [
+        (
+            "call/compare",
+            {"data": ["Hi", ["A", "B"]]},
+            422,
+            f"/compare takes 10 values, in this order: {COMPARE_PARAMETERS}; got 2",
+        ),
+        ("call/compare", {"data": ["Hi", ["A", "B"], *[None] * 8, "extra"]}, 422, "got 11"),
+        ("call/compare", {"data": "Hi"}, 422, "Input should be a valid list"),
+        ("call/v2/compare", {"message": "Hi"}, 422, "/compare needs system_messages; its parameters: message"),
+        ("call/v2/compare", {"message": "Hi", "system_messages": ["A", "B"], "colour": 1}, 422, "no parameter colour"),
+        ("call/compares", {"data": []}, 404, "There is no API endpoint /compares. This server's: /chat, /compare,"),
+        # The page's own events are not an API.
+        ("call/respond", {"data": []}, 404, "There is no API endpoint /respond"),
+        ("run/compare", {"data": ["Hi", ["A", "B"]]}, 404, "Please join the queue"),
+    ],
+)
+def test_a_malformed_raw_call_is_refused_with_what_is_wrong(open_app, path, body, status, says):
+    _, url = open_app
+    response = httpx.post(url + "gradio_api/" + path, json=body, timeout=30)
+    assert response.status_code == status and says in str(response.json()["detail"])
+
+
+def test_a_raw_call_with_every_value_is_answered(open_app):
+    _, url = open_app
+    values = ["Hi", ["A", "B"], False, 0.7, 0.9, 50, 1.0, 3, None, None]
+    event = httpx.post(url + "gradio_api/call/compare", json={"data": values}, timeout=30)
+    stream = httpx.get(url + f"gradio_api/call/compare/{event.json()['event_id']}", timeout=120).text
+    assert "event: complete" in stream and '"n_tokens": 3' in stream
+
+
+@pytest.mark.parametrize(
+    "arguments, error, says",
+    [
+        (dict(message="Hi", system_messages="A"), AppError, "system_messages must be a list of 2 to 4 texts"),
+        (dict(message="Hi", system_messages=["A", 7]), AppError, r"system_messages\[1\] must be text"),
+        (dict(message="Hi", system_messages=["A", "B"], top_k="many"), AppError, "top_k must be a number"),
+        (dict(message="Hi"), TypeError, "No value provided for required argument: system_messages"),
+        (dict(message="Hi", system_messages=["A", "B"], colour=1), TypeError, "`colour` is not a valid key-word"),
+    ],
+)
+def test_a_malformed_client_call_is_refused_with_what_is_wrong(open_app, arguments, error, says):
+    _, url = open_app
+    with pytest.raises(error, match=says):
+        Client(url, verbose=False).predict(**arguments, api_name="/compare")
+
+
+# Uploads.
+
+
+def test_an_upload_over_the_cap_is_refused_with_the_cap(open_app):
+    settings, url = open_app
+    cap = settings.max_upload_mb * 1024 * 1024
+    big = {"files": ("chat.json", b"[" + b" " * cap + b"]", "application/json")}
+    refused = httpx.post(url + "gradio_api/upload", files=big, timeout=60)
+    assert refused.status_code == 413 and f"maximum allowed size of {cap} bytes" in refused.text
+    small = {"files": ("chat.json", b"{}", "application/json")}
+    assert httpx.post(url + "gradio_api/upload", files=small, timeout=60).status_code == 200
