@@ -450,7 +450,8 @@ class _Comparison:
                     self._chat.stop(self._key)
         except Exception as error:
             log.exception("a compared answer failed")
-            updates.put((index, ChatUpdate("", done=True, error=f"This answer failed: {error}")))
+            failed = ChatUpdate("", done=True, error=f"This answer failed: {error}", params=request.params)
+            updates.put((index, failed))
         finally:
             updates.put((index, None))
 

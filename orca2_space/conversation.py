@@ -1,11 +1,11 @@
-"""A visitor's conversations as records: what was asked and what Orca 2 wrote, with the settings, seed
-and ids that reproduce each answer.
+"""A visitor's conversations and comparisons as records: what was asked and what Orca 2 wrote, with
+the settings, seed and ids that reproduce each answer, and the token probabilities the visitor looked at.
 
 The page keeps them in the visitor's browser (never on the server) and exports them as JSON (to
 replay or share) or Markdown (to read). A record holds the text exactly as typed and written; how it
 is shown is render.py's business.
 
-A JSON export (version 2) holds the ids the model read for each exchange without repeating the earlier
+A conversation's JSON export (version 2) holds the ids the model read for each exchange without repeating the earlier
 turns a multi-turn prompt carried: those are named (earlier_turns) and each carried exchange's ids are
 written once (turn_ids), so an export's size follows the conversation's (Export.prompt_ids_of puts a
 prompt back together). Version 1 files, which repeated them, still import.
@@ -14,22 +14,32 @@ prompt back together). Version 1 files, which repeated them, still import.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import secrets
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
-from .backends.contract import GenerationStats, ModelInfo
+from .backends.contract import GenerationStats, ModelInfo, TokenProbability
+from .chat import COMPARED
 from .moderation import ModerationState
+from .presets import preset_of
 from .prompt import Asked, ConversationPrompts, Turn
 from .settings import GenerationParams, InvalidRequest, Settings
 
 FORMAT = "orca2-space/conversation"
 FORMAT_VERSION = 2
+COMPARISON_FORMAT = "orca2-space/comparison"
+COMPARISON_FORMAT_VERSION = 1
 # The browser keeps this many conversations; the oldest go first.
 MAX_KEPT = 50
+# The browser sends what it keeps with the requests that read it, so it keeps the token probabilities
+# of this many tokens at most, newest first (an older answer's can be scored again). One whole
+# context, so the answer just scored always keeps its own.
+MAX_KEPT_SCORED_TOKENS = 4096
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -51,6 +61,33 @@ class Stats(BaseModel):
             tokens_per_second=round(stats.tokens_per_second, 2),
             batched=stats.batched,
         )
+
+
+class ScoredAlternative(BaseModel):
+    """A token the model could have written at a position, and the probability it gave it."""
+
+    model_config = _STRICT
+
+    id: int
+    text: str
+    probability: float
+
+
+class ScoredToken(ScoredAlternative):
+    """One token of an answer as scored: its probability, and the most likely tokens at its position.
+    Also the shape of /token_probabilities' tokens."""
+
+    top: list[ScoredAlternative]
+
+    @classmethod
+    def of(cls, token: TokenProbability) -> ScoredToken:
+        top = [ScoredAlternative(id=a.id, text=a.text, probability=_round(a.probability)) for a in token.top]
+        return cls(id=token.id, text=token.text, probability=_round(token.probability), top=top)
+
+
+def _round(probability: float) -> float:
+    """To 6 significant digits: what a reader can use, a third of the characters in JSON."""
+    return float(f"{probability:.6g}")
 
 
 class Exchange(BaseModel):
@@ -170,6 +207,82 @@ class Store(BaseModel):
         return Store(open=None if self.open == conversation_id else self.open, conversations=kept)
 
 
+def answer_keys(exchanges: Sequence[Exchange]) -> list[str]:
+    """Each answer's key in LookedAt: a digest of what its token probabilities follow from (the
+    system message, the earlier turns it was sent with, the question, and the answer's ids or text).
+    The earlier turns enter as a running digest, so the keys of a conversation take time in step with it."""
+    keys, earlier = [], hashlib.sha256()
+    for e in exchanges:
+        carried = "" if e.single_turn else earlier.hexdigest()
+        scored = [e.system_message, carried, e.question, e.answer, e.answer_ids]
+        keys.append(hashlib.sha256(json.dumps(scored).encode()).hexdigest()[:32])
+        if e.usable:
+            earlier.update(json.dumps([e.question, e.answer]).encode())
+    return keys
+
+
+class LookedAt(BaseModel):
+    """The token probabilities the visitor looked at, by answer (answer_keys), newest first, for the
+    exports. Kept apart from the conversations: scoring an earlier answer while the next one streams
+    must never write an older copy of the conversation over the one being recorded."""
+
+    model_config = _STRICT
+
+    answers: list[tuple[str, list[ScoredToken]]] = []
+
+    @classmethod
+    def load(cls, value: object) -> LookedAt:
+        try:
+            return cls.model_validate(value or {})
+        except ValidationError:
+            return cls()
+
+    def add(self, key: str, tokens: list[ScoredToken]) -> LookedAt:
+        """With this answer's tokens first; the oldest go past MAX_KEPT_SCORED_TOKENS in all."""
+        kept, budget = [], MAX_KEPT_SCORED_TOKENS
+        for answer in [(key, tokens), *(a for a in self.answers if a[0] != key)]:
+            if len(answer[1]) <= budget:
+                kept.append(answer)
+                budget -= len(answer[1])
+        return LookedAt(answers=kept)
+
+    def tokens(self, exchanges: Sequence[Exchange]) -> list[list[ScoredToken] | None]:
+        """The tokens looked at of each of these answers (None: not looked at)."""
+        looked = dict(self.answers)
+        return [looked.get(key) for key in answer_keys(exchanges)]
+
+    def with_imported(self, exchanges: Sequence[Exchange], tokens: Sequence[list[ScoredToken] | None]) -> LookedAt:
+        looked = self
+        for key, scored in zip(answer_keys(exchanges), tokens):
+            looked = looked if scored is None else looked.add(key, scored)
+        return looked
+
+
+class _Exported(BaseModel):
+    """What a reader of an export needs to judge or redo it: the model, its weights and the app."""
+
+    model_config = _STRICT
+
+    format: str
+    version: int
+    app_version: str = __version__
+    model: str
+    weights: str
+    backend: str
+    exported: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+
+
+class _MadeBy(TypedDict):
+    model: str
+    weights: str
+    backend: str
+
+
+def _made_by(info: ModelInfo) -> _MadeBy:
+    backend = f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
+    return _MadeBy(model=info.name, weights=info.quantization, backend=backend)
+
+
 class EarlierTurns(BaseModel):
     """Where a multi-turn prompt carried earlier turns: at index `at` of its prompt_ids go the turn_ids
     of every exchange numbered `first` (counting from 1) up to this one that has turn_ids."""
@@ -187,21 +300,16 @@ class ExportedExchange(Exchange):
     earlier_turns: EarlierTurns | None = None
     # This exchange's question and answer as a later prompt carried them (where one did).
     turn_ids: list[int] | None = None
+    # The answer's token probabilities, if the visitor looked at them.
+    tokens: list[ScoredToken] | None = None
 
 
-class Export(BaseModel):
-    """A conversation with what a reader needs to judge or redo it: the model, its weights and the app."""
-
-    model_config = _STRICT
+class Export(_Exported):
+    """A conversation, exchange by exchange."""
 
     format: Literal["orca2-space/conversation"] = FORMAT
     # 1: each prompt_ids held the whole prompt, earlier turns and all.
     version: Literal[1, 2] = FORMAT_VERSION
-    app_version: str = __version__
-    model: str
-    weights: str
-    backend: str
-    exported: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     conversation_id: str
     created: str
     exchanges: list[ExportedExchange]
@@ -215,11 +323,12 @@ class Export(BaseModel):
         return e.prompt_ids[:at] + [i for c in carried for i in c.turn_ids or ()] + e.prompt_ids[at:]
 
 
-def export(conversation: Conversation, info: ModelInfo, prompts: ConversationPrompts) -> Export:
+def export(conversation: Conversation, info: ModelInfo, prompts: ConversationPrompts, looked: LookedAt) -> Export:
     """The conversation with the prompts Chat.prompts gave for its exchanges (an exchange whose prompt
-    the server would refuse exports no ids)."""
+    the server would refuse exports no ids) and the token probabilities looked at."""
     exchanges = []
-    for index, (e, prompt) in enumerate(zip(conversation.exchanges, prompts.prompts)):
+    tokens = looked.tokens(conversation.exchanges)
+    for index, (e, prompt, scored) in enumerate(zip(conversation.exchanges, prompts.prompts, tokens)):
         carried = None if prompt is None or prompt.first is None else EarlierTurns(first=prompt.first + 1, at=prompt.at)
         exchanges.append(
             ExportedExchange(
@@ -227,52 +336,133 @@ def export(conversation: Conversation, info: ModelInfo, prompts: ConversationPro
                 prompt_ids=[] if prompt is None else prompt.ids,
                 earlier_turns=carried,
                 turn_ids=prompts.turn_ids.get(index),
+                tokens=scored,
             )
         )
-    return Export(
-        model=info.name,
-        weights=info.quantization,
-        backend=_backend(info),
-        conversation_id=conversation.id,
-        created=conversation.created,
-        exchanges=exchanges,
-    )
+    return Export(**_made_by(info), conversation_id=conversation.id, created=conversation.created, exchanges=exchanges)
 
 
-def _backend(info: ModelInfo) -> str:
-    return f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
+class ComparedAnswer(BaseModel):
+    """One column of a comparison: the system message it was asked under, and what came of it."""
+
+    model_config = _STRICT
+
+    # The preset whose system message this is, or "typed" for one of the visitor's own.
+    preset: str
+    system_message: str
+    prompt_ids: list[int]
+    answer: str
+    answer_ids: list[int] | None = None
+    stats: Stats | None = None
+    moderation: ModerationState = ModerationState.OFF
+    withheld: str | None = None
+    error: str | None = None
+    tokens: list[ScoredToken] | None = None
 
 
-def parse_export(text: str | bytes, max_exchanges: int) -> Conversation:
-    """A conversation from an exported JSON file (either version); InvalidRequest says what is wrong
-    with it, or that it is longer than the server takes."""
-    try:
-        exported = Export.model_validate_json(text)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()[:3])
-        raise InvalidRequest(f"This is not a conversation exported from this app ({problems}).") from None
-    exported_only = {"prompt_ids", "earlier_turns", "turn_ids"}
+class ComparisonExport(_Exported):
+    """One question answered under several system messages, single turn, with the same settings (and
+    the same seed when sampling)."""
+
+    format: Literal["orca2-space/comparison"] = COMPARISON_FORMAT
+    version: Literal[1] = COMPARISON_FORMAT_VERSION
+    question: str
+    settings: GenerationParams
+    answers: list[ComparedAnswer] = Field(min_length=COMPARED.start, max_length=COMPARED.stop - 1)
+
+
+_E = TypeVar("_E", bound=_Exported)
+_COMPARED_FIELDS = set(ComparedAnswer.model_fields) - {"preset", "prompt_ids", "tokens"}
+
+
+def export_comparison(
+    answers: Sequence[Exchange], info: ModelInfo, prompt_ids: list[list[int]], looked: LookedAt
+) -> ComparisonExport:
+    """A comparison as the page keeps it (one exchange per column, all of one question and settings)."""
+    columns = [
+        ComparedAnswer(
+            **e.model_dump(include=_COMPARED_FIELDS), preset=preset_of(e.system_message), prompt_ids=ids, tokens=scored
+        )
+        for e, ids, scored in zip(answers, prompt_ids, looked.tokens(answers))
+    ]
+    first = answers[0]
+    return ComparisonExport(**_made_by(info), question=first.question, settings=first.settings, answers=columns)
+
+
+def parse_export(text: str | bytes, looked: LookedAt, max_exchanges: int) -> tuple[Conversation, LookedAt]:
+    """A conversation from an exported JSON file (either version), and what the browser has looked at
+    with the file's token probabilities added; InvalidRequest says what is wrong with the file, or that
+    it is longer than the server takes."""
+    exported = _parsed(Export, text, "a conversation")
+    exported_only = {"prompt_ids", "earlier_turns", "turn_ids", "tokens"}
     exchanges = [Exchange(**e.model_dump(exclude=exported_only)) for e in exported.exchanges]
     conversation = Conversation(id=exported.conversation_id, created=exported.created, exchanges=exchanges)
     conversation.within(max_exchanges)
-    return conversation
+    return conversation, looked.with_imported(exchanges, [e.tokens for e in exported.exchanges])
 
 
-def to_markdown(conversation: Conversation, info: ModelInfo) -> str:
-    """The conversation for reading: each question and answer verbatim, in fenced blocks."""
+def parse_comparison(text: str | bytes, looked: LookedAt) -> tuple[list[Exchange], LookedAt]:
+    """A comparison from an exported JSON file, as the page keeps it (one exchange per column), and
+    what the browser has looked at with the file's token probabilities added."""
+    exported = _parsed(ComparisonExport, text, "a comparison")
+    answers = [
+        Exchange(
+            **a.model_dump(include=_COMPARED_FIELDS),
+            question=exported.question,
+            single_turn=True,
+            settings=exported.settings,
+        )
+        for a in exported.answers
+    ]
+    return answers, looked.with_imported(answers, [a.tokens for a in exported.answers])
+
+
+def _parsed(kind: type[_E], text: str | bytes, what: str) -> _E:
+    try:
+        return kind.model_validate_json(text)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in error.errors()[:3])
+        other = _format_of(text)
+        if other in (FORMAT, COMPARISON_FORMAT) and other != kind.model_fields["format"].default:
+            problems = f"it is {'a conversation' if other == FORMAT else 'a comparison'}"
+        raise InvalidRequest(f"This is not {what} exported from this app ({problems}).") from None
+
+
+def _format_of(text: str | bytes) -> object:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def to_markdown(conversation: Conversation, info: ModelInfo, looked: LookedAt) -> str:
+    """The conversation for reading: each question and answer verbatim, in fenced blocks, and a line
+    on the token probabilities looked at."""
+    made_by = _made_by(info)
     lines = [
         f"# Orca 2 conversation ({conversation.created})",
         "",
-        f"Model: {info.name} · {info.quantization} · {_backend(info)} · orca2-space {__version__}",
+        f"Model: {made_by['model']} · {made_by['weights']} · {made_by['backend']} · orca2-space {__version__}",
     ]
-    for number, e in enumerate(conversation.exchanges, 1):
+    tokens = looked.tokens(conversation.exchanges)
+    for number, (e, scored) in enumerate(zip(conversation.exchanges, tokens), 1):
         mode = "single turn" if e.single_turn else "with the earlier turns"
         how = f"seed {e.settings.seed}" if e.settings.do_sample else "greedy"
         lines += ["", f"## {number}. Question ({mode}, {how})", "", _fenced(e.question)]
         lines += ["", "System message:", "", _fenced(e.system_message)]
         lines += ["", "Answer:", "", _fenced(e.answer)]
         lines += [f"\n> {notice}" for notice in (e.withheld, e.error) if notice]
+        if scored:
+            lines += ["", _scored_summary(scored)]
     return "\n".join(lines) + "\n"
+
+
+def _scored_summary(tokens: list[ScoredToken], shown: int = 3) -> str:
+    """A line on the token probabilities looked at; every number is in the JSON export."""
+    least = sorted(tokens, key=lambda t: t.probability)[:shown]
+    listed = ", ".join(f"{json.dumps(t.text, ensure_ascii=False)} {t.probability:.2%}" for t in least)
+    return f"Token probabilities (all in the JSON export): {len(tokens)} tokens; the least likely: {listed}."
 
 
 def _fenced(text: str) -> str:

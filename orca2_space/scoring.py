@@ -23,6 +23,7 @@ from typing import Any
 
 from .backends.contract import TokenProbability
 from .chat import Chat
+from .conversation import ScoredToken
 from .fairness import Visitor
 from .prompt import OrcaTokenizer, PromptTooLong, StreamDecoder, answer_text
 from .settings import InvalidRequest
@@ -114,19 +115,5 @@ def _clip(text: str, limit: int = 60) -> str:
 
 def as_api_dict(tokens: list[TokenProbability]) -> dict[str, Any]:
     """/token_probabilities' answer: {"tokens": [{"id", "text", "probability", "top": [{"id", "text",
-    "probability"}, ...]}, ...]}, probabilities to 6 significant digits."""
-    return {
-        "tokens": [
-            {
-                "id": token.id,
-                "text": token.text,
-                "probability": _round(token.probability),
-                "top": [{"id": alt.id, "text": alt.text, "probability": _round(alt.probability)} for alt in token.top],
-            }
-            for token in tokens
-        ]
-    }
-
-
-def _round(probability: float) -> float:
-    return float(f"{probability:.6g}")
+    "probability"}, ...]}, ...]}, probabilities to 6 significant digits (as an export keeps them)."""
+    return {"tokens": [ScoredToken.of(token).model_dump() for token in tokens]}

@@ -23,6 +23,7 @@ from orca2_space.backends.contract import GenerationStats, ModelInfo, StopReason
 from orca2_space.backends.local.batching import BatchingSettings
 from orca2_space.backends.local.engine import Engine
 from orca2_space.conversation import Exchange
+from orca2_space.presets import PRESET_CHOICES
 from orca2_space.prompt import OrcaTokenizer, Prompt
 from orca2_space.settings import GenerationParams
 
@@ -374,6 +375,33 @@ def download(page, button: str) -> str:
     with page.expect_download() as started:
         page.click(button)
     return open(started.value.path()).read()
+
+
+def fits(page, selector: str) -> bool:
+    """Whether the text of the input (its value, or its placeholder when empty) shows in full: none of
+    it past the input's padding or under a dropdown's caret (which Gradio lays over the input's end)."""
+    return page.locator(selector).evaluate(
+        """field => { const style = getComputedStyle(field);
+        const text = field.value || field.placeholder;
+        const measure = document.createElement('canvas').getContext('2d');
+        measure.font = style.font;
+        const box = field.getBoundingClientRect();
+        const caret = field.parentElement.querySelector('.icon-wrap');
+        const end = caret ? Math.min(caret.getBoundingClientRect().left, box.right) : box.right;
+        const room = end - box.left - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return field.scrollWidth <= field.clientWidth && measure.measureText(text).width <= room; }"""
+    )
+
+
+def preset_labels_shown(page, dropdown: str) -> list[tuple[str, bool]]:
+    """Each preset chosen in turn: its label, and whether it reads in full."""
+    shown = []
+    for label, _ in PRESET_CHOICES:
+        page.click(f"{dropdown} input")
+        page.get_by_role("option", name=label, exact=True).click()
+        page.wait_for_function(f"document.querySelector('{dropdown} input').value == {json.dumps(label)}")
+        shown.append((label, fits(page, f"{dropdown} input")))
+    return shown
 
 
 # --- Texts a message may hold ---------------------------------------------------------------------

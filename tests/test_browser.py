@@ -169,7 +169,7 @@ def test_choosing_a_preset_changes_the_inspected_prompt(page, plain_app):
     assert "You are Orca" in page.inner_text("#inspect-text")
 
     page.click("#preset input")
-    page.get_by_role("option", name="Empty (paper's evaluation setting)").click()
+    page.get_by_role("option", name="Empty", exact=True).click()
     page.wait_for_function("document.querySelector('#system-message textarea').value === ''")
     page.click("#inspect")
     page.wait_for_function("document.querySelector('#inspect-count').innerText.startsWith('25 tokens')")

@@ -2,15 +2,18 @@
 exactly what /chat gives for that system message alone."""
 
 import itertools
+import json
 import threading
 
 import pytest
 from support import SAFETY_KEY, batched, content_safety, free_port
 
 from orca2_space.chat import Chat
+from orca2_space.conversation import LookedAt
 from orca2_space.moderation import AzureContentSafety, Moderation
 from orca2_space.presets import CAUTIOUS, SYSTEM_PRESETS
 from orca2_space.settings import InvalidRequest, ModerationSettings, Settings
+from orca2_space.ui.adapters import comparison_download, exchange_of
 
 STEP_BY_STEP = SYSTEM_PRESETS["Step-by-step"]
 SYSTEMS = [CAUTIOUS, "", STEP_BY_STEP]
@@ -151,3 +154,21 @@ def test_compare_api_refuses_a_bad_list_clearly(compare_client):
 
     with pytest.raises(AppError, match="system_messages must be a list of 2 to 4 texts"):
         compare_client.predict(message="Hi", system_messages=["just one"], api_name="/compare")
+
+
+def test_an_answer_that_fails_still_records_the_settings_it_was_asked_with(fake_backend, monkeypatch):
+    chat = Chat(fake_backend, Settings())
+    monkeypatch.setattr(fake_backend, "generate", lambda prompt, params: 1 / 0)
+    requests = chat.compare_requests("Hi", ["A", "B"], do_sample=True, seed=11)
+    failed = final(chat.compare(requests))
+    assert all("This answer failed" in update.error for update in failed)
+    assert [update.params.seed for update in failed] == [11, 11]
+
+
+def test_a_comparison_exports_each_columns_whole_prompt(fake_backend):
+    chat = Chat(fake_backend, Settings())
+    compared = final(chat.compare(chat.compare_requests(QUESTION, SYSTEMS, max_new_tokens=24)))
+    answers = [exchange_of(QUESTION, system, True, update) for system, update in zip(SYSTEMS, compared)]
+    exported = json.loads(json.loads(comparison_download(chat, answers, LookedAt()))["text"])
+    alone = [chat.prompt_for(QUESTION, system, [], 24).input_ids for system in SYSTEMS]
+    assert [column["prompt_ids"] for column in exported["answers"]] == alone

@@ -7,9 +7,19 @@ import json
 import pytest
 from gradio_client import Client
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from support import ARTIFACTS, NO_CHROMIUM, NO_CHROMIUM_REASON, answers, download, open_app, send, set_number
+from support import (
+    ARTIFACTS,
+    NO_CHROMIUM,
+    NO_CHROMIUM_REASON,
+    answers,
+    download,
+    open_app,
+    preset_labels_shown,
+    send,
+    set_number,
+)
 
-from orca2_space.presets import SYSTEM_PRESETS
+from orca2_space.presets import PRESET_CHOICES, SYSTEM_PRESETS
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 STORY = (
@@ -84,20 +94,92 @@ def test_one_stop_stops_every_column(page, plain_app):
     page.wait_for_selector("#compare-run")
 
 
-def test_a_finished_comparison_exports_one_entry_per_column(browser, plain_app):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
+def test_a_comparison_exports_as_one_with_the_tokens_looked_at_and_imports_back(browser, plain_app, tmp_path):
+    contexts = [browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True) for _ in range(2)]
+    page, elsewhere = (context.new_page() for context in contexts)
     try:
         open_compare(page, plain_app, 12)
         page.click("#compare-count label:has-text('2')")
         compare(page, STORY, columns=2)
+        page.click("#compare-score-0")
+        page.wait_for_selector("#compare-tokens .tok")
         exported = json.loads(download(page, "#compare-export"))
+        saved = tmp_path / "comparison.json"
+        saved.write_text(json.dumps(exported))
+
+        open_compare(elsewhere, plain_app, 20)
+        with elsewhere.expect_file_chooser() as chooser:
+            elsewhere.click("#compare-import")
+        chooser.value.set_files(str(saved))
+        elsewhere.wait_for_selector("#compare-export:enabled")
+        shown = [column_answer(elsewhere, index) for index in range(2)]
+        again = json.loads(download(elsewhere, "#compare-export"))
+        assert shown == [column_answer(page, index) for index in range(2)]
+        assert elsewhere.input_value("#compare-message textarea") == STORY
     finally:
-        context.close()
-    assert [e["system_message"] for e in exported["exchanges"]] == DEFAULT_SYSTEMS[:2]
-    assert all(e["question"] == STORY and e["single_turn"] for e in exported["exchanges"])
-    assert all(e["stats"]["n_tokens"] == 12 and len(e["answer_ids"]) == 12 for e in exported["exchanges"])
+        for context in contexts:
+            context.close()
+    assert exported["format"] == "orca2-space/comparison" and exported["question"] == STORY
+    columns = exported["answers"]
+    assert [c["preset"] for c in columns] == ["Cautious (model card default)", "Empty (paper's evaluation setting)"]
+    assert [c["system_message"] for c in columns] == DEFAULT_SYSTEMS[:2]
+    assert all(c["stats"]["n_tokens"] == 12 and len(c["answer_ids"]) == 12 for c in columns)
+    assert [t["id"] for t in columns[0]["tokens"]] == columns[0]["answer_ids"] and columns[1]["tokens"] is None
+    assert {**again, "exported": None} == {**exported, "exported": None}
+
+
+def test_how_sure_and_export_wait_for_a_comparison_and_a_kept_one_is_shown_again(page, plain_app):
+    open_compare(page, plain_app, 8)
+    actions = ["#compare-export", *(f"#compare-score-{index}" for index in range(3))]
+    assert all(page.locator(action).is_disabled() for action in actions)
+    compare(page, STORY)
+    answered = [column_answer(page, index) for index in range(3)]
+    assert all(page.locator(action).is_enabled() for action in actions)
+    page.reload()
+    page.click("#compare-tab-button")
+    page.wait_for_selector("#compare-export:enabled")
+    assert [column_answer(page, index) for index in range(3)] == answered
+    assert all(page.locator(action).is_enabled() for action in actions)
+
+
+def test_the_columns_line_up_and_each_answer_shows_its_opening(page, plain_app):
+    open_compare(page, plain_app, 200)
+    page.click("#compare-count label:has-text('4')")
+    compare(page, STORY, columns=4)
+    for part in ("answer", "status", "score"):
+        tops = {round(page.locator(f"#compare-{part}-{index}").bounding_box()["y"]) for index in range(4)}
+        assert len(tops) == 1, part
+    for index in range(4):
+        scrolled = page.locator(f"#compare-answer-{index} .bubble-wrap").evaluate(
+            "box => [box.scrollTop, box.scrollHeight > box.clientHeight]"
+        )
+        assert scrolled == [0, True]  # a long answer, shown from its start
+    assert not page.locator("#compare-answer-0").get_by_role("button", name="Clear").is_visible()
+
+
+def test_every_preset_reads_in_full_in_the_narrowest_column(page, plain_app):
+    open_compare(page, plain_app, 8)
+    page.click("#compare-count label:has-text('4')")
+    page.wait_for_selector("#compare-column-3")
+    # Four columns side by side, as narrow as the page makes them (narrower ones wrap to a new row).
+    columns = [page.locator(f"#compare-column-{index}").bounding_box() for index in range(4)]
+    assert len({box["y"] for box in columns}) == 1 and columns[3]["width"] < 300
+    assert preset_labels_shown(page, "#compare-preset-3") == [(label, True) for label, _ in PRESET_CHOICES]
+
+
+def test_a_tokens_alternatives_open_inside_the_screen(page, plain_app):
+    open_compare(page, plain_app, 80)
+    compare(page, STORY)
+    page.click("#compare-score-2")
+    page.wait_for_selector("#compare-tokens .tok")
+    tokens = page.locator("#compare-tokens .tok")
+    outside = []
+    for index in range(tokens.count()):
+        tokens.nth(index).focus()
+        box = tokens.nth(index).locator(".tok-alts").bounding_box()
+        if not (box and box["x"] >= 0 and box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 900):
+            outside.append((index, box))
+    assert tokens.count() == 80 and outside == []
 
 
 def test_on_a_phone_the_columns_stack(browser, plain_app):

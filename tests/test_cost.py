@@ -16,7 +16,7 @@ import pytest
 from support import FIXTURES, FakeBackend, exchange
 
 from orca2_space.chat import Chat
-from orca2_space.conversation import Conversation, Export, parse_export
+from orca2_space.conversation import Conversation, Export, LookedAt, parse_export
 from orca2_space.prompt import OrcaTokenizer
 from orca2_space.render import for_display
 from orca2_space.settings import GenerationParams, Settings
@@ -106,7 +106,7 @@ def short_exchanges(n: int) -> Conversation:
 
 
 def exported(chat: Chat, conversation: Conversation, kind: str) -> str:
-    return json.loads(download(chat, conversation, kind))["text"]
+    return json.loads(download(chat, conversation, kind, LookedAt()))["text"]
 
 
 def test_exporting_encodes_each_exchange_once_and_the_file_grows_in_step(counting_chat):
@@ -138,7 +138,7 @@ def test_a_markdown_export_encodes_nothing_and_grows_in_step(counting_chat):
 
 def test_exporting_takes_cpu_time_in_step_with_the_conversation(counting_chat):
     small, large = short_exchanges(N_EXCHANGES), short_exchanges(4 * N_EXCHANGES)
-    assert cpu_ratio(lambda c: download(counting_chat, c, "json"), small, large) <= MOST
+    assert cpu_ratio(lambda c: download(counting_chat, c, "json", LookedAt()), small, large) <= MOST
 
 
 # --- Import -------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def export_full_of(opener: str, n_chars: int) -> str:
 def imported_and_shown(file: str) -> list[dict]:
     """What an import does with a file: read it, then show the conversation."""
     for_display.cache_clear()
-    return chat_messages(parse_export(file, 10_000), show_raw=False)
+    return chat_messages(parse_export(file, LookedAt(), 10_000)[0], show_raw=False)
 
 
 @pytest.mark.parametrize("opener", OPENERS)

@@ -20,11 +20,15 @@ from support import (
     answers,
     click_and_wait_for_answer,
     download,
+    fits,
     open_app,
     open_sampling,
+    preset_labels_shown,
     send,
     set_number,
 )
+
+from orca2_space.presets import EXAMPLE_LABELS, EXAMPLES, PRESET_CHOICES, PRESETS
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 USER = "#chatbot [data-testid=user]"
@@ -252,3 +256,84 @@ def test_on_a_phone_the_conversation_tools_fit(browser, plain_app):
         page.screenshot(path=str(ARTIFACTS / "phone-conversation.png"), full_page=True)
     finally:
         context.close()
+
+
+PHONE = dict(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+
+
+def test_on_a_phone_the_page_opens_at_its_top_and_its_texts_read_in_full(browser, plain_app):
+    context = browser.new_context(**PHONE)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        open_app(page, plain_app)
+        assert fits(page, "#message textarea")  # the placeholder
+        send(page, "First question")
+        send(page, "Second question")
+        page.reload()
+        page.wait_for_function(f"document.querySelectorAll('{USER}').length == 2")
+        # The message box has the cursor, but the page did not scroll down to it.
+        assert page.evaluate("document.activeElement === document.querySelector('#message textarea')")
+        assert page.evaluate("window.scrollY") == 0
+        assert preset_labels_shown(page, "#preset") == [(label, True) for label, _ in PRESET_CHOICES]
+    finally:
+        context.close()
+
+
+def test_a_preset_says_what_it_asks(page, plain_app):
+    open_app(page, plain_app)
+    page.click("#preset input")
+    page.get_by_role("option", name="Empty", exact=True).click()
+    page.wait_for_function("document.querySelector('#system-message textarea').value === ''")
+    assert PRESETS["Empty (paper's evaluation setting)"].asks in page.inner_text("#preset")
+
+
+def test_the_chat_has_no_unlabelled_trash_button(page, plain_app):
+    open_app(page, plain_app)
+    send(page, "Hello")
+    # Gradio's Chatbot shows an icon-only "Clear" (a trash can) that only empties the view.
+    assert not page.locator("#chatbot").get_by_role("button", name="Clear").is_visible()
+    assert page.get_by_role("button", name="+ New chat").is_visible()
+
+
+def test_the_model_cards_examples_show_their_task_and_give_the_exact_prompt(page, plain_app):
+    open_app(page, plain_app)
+    for label, prompt in zip(EXAMPLE_LABELS, EXAMPLES):
+        example = page.get_by_text(label, exact=True)
+        assert example.is_visible()
+        example.click()
+        page.wait_for_function(f"document.querySelector('#message textarea').value == {json.dumps(prompt)}")
+
+
+def test_the_token_probabilities_looked_at_travel_with_the_export(browser, plain_app):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        open_app(page, plain_app)
+        open_sampling(page)
+        set_number(page, "#max-new-tokens input[type=number]", 12)
+        send(page, "First question")
+        send(page, "Second question")
+        page.get_by_text("How sure was Orca 2?").click()
+        page.click("#score-last")
+        page.wait_for_selector("#tokens .tok")
+        first, second = json.loads(download(page, "#export-json"))["exchanges"]
+        markdown = download(page, "#export-markdown")
+    finally:
+        context.close()
+    assert first["tokens"] is None and len(second["tokens"]) == 12
+    assert [t["id"] for t in second["tokens"]] == second["answer_ids"]
+    assert markdown.count("Token probabilities (all in the JSON export): 12 tokens") == 1
+
+
+def test_a_long_chat_title_ends_in_an_ellipsis_before_the_caret(page, plain_app):
+    open_app(page, plain_app)
+    send(page, "How can you determine if a restaurant is popular among locals or mainly attracts tourists?")
+    shown = page.locator("#chats input").evaluate(
+        """title => { const style = getComputedStyle(title);
+        const caret = title.parentElement.querySelector('.icon-wrap').getBoundingClientRect();
+        const textEnd = title.getBoundingClientRect().right - parseFloat(style.paddingRight);
+        return [title.scrollWidth > title.clientWidth, style.textOverflow, textEnd <= caret.left]; }"""
+    )
+    assert shown == [True, "ellipsis", True]  # cut, says so, and not under the caret

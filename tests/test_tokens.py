@@ -8,14 +8,23 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from openai_stub import OpenAIStub, Script
-from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, free_port
+from support import FIXTURES, NO_CHROMIUM, NO_CHROMIUM_REASON, exchange, free_port
 
 from orca2_space.backends.inference_server import InferenceServer
 from orca2_space.chat import Chat
+from orca2_space.conversation import Conversation, ScoredToken
 from orca2_space.fairness import Visitor
 from orca2_space.scoring import token_probabilities
 from orca2_space.settings import InferenceServerSettings, Settings
-from orca2_space.ui.tokens import TOKEN_CSS, add_token_endpoint, band, percent, token_view, view_for
+from orca2_space.ui.tokens import (
+    TOKEN_CSS,
+    add_token_endpoint,
+    band,
+    percent,
+    token_view,
+    token_view_of,
+    view_for,
+)
 
 SYSTEM = "You are Orca."
 VISITOR = Visitor("a-page-session", "10.0.0.1")
@@ -139,25 +148,37 @@ def test_a_token_outside_its_top_5_says_so(chat):
     assert "not among the 5 most likely" in token_view(tokens)
 
 
+def answered(answer: str, answer_ids: list[int] | None = None) -> Conversation:
+    return Conversation(exchanges=[exchange("Hi", answer, system_message=SYSTEM, answer_ids=answer_ids)])
+
+
+def test_the_page_shows_an_answers_tokens_and_keeps_them_for_the_exports(chat):
+    view = token_view_of(chat, answered("Fine."), 0, "Answer", VISITOR)
+    expected = token_probabilities(chat, "Hi", SYSTEM, [], "Fine.")
+    assert "tok-answer" in view.html and [t.id for t in view.tokens] == [t.id for t in expected]
+    assert view.tokens[0] == ScoredToken.of(expected[0])
+
+
 def test_the_page_gets_a_message_where_scoring_is_unavailable():
     with OpenAIStub(Script(takes_ids=False)) as stub:
         backend = InferenceServer.load(str(FIXTURES / "orca2-tokenizer"), InferenceServerSettings(stub.base_url))
-        view = view_for(Chat(backend, Settings()), "Hi", SYSTEM, [], "The <answer>", None, "Answer", VISITOR)
-    assert "unavailable on this inference server" in view and "tok-answer" not in view
-    assert Parsed(view).tags[0] == ("div", {"class": "orca-tokens"})
+        view = token_view_of(Chat(backend, Settings()), answered("The <answer>"), 0, "Answer", VISITOR)
+    assert "unavailable on this inference server" in view.html and "tok-answer" not in view.html
+    assert Parsed(view.html).tags[0] == ("div", {"class": "orca-tokens"}) and view.tokens is None
 
 
 def test_the_page_gets_a_message_for_a_bad_request(chat):
-    view = view_for(chat, "Hi", SYSTEM, [], "Fine.", [40000], "Answer", VISITOR)
-    assert "Token probabilities could not be computed: answer_ids[0] is 40000" in view
+    view = token_view_of(chat, answered("Fine.", [40000]), 0, "Answer", VISITOR)
+    assert "Token probabilities could not be computed: answer_ids[0] is 40000" in view.html and view.tokens is None
 
 
 def test_the_page_gets_the_reason_when_the_visitor_has_no_place_left(chat):
     limited = Chat(chat.backend, Settings(visitor_limit=1))
     with limited.fair_share.admit(VISITOR):  # an answer still being written
         view = view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR)
-    assert "You already have 1 request running or waiting" in view and "tok-answer" not in view
-    assert "tok-answer" in view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR)
+    assert "You already have 1 request running or waiting" in view.html and "tok-answer" not in view.html
+    assert view.tokens is None
+    assert "tok-answer" in view_for(limited, "Hi", SYSTEM, [], "Fine.", None, "Answer", VISITOR).html
 
 
 # Served: /token_probabilities, and the view in Chromium
@@ -240,3 +261,22 @@ def test_in_the_browser_focus_shows_the_alternatives_and_the_text_copies_exactly
     assert shown == "\n" + HOSTILE
     assert dialogs == []  # no handler in the text ran
     assert not [url for url in requests if ATTACKER in url]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)
+@pytest.mark.parametrize("width, height, device", [(390, 844, dict(is_mobile=True, has_touch=True)), (1280, 800, {})])
+def test_every_tokens_alternatives_open_inside_the_screen(app, browser, width, height, device):
+    context = browser.new_context(viewport={"width": width, "height": height}, **device)
+    page = context.new_page()
+    page.goto(app)
+    tokens = page.locator("#tokens .tok")
+    tokens.first.wait_for()
+    count, outside = tokens.count(), []
+    for index in range(count):
+        tokens.nth(index).focus()
+        box = tokens.nth(index).locator(".tok-alts").bounding_box()
+        if not (box and box["x"] >= 0 and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height):
+            outside.append((index, box))
+    context.close()
+    assert count > 20 and outside == []

@@ -6,14 +6,14 @@ downloads, where requests wait, and the one way bad input reaches the visitor (v
 import functools
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
 import gradio as gr
 
 from ..backends.contract import GenerationError, ScoringUnavailable
 from ..chat import Chat, ChatUpdate
-from ..conversation import Conversation, Exchange, Stats, export, to_markdown
+from ..conversation import Conversation, Exchange, LookedAt, Stats, export, export_comparison, to_markdown
 from ..fairness import Visitor
 from ..prompt import PromptTooLong
 from ..settings import GenerationParams, InvalidRequest
@@ -161,16 +161,29 @@ def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr
 
 
 @visitor_errors
-def download(chat: Chat, conversation: Conversation, kind: str) -> str:
+def download(chat: Chat, conversation: Conversation, kind: str, looked: LookedAt) -> str:
     """What the browser downloads: {"filename", "mime", "text"} as JSON (see DOWNLOAD_JS)."""
     if not conversation.exchanges:
         raise gr.Error("Nothing to export yet: ask a question first.")
     conversation.within(chat.settings.max_exchanges)
     name = f"orca2-{conversation.created[:10]}-{conversation.id}"
     if kind == "markdown":
-        return _download(f"{name}.md", "text/markdown", to_markdown(conversation, chat.backend.info))
-    exported = export(conversation, chat.backend.info, chat.prompts([e.asked for e in conversation.exchanges]))
+        return _download(f"{name}.md", "text/markdown", to_markdown(conversation, chat.backend.info, looked))
+    prompts = chat.prompts([e.asked for e in conversation.exchanges])
+    exported = export(conversation, chat.backend.info, prompts, looked)
     return _download(f"{name}.json", "application/json", exported.model_dump_json(indent=2))
+
+
+def comparison_download(chat: Chat, answers: list[Exchange], looked: LookedAt) -> str:
+    """A comparison's JSON file, as download's."""
+    exported = export_comparison(answers, chat.backend.info, _prompt_ids(chat, answers), looked)
+    name = f"orca2-comparison-{exported.exported[:19].replace(':', '')}.json"
+    return _download(name, "application/json", exported.model_dump_json(indent=2))
+
+
+def _prompt_ids(chat: Chat, answers: Sequence[Exchange]) -> list[list[int]]:
+    """The ids the model read for each single-turn answer, rebuilt from the record."""
+    return [[] if p is None else p.ids for p in chat.prompts([e.asked for e in answers]).prompts]
 
 
 def _download(filename: str, mime: str, text: str) -> str:

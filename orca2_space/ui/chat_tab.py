@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..chat import Chat, ChatUpdate
-from ..conversation import Conversation, Store, parse_export
-from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLES, PRESET_CHOICES, SYSTEM_PRESETS
+from ..conversation import Conversation, LookedAt, Store, answer_keys, parse_export
+from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLE_LABELS, EXAMPLES
 from ..render import CHATBOT_OPTIONS
 from .adapters import (
     GENERATION_CONCURRENCY_ID,
@@ -29,15 +29,15 @@ from .adapters import (
     visitor_of,
     wire_download,
 )
-from .controls import moderation_toggle, setting_controls, setting_values
+from .controls import moderation_toggle, preset_picker, setting_controls, setting_values, wire_preset
 from .messages import chat_messages, exchange_at, status
 from .tokens import token_view_of
 
 TITLE = "Chat"
 ID = "chat-tab"
 PURPOSE = (
-    "Ask Orca 2 anything and read its answer exactly as written; the system message on the right sets "
-    "the reasoning strategy it is asked to use."
+    "Ask Orca 2 anything (Enter sends, Shift+Enter adds a line) and read its answer exactly as written; "
+    "the system message sets the reasoning strategy it is asked to use."
 )
 TOKENS_PURPOSE = (
     "See where Orca 2 was sure and where it hesitated: click an answer in the chat (or the button) to colour "
@@ -51,7 +51,16 @@ CSS = """
 #answer-status { min-height: 1.5em; }
 #chatbot { height: min(62vh, 620px) !important; }
 @media (max-width: 640px) { #chatbot { height: 55vh !important; } }
+/* The Chatbot's toolbar holds only its unlabelled trash button (buttons=[]): it looks like Delete, and
+   "+ New chat" and "🗑 Delete" above say what they do. */
+#chatbot .icon-button-wrapper { display: none; }
+/* A chat's title (its first question) cut short says so, before the dropdown's caret (which Gradio
+   lays over the input's end). */
+#chats input { text-overflow: ellipsis; padding-right: 24px; }
 """
+# Opening the page puts the cursor in the message box without scrolling to it (autofocus would: on
+# a phone, to below the chat).
+FOCUS_JS = "() => document.querySelector('#message textarea')?.focus({preventScroll: true})"
 
 
 @dataclass
@@ -59,6 +68,8 @@ class ChatTab:
     """The components the events are wired to."""
 
     store: gr.BrowserState
+    # The token probabilities the visitor looked at, for the exports (conversation.LookedAt).
+    looked: gr.BrowserState
     chats: gr.Dropdown
     new_chat: gr.Button
     delete_chat: gr.Button
@@ -94,21 +105,24 @@ def build(demo: gr.Blocks, chat: Chat) -> None:
     gr.Markdown(PURPOSE, elem_classes="purpose")
     tab = layout(chat)
     _wire(demo, tab, ChatEvents(chat, tab))
+    demo.load(None, js=FOCUS_JS, **INSTANT)
 
 
 def layout(chat: Chat) -> ChatTab:
     store = gr.BrowserState(Store().model_dump(), storage_key="orca2-space-conversations", secret=STORAGE_SECRET)
+    looked = gr.BrowserState(LookedAt().model_dump(), storage_key="orca2-space-looked-at", secret=STORAGE_SECRET)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
             conversation = _conversation_column()
         with gr.Column(scale=2, min_width=280):
             settings = _settings_column(chat)
-    return ChatTab(store=store, **conversation, **settings)
+    return ChatTab(store=store, looked=looked, **conversation, **settings)
 
 
 def _conversation_column() -> dict:
     with gr.Row(equal_height=False):
-        chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, elem_id="chats")
+        # On a phone the list has a row of its own (the buttons go below it), room for a title to read.
+        chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, min_width=300, elem_id="chats")
         new_chat = gr.Button("+ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
         delete_chat = gr.Button("🗑 Delete", size="sm", scale=1, min_width=80, elem_id="delete-chat")
     chatbot = gr.Chatbot(
@@ -121,15 +135,15 @@ def _conversation_column() -> dict:
         **CHATBOT_OPTIONS,
     )
     with gr.Row():
-        # One line that grows: Enter sends, Shift+Enter starts a new line.
+        # One line that grows: Enter sends, Shift+Enter starts a new line (PURPOSE says so: a phone has
+        # room for a short placeholder only).
         message = gr.Textbox(
-            placeholder="Ask Orca 2… (Enter sends, Shift+Enter adds a line)",
+            placeholder="Ask Orca 2…",
             show_label=False,
             scale=5,
             lines=1,
             max_lines=12,
             elem_id="message",
-            autofocus=True,
         )
         send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
         stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
@@ -149,7 +163,7 @@ def _conversation_column() -> dict:
         gr.Markdown(TOKENS_PURPOSE)
         score_last = gr.Button("Show the last answer's tokens", size="sm", elem_id="score-last")
         tokens = gr.HTML(elem_id="tokens")
-    gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card")
+    gr.Examples(EXAMPLES, inputs=[message], label="Examples from the model card", example_labels=EXAMPLE_LABELS)
     download = gr.Textbox(visible=False, elem_id="download")
     return dict(
         chats=chats,
@@ -176,7 +190,7 @@ def _conversation_column() -> dict:
 
 def _settings_column(chat: Chat) -> dict:
     moderation = moderation_toggle(chat)
-    preset = gr.Dropdown(PRESET_CHOICES, value=DEFAULT_PRESET, label="System message preset", elem_id="preset")
+    preset = preset_picker(DEFAULT_PRESET, "System message preset", "preset")
     system_message = gr.Textbox(CAUTIOUS, label="System message", lines=5, max_lines=15, elem_id="system-message")
     with gr.Accordion("Sampling", open=False):
         params = setting_controls(chat.settings.max_new_tokens_cap)
@@ -286,19 +300,21 @@ class ChatEvents:
         return {self.tab.chatbot: chat_messages(store.current(), show_raw), self.tab.chats: _choices(store)}
 
     @visitor_errors
-    def export_json(self, *, stored) -> str:
-        return download(self.chat, Store.load(stored, self.chat.settings).current(), "json")
+    def export_json(self, *, stored, looked) -> str:
+        return download(self.chat, Store.load(stored, self.chat.settings).current(), "json", LookedAt.load(looked))
 
     @visitor_errors
-    def export_markdown(self, *, stored) -> str:
-        return download(self.chat, Store.load(stored, self.chat.settings).current(), "markdown")
+    def export_markdown(self, *, stored, looked) -> str:
+        conversation = Store.load(stored, self.chat.settings).current()
+        return download(self.chat, conversation, "markdown", LookedAt.load(looked))
 
     @visitor_errors
-    def import_(self, *, data: bytes, stored, show_raw) -> dict:
-        conversation = parse_export(data, self.chat.settings.max_exchanges)
+    def import_(self, *, data: bytes, stored, looked, show_raw) -> dict:
+        conversation, looked_at = parse_export(data, LookedAt.load(looked), self.chat.settings.max_exchanges)
         store = Store.load(stored, self.chat.settings).save(conversation)
         shown = {self.tab.chatbot: chat_messages(conversation, show_raw), self.tab.answer_status: ""}
-        return shown | self._listed(store) | self._restored(conversation)
+        kept = {self.tab.looked: looked_at.model_dump()}
+        return shown | kept | self._listed(store) | self._restored(conversation)
 
     @visitor_errors
     def inspect(self, request: gr.Request, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
@@ -311,24 +327,30 @@ class ChatEvents:
         return {t.inspect_text: prompt.text, t.inspect_ids: str(prompt.input_ids), t.inspect_count: count}
 
     @visitor_errors
-    def score_last(self, request: gr.Request, *, stored) -> dict:
+    def score_last(self, request: gr.Request, *, stored, looked) -> dict:
         conversation = Store.load(stored, self.chat.settings).current()
         if not conversation.exchanges:
             raise gr.Error("No answer yet: ask a question first.")
-        return self._tokens(conversation, len(conversation.exchanges) - 1, request)
+        return self._tokens(conversation, len(conversation.exchanges) - 1, looked, request)
 
     @visitor_errors
-    def score_picked(self, selected: gr.SelectData, request: gr.Request, *, stored):
+    def score_picked(self, selected: gr.SelectData, request: gr.Request, *, stored, looked):
         """The token view of the answer clicked in the chat (nothing for a question or a notice)."""
         conversation = Store.load(stored, self.chat.settings).current()
         position = selected.index[0] if isinstance(selected.index, list | tuple) else selected.index
         index = exchange_at(conversation, position)
-        return gr.skip() if index is None else self._tokens(conversation, index, request)
+        return gr.skip() if index is None else self._tokens(conversation, index, looked, request)
 
-    def _tokens(self, conversation: Conversation, index: int, request: gr.Request) -> dict:
+    def _tokens(self, conversation: Conversation, index: int, looked, request: gr.Request) -> dict:
+        """The answer's token view; its tokens are kept for the exports."""
+        t = self.tab
         caption = f"Answer {index + 1}: {conversation.exchanges[index].question}"
         view = token_view_of(self.chat, conversation, index, _clip(caption), visitor_of(request))
-        return {self.tab.tokens_box: gr.Accordion(open=True), self.tab.tokens: view}
+        shown = {t.tokens_box: gr.Accordion(open=True), t.tokens: view.html}
+        if view.tokens is None:
+            return shown
+        key = answer_keys(conversation.exchanges)[index]
+        return shown | {t.looked: LookedAt.load(looked).add(key, view.tokens).model_dump()}
 
     def _answering(self, conversation: Conversation, show_raw, question: str, update: ChatUpdate) -> dict:
         view = chat_messages(conversation, show_raw, question, update)
@@ -381,9 +403,7 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
     t.stop.click(events.stop, None, None, **INSTANT)
     t.undo.click(events.undo, inputs_kwargs=shown, outputs={t.chatbot, t.message, t.answer_status, *listed}, **INSTANT)
     cleared = {t.chatbot, t.answer_status, *listed}
-    # The Chatbot's own trash button clears the view: it starts a new chat too (the old one stays listed).
-    for trigger in (t.new_chat.click, t.chatbot.clear):
-        trigger(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
+    t.new_chat.click(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
     t.delete_chat.click(events.delete, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
     t.chats.input(
         events.open,
@@ -393,13 +413,13 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
     )
     t.import_json.upload(
         events.import_,
-        inputs_kwargs=dict(data=t.import_json, **shown),
-        outputs={t.chatbot, t.answer_status, *listed, *restored},
+        inputs_kwargs=dict(data=t.import_json, looked=t.looked, **shown),
+        outputs={t.chatbot, t.answer_status, t.looked, *listed, *restored},
         **INSTANT,
     )
-    wire_download(t.export_json, events.export_json, t.download, stored=t.store)
-    wire_download(t.export_markdown, events.export_markdown, t.download, stored=t.store)
-    t.preset.change(lambda name: SYSTEM_PRESETS[name], t.preset, t.system_message, **INSTANT)
+    wire_download(t.export_json, events.export_json, t.download, stored=t.store, looked=t.looked)
+    wire_download(t.export_markdown, events.export_markdown, t.download, stored=t.store, looked=t.looked)
+    wire_preset(t.preset, t.system_message)
     t.inspect.click(
         events.inspect,
         inputs_kwargs=dict(
@@ -413,12 +433,9 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
         **INSTANT,
     )
     scoring = dict(**SCORING_CONCURRENCY, api_visibility="private")
-    t.score_last.click(
-        events.score_last, inputs_kwargs=dict(stored=t.store), outputs={t.tokens_box, t.tokens}, **scoring
-    )
-    t.chatbot.select(
-        events.score_picked, inputs_kwargs=dict(stored=t.store), outputs={t.tokens_box, t.tokens}, **scoring
-    )
+    scored = dict(inputs_kwargs=dict(stored=t.store, looked=t.looked), outputs={t.tokens_box, t.tokens, t.looked})
+    t.score_last.click(events.score_last, **scored, **scoring)
+    t.chatbot.select(events.score_picked, **scored, **scoring)
 
 
 def _choices(store: Store) -> dict:

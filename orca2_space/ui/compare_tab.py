@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..chat import COMPARED, Chat, ChatUpdate
-from ..conversation import Conversation, Exchange
-from ..presets import PRESET_CHOICES, SYSTEM_PRESETS
+from ..conversation import Conversation, Exchange, LookedAt, answer_keys, parse_comparison
+from ..presets import SYSTEM_PRESETS, TYPED, preset_of
 from ..render import CHATBOT_OPTIONS
 from .adapters import (
     GENERATION_CONCURRENCY_ID,
@@ -19,13 +19,13 @@ from .adapters import (
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
     comparison,
-    download,
+    comparison_download,
     exchange_of,
     visitor_errors,
     visitor_of,
     wire_download,
 )
-from .controls import moderation_toggle, setting_controls
+from .controls import moderation_toggle, preset_picker, setting_controls, wire_preset
 from .messages import answer_messages, status
 from .tokens import token_view_of
 
@@ -43,9 +43,18 @@ DEFAULT_PRESETS = (
     "Explain, then answer",
 )
 DEFAULT_COLUMNS = 3
+# Every column's parts are as tall as the next column's, so that the answers start side by side: the
+# system message box has a fixed height (a longer message scrolls), what a preset asks has room for
+# three lines, and the status line for two.
+SYSTEM_MESSAGE_LINES = 5
 CSS = """
 .compare-answer { height: 380px !important; }
 @media (max-width: 640px) { .compare-answer { height: 300px !important; } }
+[id^=compare-preset-] .info-text { min-height: 4.2em; }
+.compare-status { min-height: 3em; }
+/* The Chatbot's toolbar holds only its unlabelled trash button (buttons=[]), which would clear a
+   column's view of the comparison and nothing else. */
+.compare-answer .icon-button-wrapper { display: none; }
 """
 
 
@@ -69,6 +78,7 @@ class CompareTab:
     # The token probabilities of the column asked for.
     tokens: gr.HTML
     export_json: gr.Button
+    import_json: gr.UploadButton
     download: gr.Textbox
     moderation: gr.Checkbox
     # The generation settings' controls, by their names in GenerationParams.
@@ -76,6 +86,8 @@ class CompareTab:
     # The last finished comparison, one exchange per column, for export and the token view. Kept in
     # the visitor's browser like their chats (a gr.State would hold a connection open per visitor).
     result: gr.BrowserState
+    # The token probabilities the visitor looked at, for the export (conversation.LookedAt).
+    looked: gr.BrowserState
 
 
 def build(demo: gr.Blocks, chat: Chat) -> None:
@@ -87,7 +99,7 @@ def layout(chat: Chat) -> CompareTab:
     gr.Markdown(PURPOSE, elem_classes="purpose")
     with gr.Row():
         message = gr.Textbox(
-            placeholder="One question for every system message… (Enter compares)",
+            placeholder="One question for all…",
             show_label=False,
             scale=5,
             lines=1,
@@ -101,12 +113,21 @@ def layout(chat: Chat) -> CompareTab:
         columns = [_column(index) for index in range(COMPARED.stop - 1)]
     tokens = gr.HTML(elem_id="compare-tokens")
     with gr.Row():
-        export_json = gr.Button("⤓ Export the comparison (JSON)", size="sm", elem_id="compare-export")
+        # Until there is a comparison there is nothing to export.
+        export_json = gr.Button(
+            "⤓ Export the comparison (JSON)", size="sm", interactive=False, elem_id="compare-export"
+        )
+        import_json = gr.UploadButton(
+            "⤒ Import a comparison", size="sm", file_types=[".json"], type="binary", elem_id="compare-import"
+        )
     download = gr.Textbox(visible=False, elem_id="compare-download")
     with gr.Accordion("Settings shared by every column", open=False):
         moderation = moderation_toggle(chat, elem_id="compare-moderation")
         params = setting_controls(chat.settings.max_new_tokens_cap, prefix="compare-")
     result = gr.BrowserState([], storage_key="orca2-space-comparison", secret=STORAGE_SECRET)
+    looked = gr.BrowserState(
+        LookedAt().model_dump(), storage_key="orca2-space-comparison-looked-at", secret=STORAGE_SECRET
+    )
     return CompareTab(
         message=message,
         run=run,
@@ -115,31 +136,42 @@ def layout(chat: Chat) -> CompareTab:
         columns=columns,
         tokens=tokens,
         export_json=export_json,
+        import_json=import_json,
         download=download,
         moderation=moderation,
         params=params,
         result=result,
+        looked=looked,
     )
 
 
 def _column(index: int) -> Column:
     preset_name = DEFAULT_PRESETS[index]
     with gr.Column(visible=index < DEFAULT_COLUMNS, min_width=260, elem_id=f"compare-column-{index}") as box:
-        preset = gr.Dropdown(PRESET_CHOICES, value=preset_name, label=f"System message {index + 1}")
+        preset = preset_picker(preset_name, f"System message {index + 1}", f"compare-preset-{index}")
         system_message = gr.Textbox(
-            SYSTEM_PRESETS[preset_name], show_label=False, lines=3, max_lines=8, elem_id=f"compare-system-{index}"
+            SYSTEM_PRESETS[preset_name],
+            show_label=False,
+            lines=SYSTEM_MESSAGE_LINES,
+            max_lines=SYSTEM_MESSAGE_LINES,
+            elem_id=f"compare-system-{index}",
         )
         answer = gr.Chatbot(
             label=f"Answer {index + 1}",
             show_label=False,
             buttons=[],
             feedback_options=None,
+            # An answer stays at its opening, what a comparison reads first, as it grows and once done.
+            autoscroll=False,
             elem_id=f"compare-answer-{index}",
             elem_classes="compare-answer",
             **CHATBOT_OPTIONS,
         )
-        answer_status = gr.HTML(elem_id=f"compare-status-{index}")
-        score = gr.Button("How sure? Token probabilities", size="sm", elem_id=f"compare-score-{index}")
+        answer_status = gr.HTML(elem_id=f"compare-status-{index}", elem_classes="compare-status")
+        # Until the column has an answer there is nothing to score.
+        score = gr.Button(
+            "How sure? Token probabilities", size="sm", interactive=False, elem_id=f"compare-score-{index}"
+        )
     return Column(box, preset, system_message, answer, answer_status, score)
 
 
@@ -154,39 +186,52 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
         owner, visitor = _owner(request), visitor_of(request)
         updates = comparison(chat, message, asked, values[tab.moderation], params, owner, visitor)
         shown = [ChatUpdate("") for _ in asked]
-        yield _view(tab, shown) | _busy(tab, True)
+        # The kept comparison is no longer the one on screen: nothing to score or export until this one is done.
+        yield _view(tab, shown) | _busy(tab, True) | _actions(tab, 0)
         for shown in updates:
             yield _view(tab, shown) | _busy(tab, True)
         result = [exchange_of(message, system, True, update).model_dump() for system, update in zip(asked, shown)]
-        yield _view(tab, shown) | _busy(tab, False) | {tab.result: result}
+        yield _view(tab, shown) | _busy(tab, False) | {tab.result: result} | _actions(tab, len(result))
 
     def stop(request: gr.Request) -> None:
         chat.stop(_owner(request))
 
     def show_tokens(index: int):
         # A function of its own per column: Gradio finds the gr.Request parameter in a function's type hints.
-        def show(result, request: gr.Request) -> str:
+        def show(request: gr.Request, *, result, looked) -> dict:
             if index >= len(result):
                 raise gr.Error("No answer in this column yet: compare first.")
-            return token_view_of(chat, _recorded(result), index, f"System message {index + 1}", visitor_of(request))
+            answers = _recorded(result)
+            caption = f"System message {index + 1}"
+            view = token_view_of(chat, Conversation(exchanges=answers), index, caption, visitor_of(request))
+            if view.tokens is None:
+                return {tab.tokens: view.html}
+            kept = LookedAt.load(looked).add(answer_keys(answers)[index], view.tokens)
+            return {tab.tokens: view.html, tab.looked: kept.model_dump()}
 
         return show
 
-    def export_json(result) -> str:
+    def export_json(result, looked) -> str:
         if not result:
             raise gr.Error("Nothing to export yet: compare first.")
-        return download(chat, _recorded(result), "json")
+        return comparison_download(chat, _recorded(result), LookedAt.load(looked))
+
+    @visitor_errors
+    def import_json(data: bytes, looked) -> dict:
+        answers, looked_at = parse_comparison(data, LookedAt.load(looked))
+        return {tab.result: [answer.model_dump() for answer in answers], tab.looked: looked_at.model_dump()}
 
     def shown_columns(count: int) -> dict:
         return {column.box: gr.update(visible=index < count) for index, column in enumerate(tab.columns)}
 
     systems = {column.system_message for column in tab.columns}
     answers = {component for column in tab.columns for component in (column.answer, column.status)}
+    actions = {tab.export_json, *(column.score for column in tab.columns)}
     gr.on(
         [tab.run.click, tab.message.submit],
         run,
         inputs={tab.message, tab.count, tab.moderation, *systems, *tab.params.values()},
-        outputs={*answers, tab.run, tab.stop, tab.result},
+        outputs={*answers, *actions, tab.run, tab.stop, tab.result},
         concurrency_id=GENERATION_CONCURRENCY_ID,
         api_visibility="private",
     )
@@ -194,15 +239,54 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
     for index, column in enumerate(tab.columns):
         column.score.click(
             show_tokens(index),
-            tab.result,
-            tab.tokens,
+            inputs_kwargs=dict(result=tab.result, looked=tab.looked),
+            outputs={tab.tokens, tab.looked},
             **SCORING_CONCURRENCY,
             api_visibility="private",
         )
     tab.count.change(shown_columns, tab.count, {column.box for column in tab.columns}, **INSTANT)
     for column in tab.columns:
-        column.preset.change(lambda name: SYSTEM_PRESETS[name], column.preset, column.system_message, **INSTANT)
-    wire_download(tab.export_json, export_json, tab.download, result=tab.result)
+        wire_preset(column.preset, column.system_message)
+    wire_download(tab.export_json, export_json, tab.download, result=tab.result, looked=tab.looked)
+    # The kept comparison, shown as it was and ready to score or export: when the browser reads it
+    # (as the tab first opens), when a file is imported, and (the same again) when one finishes.
+    shown = {
+        tab.message,
+        tab.count,
+        *(c for column in tab.columns for c in (column.box, column.preset, column.system_message, column.answer)),
+        *actions,
+    }
+    tab.result.change(lambda result: _kept(tab, _recorded(result)), tab.result, shown, **INSTANT)
+    tab.import_json.upload(
+        import_json,
+        inputs_kwargs=dict(data=tab.import_json, looked=tab.looked),
+        outputs={tab.result, tab.looked},
+        **INSTANT,
+    )
+
+
+def _kept(tab: CompareTab, answers: list[Exchange]) -> dict:
+    """The page showing a finished comparison: its question, system messages and answers."""
+    if not answers:
+        return _actions(tab, 0)
+    view = {tab.message: answers[0].question, tab.count: len(answers)}
+    for index, column in enumerate(tab.columns):
+        view[column.box] = gr.update(visible=index < len(answers))
+    for column, e in zip(tab.columns, answers):
+        preset = preset_of(e.system_message)
+        shown = ChatUpdate(e.answer, done=True, error=e.error, withheld=e.withheld)
+        view |= {
+            column.preset: gr.skip() if preset == TYPED else preset,
+            column.system_message: e.system_message,
+            column.answer: answer_messages(shown, show_raw=False),
+        }
+    return view | _actions(tab, len(answers))
+
+
+def _actions(tab: CompareTab, answered: int) -> dict:
+    """Export, and How sure? for each column that has a kept answer, can act; the rest are disabled."""
+    scores = {column.score: gr.update(interactive=index < answered) for index, column in enumerate(tab.columns)}
+    return scores | {tab.export_json: gr.update(interactive=answered > 0)}
 
 
 def _busy(tab: CompareTab, busy: bool) -> dict:
@@ -218,9 +302,9 @@ def _view(tab: CompareTab, updates) -> dict:
     return view
 
 
-def _recorded(result: list[dict]) -> Conversation:
+def _recorded(result: list[dict] | None) -> list[Exchange]:
     """The last comparison as the browser kept it: one exchange per column."""
-    return Conversation(exchanges=[Exchange.model_validate(e) for e in result])
+    return [Exchange.model_validate(e) for e in result or []]
 
 
 def _owner(request: gr.Request) -> str:

@@ -1,12 +1,14 @@
-"""The controls a tab derives from the server's declarations: the generation settings and the
-moderation switch."""
+"""The controls a tab derives from the server's declarations: the generation settings, the
+moderation switch and the system-message presets."""
 
 from typing import Any
 
 import gradio as gr
 
 from ..chat import Chat
+from ..presets import PRESET_CHOICES, PRESETS
 from ..settings import GENERATION_FIELDS, RANDOM_SEED, GenerationParams, bounds
+from .adapters import INSTANT
 
 
 def moderation_toggle(chat: Chat, elem_id: str = "moderation") -> gr.Checkbox:
@@ -55,3 +57,18 @@ def setting_control(name: str, cap: int, prefix: str = "") -> gr.components.Comp
     integer = isinstance(field.default, int)
     default = min(field.default, high)
     return gr.Slider(low, high, default, step=1 if integer else 0.01, label=label, elem_id=elem_id)
+
+
+def preset_picker(value: str, label: str, elem_id: str) -> gr.Dropdown:
+    """A choice of system-message preset, by its short label; what it asks shows under the label."""
+    return gr.Dropdown(PRESET_CHOICES, value=value, label=label, info=PRESETS[value].asks, elem_id=elem_id)
+
+
+def wire_preset(picker: gr.Dropdown, system_message: gr.Textbox) -> None:
+    """Choosing a preset puts its system message in the box, and says what it asks."""
+
+    def chosen(name: str) -> dict:
+        preset = PRESETS[name]
+        return {system_message: preset.text, picker: gr.update(info=preset.asks)}
+
+    picker.change(chosen, picker, {picker, system_message}, **INSTANT)

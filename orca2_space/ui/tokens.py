@@ -14,13 +14,14 @@ from __future__ import annotations
 import html
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
-from ..conversation import Conversation
+from ..conversation import Conversation, ScoredToken
 from ..fairness import Refused, Visitor
 from ..scoring import as_api_dict, token_probabilities
 from ..settings import InvalidRequest
@@ -64,6 +65,23 @@ TOKEN_CSS = """
 .orca-tokens .tok-alt { display: flex; justify-content: space-between; gap: 1em; padding: 0 0.25em; }
 .orca-tokens .tok-alt.chosen { font-weight: 600; outline: 1px solid rgba(99, 102, 241, 0.6); border-radius: 3px; }
 .orca-tokens .tok-alts code { white-space: pre; }
+/* Where the browser can place a box by another (CSS anchor positioning), the alternatives of a token
+   near the screen's right edge or its bottom open to its left or above it; elsewhere they open below
+   it, to its right. The @supports is nested in the rule because Gradio keeps only plain rules and
+   @media from a page's CSS. */
+.orca-tokens .tok:focus, .orca-tokens .tok:focus-within { anchor-name: --orca-token; }
+.orca-tokens .tok-alts {
+  @supports (position-try-fallbacks: flip-inline) {
+    position: fixed; position-anchor: --orca-token; left: anchor(left); top: anchor(bottom);
+    position-try-fallbacks: flip-inline, flip-block, flip-block flip-inline;
+  }
+}
+@media (max-width: 640px) {
+  /* A phone has no room beside a token: the alternatives open as a sheet along the bottom of the
+     screen, whatever the token's place. */
+  .orca-tokens .tok-alts { position: fixed; left: 0.5em; right: 0.5em; top: auto; bottom: 0.5em;
+    min-width: 0; max-width: none; position-try-fallbacks: none; }
+}
 """
 
 _view_ids = itertools.count()
@@ -168,6 +186,15 @@ def message_view(caption: str, message: str) -> str:
     return _frame(caption, f'<p class="tok-note">{_escape(message)}</p>')
 
 
+@dataclass(frozen=True)
+class TokenView:
+    """What the page shows of an answer's token probabilities, and the tokens, to keep for the exports
+    (None when there are none: the view says why)."""
+
+    html: str
+    tokens: list[ScoredToken] | None = None
+
+
 def view_for(
     chat: Chat,
     message: str,
@@ -177,23 +204,23 @@ def view_for(
     answer_ids: Sequence[int] | None,
     caption: str,
     visitor: Visitor,
-) -> str:
+) -> TokenView:
     """For the page: the token view of an answer, or a message saying why there is none."""
     try:
         ids = None if answer_ids is None else list(answer_ids)
         tokens = token_probabilities(chat, message, system_message, history, answer, ids, visitor=visitor)
     except (ScoringUnavailable, Refused) as error:
-        return message_view(caption, str(error))
+        return TokenView(message_view(caption, str(error)))
     except (InvalidRequest, GenerationError) as error:
-        return message_view(caption, f"Token probabilities could not be computed: {error}")
-    return token_view(tokens, caption)
+        return TokenView(message_view(caption, f"Token probabilities could not be computed: {error}"))
+    return TokenView(token_view(tokens, caption), [ScoredToken.of(token) for token in tokens])
 
 
-def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str, visitor: Visitor) -> str:
+def token_view_of(chat: Chat, conversation: Conversation, index: int, caption: str, visitor: Visitor) -> TokenView:
     """The token probabilities of an exchange's answer, scored on the prompt it was written for."""
     e = conversation.exchanges[index]
     if not e.answer:
-        return message_view(caption, "This answer has no text to score.")
+        return TokenView(message_view(caption, "This answer has no text to score."))
     history = [] if e.single_turn else history_messages(Conversation(exchanges=conversation.exchanges[:index]))
     return view_for(chat, e.question, e.system_message, history, e.answer, e.answer_ids, caption, visitor)
 
