@@ -29,6 +29,8 @@ from support import (
     slow_loading_model,
 )
 
+from orca2_space.presets import EXAMPLE_LABELS
+
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(NO_CHROMIUM, reason=NO_CHROMIUM_REASON)]
 
 
@@ -241,7 +243,7 @@ def test_screenshot_of_the_page(page, plain_app):
     open_sampling(page)
     set_number(page, "#max-new-tokens input[type=number]", 48)
     page.get_by_text("Sampling", exact=True).click()
-    page.get_by_text("How can you determine if a restaurant").click()
+    page.get_by_text(EXAMPLE_LABELS[0], exact=True).click()
     page.get_by_text("Prompt inspector", exact=True).click()
     page.click("#inspect")
     page.wait_for_function("document.querySelector('#inspect-count').innerText.includes('tokens')")
