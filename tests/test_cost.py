@@ -2,9 +2,10 @@
 for showing a message, exporting a conversation and importing one.
 
 No wall-clock thresholds. Export is measured by what it does, deterministically: the characters it
-hands the tokenizer and the size of the file. Rendering and import are measured as a ratio of CPU
-time (time.process_time) between the same work on n and 4n characters, each the best of several
-runs, so a busy machine slows both alike; work that grows with the square of the text gives 16.
+hands the tokenizer and the size of the file (and its CPU time too). Rendering and import are
+measured as a ratio of CPU time between the same work on n and 4n characters: the measuring thread's
+own (time.thread_time), each the best of several runs, so neither a busy machine nor the session's
+other threads count; work that grows with the square of the text gives 16.
 """
 
 import gc
@@ -29,15 +30,16 @@ RUNS = 5
 
 
 def cpu_ratio(work: Callable[[object], object], small: object, large: object) -> float:
-    """CPU time of work(large) over work(small), each the best of RUNS runs, taken in turn."""
+    """CPU time of work(large) over work(small), each the best of RUNS runs, taken in turn: this
+    thread's own, so that the threads the test session keeps running elsewhere do not count."""
     best = {id(small): float("inf"), id(large): float("inf")}
     gc.disable()  # a collection's cost follows everything the process holds, not the work
     try:
         for _ in range(RUNS):
             for value in (small, large):
-                start = time.process_time()
+                start = time.thread_time()
                 work(value)
-                best[id(value)] = min(best[id(value)], time.process_time() - start)
+                best[id(value)] = min(best[id(value)], time.thread_time() - start)
     finally:
         gc.enable()
     return best[id(large)] / best[id(small)]
