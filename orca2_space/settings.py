@@ -300,16 +300,16 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
-    do_sample: bool = Field(False, title="Sample", description="off: greedy decoding, as in the paper")
-    temperature: float = Field(0.7, ge=0.01, le=2.0, title="Temperature", description="used when sampling")
-    top_p: float = Field(0.9, ge=0.01, le=1.0, title="Top-p", description="used when sampling")
-    top_k: int = Field(50, ge=0, le=1000, title="Top-k", description="used when sampling; 0: off")
-    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, title="Repetition penalty", description="1: none")
+    do_sample: bool = Field(default=False, title="Sample", description="off: greedy decoding, as in the paper")
+    temperature: float = Field(default=0.7, ge=0.01, le=2.0, title="Temperature", description="used when sampling")
+    top_p: float = Field(default=0.9, ge=0.01, le=1.0, title="Top-p", description="used when sampling")
+    top_k: int = Field(default=50, ge=0, le=1000, title="Top-k", description="used when sampling; 0: off")
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0, title="Repetition penalty", description="1: none")
     # Bounded again by the server's max_new_tokens_cap.
-    max_new_tokens: int = Field(512, ge=1, le=DEFAULT_CONTEXT_LENGTH, title="Max new tokens")
+    max_new_tokens: int = Field(default=512, ge=1, le=DEFAULT_CONTEXT_LENGTH, title="Max new tokens")
     # None draws a fresh seed per answer; the seed used is reported so an answer can be redone.
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, title="Seed", description="used when sampling; -1: a new one each answer"
+        default=None, ge=0, le=2**32 - 1, title="Seed", description="used when sampling; -1: a new one each answer"
     )
 
 

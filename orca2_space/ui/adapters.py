@@ -144,7 +144,7 @@ def exchange_of(question: str, system_message: str, single_turn: bool, update: C
         system_message=system_message,
         single_turn=bool(single_turn),
         settings=settings,
-        answer_ids=update.answer_ids,
+        answer_ids=None if update.answer_ids is None else list(update.answer_ids),
         stats=Stats.of(update.stats) if update.stats else None,
         moderation=update.moderation,
         withheld=update.withheld,

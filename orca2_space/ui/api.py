@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Iterator
 
 import gradio as gr
+from gradio.events import api
 
 from ..chat import Chat, system_message_for
 from ..settings import GENERATION_FIELDS
@@ -49,9 +50,9 @@ def add_endpoints(chat: Chat) -> None:
 
     declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
     declare(compare_endpoint, COMPARE_SIGNATURE, COMPARE_DOC)
-    gr.api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
-    gr.api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
-    gr.api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
+    api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
+    api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
+    api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
     add_token_endpoint(chat)
 
 

@@ -11,6 +11,8 @@ between requests.
 from dataclasses import dataclass
 
 import gradio as gr
+from gradio.blocks import Block
+from gradio.components import Component
 
 from ..chat import Chat, ChatUpdate
 from ..conversation import Conversation, LookedAt, Store, answer_keys, parse_export
@@ -21,6 +23,7 @@ from .adapters import (
     INSTANT,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
+    EventOptions,
     download,
     exchange_of,
     history_messages,
@@ -93,7 +96,7 @@ class ChatTab:
     preset: gr.Dropdown
     system_message: gr.Textbox
     # The generation settings' controls, by their names in GenerationParams.
-    params: dict[str, gr.components.Component]
+    params: dict[str, Component]
     inspect: gr.Button
     inspect_count: gr.Markdown
     inspect_text: gr.Code
@@ -259,7 +262,9 @@ class ChatEvents:
         yield from self.respond(request, message=last.question, stored=store.save(conversation).model_dump(), **inputs)
 
     def stop(self, request: gr.Request) -> None:
-        self.chat.stop(request.session_hash)
+        # An answer without a session has no owner to stop it by (see respond).
+        if request.session_hash is not None:
+            self.chat.stop(request.session_hash)
 
     @visitor_errors
     def undo(self, *, stored, show_raw) -> dict:
@@ -376,13 +381,14 @@ class ChatEvents:
 
 
 def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
-    shown = dict(stored=t.store, show_raw=t.raw)
-    listed = {t.store, t.chats}
-    restored = {t.system_message, t.single_turn, *t.params.values()}
-    demo.load(events.show, inputs_kwargs=shown, outputs={t.chatbot, t.chats}, **INSTANT)
-    t.raw.change(events.show, inputs_kwargs=shown, outputs={t.chatbot, t.chats}, **INSTANT)
+    shown: dict[str, Block] = dict(stored=t.store, show_raw=t.raw)
+    listed = [t.store, t.chats]
+    restored = [t.system_message, t.single_turn, *t.params.values()]
+    demo.load(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats], **INSTANT)
+    t.raw.change(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats], **INSTANT)
 
-    answer = dict(
+    # gr.on takes these as dict[str, Component | BlockContext], click as dict[str, Block]: retry gets a copy.
+    answer: dict[str, Component] = dict(
         stored=t.store,
         system_message=t.system_message,
         moderation=t.moderation,
@@ -390,8 +396,8 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
         show_raw=t.raw,
         **t.params,
     )
-    answering = {t.message, t.chatbot, t.answer_status, t.send, t.stop, *listed}
-    generation = dict(concurrency_id=GENERATION_CONCURRENCY_ID, api_visibility="private")
+    answering = [t.message, t.chatbot, t.answer_status, t.send, t.stop, *listed]
+    generation: EventOptions = {"concurrency_id": GENERATION_CONCURRENCY_ID, "api_visibility": "private"}
     gr.on(
         [t.send.click, t.message.submit],
         events.respond,
@@ -399,22 +405,22 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
         outputs=answering,
         **generation,
     )
-    t.retry.click(events.retry, inputs_kwargs=answer, outputs=answering, **generation)
+    t.retry.click(events.retry, inputs_kwargs=dict(answer), outputs=answering, **generation)
     t.stop.click(events.stop, None, None, **INSTANT)
-    t.undo.click(events.undo, inputs_kwargs=shown, outputs={t.chatbot, t.message, t.answer_status, *listed}, **INSTANT)
-    cleared = {t.chatbot, t.answer_status, *listed}
+    t.undo.click(events.undo, inputs_kwargs=shown, outputs=[t.chatbot, t.message, t.answer_status, *listed], **INSTANT)
+    cleared = [t.chatbot, t.answer_status, *listed]
     t.new_chat.click(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
     t.delete_chat.click(events.delete, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
     t.chats.input(
         events.open,
         inputs_kwargs=dict(conversation_id=t.chats, **shown),
-        outputs={t.chatbot, t.answer_status, t.store, *restored},
+        outputs=[t.chatbot, t.answer_status, t.store, *restored],
         **INSTANT,
     )
     t.import_json.upload(
         events.import_,
         inputs_kwargs=dict(data=t.import_json, looked=t.looked, **shown),
-        outputs={t.chatbot, t.answer_status, t.looked, *listed, *restored},
+        outputs=[t.chatbot, t.answer_status, t.looked, *listed, *restored],
         **INSTANT,
     )
     wire_download(t.export_json, events.export_json, t.download, stored=t.store, looked=t.looked)
@@ -429,13 +435,14 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
             single_turn=t.single_turn,
             max_new_tokens=t.params["max_new_tokens"],
         ),
-        outputs={t.inspect_text, t.inspect_ids, t.inspect_count},
+        outputs=[t.inspect_text, t.inspect_ids, t.inspect_count],
         **INSTANT,
     )
-    scoring = dict(**SCORING_CONCURRENCY, api_visibility="private")
-    scored = dict(inputs_kwargs=dict(stored=t.store, looked=t.looked), outputs={t.tokens_box, t.tokens, t.looked})
-    t.score_last.click(events.score_last, **scored, **scoring)
-    t.chatbot.select(events.score_picked, **scored, **scoring)
+    scoring: EventOptions = {**SCORING_CONCURRENCY, "api_visibility": "private"}
+    scored_inputs: dict[str, Block] = dict(stored=t.store, looked=t.looked)
+    scored = [t.tokens_box, t.tokens, t.looked]
+    t.score_last.click(events.score_last, inputs_kwargs=scored_inputs, outputs=scored, **scoring)
+    t.chatbot.select(events.score_picked, inputs_kwargs=scored_inputs, outputs=scored, **scoring)
 
 
 def _choices(store: Store) -> dict:

@@ -8,6 +8,7 @@ every handler returns {component: value} for the components it changes.
 from dataclasses import dataclass
 
 import gradio as gr
+from gradio.components import Component
 
 from ..chat import COMPARED, Chat, ChatUpdate
 from ..conversation import Conversation, Exchange, LookedAt, answer_keys, parse_comparison
@@ -18,6 +19,7 @@ from .adapters import (
     INSTANT,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
+    EventOptions,
     comparison,
     comparison_download,
     exchange_of,
@@ -82,7 +84,7 @@ class CompareTab:
     download: gr.Textbox
     moderation: gr.Checkbox
     # The generation settings' controls, by their names in GenerationParams.
-    params: dict[str, gr.components.Component]
+    params: dict[str, Component]
     # The last finished comparison, one exchange per column, for export and the token view. Kept in
     # the visitor's browser like their chats (a gr.State would hold a connection open per visitor).
     result: gr.BrowserState
@@ -225,42 +227,42 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
         return {column.box: gr.update(visible=index < count) for index, column in enumerate(tab.columns)}
 
     systems = {column.system_message for column in tab.columns}
-    answers = {component for column in tab.columns for component in (column.answer, column.status)}
-    actions = {tab.export_json, *(column.score for column in tab.columns)}
+    answers = [component for column in tab.columns for component in (column.answer, column.status)]
+    actions = [tab.export_json, *(column.score for column in tab.columns)]
     gr.on(
         [tab.run.click, tab.message.submit],
         run,
         inputs={tab.message, tab.count, tab.moderation, *systems, *tab.params.values()},
-        outputs={*answers, *actions, tab.run, tab.stop, tab.result},
+        outputs=[*answers, *actions, tab.run, tab.stop, tab.result],
         concurrency_id=GENERATION_CONCURRENCY_ID,
         api_visibility="private",
     )
     tab.stop.click(stop, None, None, **INSTANT)
+    scoring: EventOptions = {**SCORING_CONCURRENCY, "api_visibility": "private"}
     for index, column in enumerate(tab.columns):
         column.score.click(
             show_tokens(index),
             inputs_kwargs=dict(result=tab.result, looked=tab.looked),
-            outputs={tab.tokens, tab.looked},
-            **SCORING_CONCURRENCY,
-            api_visibility="private",
+            outputs=[tab.tokens, tab.looked],
+            **scoring,
         )
-    tab.count.change(shown_columns, tab.count, {column.box for column in tab.columns}, **INSTANT)
+    tab.count.change(shown_columns, tab.count, [column.box for column in tab.columns], **INSTANT)
     for column in tab.columns:
         wire_preset(column.preset, column.system_message)
     wire_download(tab.export_json, export_json, tab.download, result=tab.result, looked=tab.looked)
     # The kept comparison, shown as it was and ready to score or export: when the browser reads it
     # (as the tab first opens), when a file is imported, and (the same again) when one finishes.
-    shown = {
+    shown = [
         tab.message,
         tab.count,
         *(c for column in tab.columns for c in (column.box, column.preset, column.system_message, column.answer)),
         *actions,
-    }
+    ]
     tab.result.change(lambda result: _kept(tab, _recorded(result)), tab.result, shown, **INSTANT)
     tab.import_json.upload(
         import_json,
         inputs_kwargs=dict(data=tab.import_json, looked=tab.looked),
-        outputs={tab.result, tab.looked},
+        outputs=[tab.result, tab.looked],
         **INSTANT,
     )
 

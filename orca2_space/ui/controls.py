@@ -4,6 +4,7 @@ moderation switch and the system-message presets."""
 from typing import Any
 
 import gradio as gr
+from gradio.components import Component
 
 from ..chat import Chat
 from ..presets import PRESET_CHOICES, PRESETS
@@ -32,7 +33,7 @@ def moderation_toggle(chat: Chat, elem_id: str = "moderation") -> gr.Checkbox:
     return gr.Checkbox(rules.default_on, label=label, info=info, elem_id=elem_id)
 
 
-def setting_controls(cap: int, prefix: str = "") -> dict[str, gr.components.Component]:
+def setting_controls(cap: int, prefix: str = "") -> dict[str, Component]:
     """A control for every generation setting, by its name in GenerationParams."""
     return {name: setting_control(name, cap, prefix) for name in GENERATION_FIELDS}
 
@@ -44,14 +45,16 @@ def setting_values(params: GenerationParams) -> dict[str, Any]:
     return values
 
 
-def setting_control(name: str, cap: int, prefix: str = "") -> gr.components.Component:
+def setting_control(name: str, cap: int, prefix: str = "") -> Component:
     """The page's control for one generation setting, from its declaration (elem_id: prefix + its name)."""
     field = GENERATION_FIELDS[name]
     label = f"{field.title} ({field.description})" if field.description else field.title
     elem_id = prefix + name.replace("_", "-")
     if field.annotation is bool:
         return gr.Checkbox(field.default, label=label, elem_id=elem_id)
-    low, high = bounds(name, cap)
+    limits = bounds(name, cap)
+    assert limits is not None, f"{name}: every numeric generation setting declares its range (settings.py)"
+    low, high = limits
     if name == "seed":
         return gr.Number(RANDOM_SEED, precision=0, minimum=RANDOM_SEED, maximum=high, label=label, elem_id=elem_id)
     integer = isinstance(field.default, int)
@@ -71,4 +74,4 @@ def wire_preset(picker: gr.Dropdown, system_message: gr.Textbox) -> None:
         preset = PRESETS[name]
         return {system_message: preset.text, picker: gr.update(info=preset.asks)}
 
-    picker.change(chosen, picker, {picker, system_message}, **INSTANT)
+    picker.change(chosen, picker, [picker, system_message], **INSTANT)

@@ -105,7 +105,7 @@ class Guard:
         scope = self._as_the_app_sees_it(scope)
         post = scope["method"] == "POST"
         if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
-            await self._login(scope, receive, send)
+            await self._login(self.throttle, scope, receive, send)
         elif post and (call := API_CALL.match(scope["path"])):
             await self._api_call(call, scope, receive, send)
         else:
@@ -126,12 +126,12 @@ class Guard:
             scope["headers"] = [(name, value) for name, value in scope["headers"] if name != b"origin"]
         return scope
 
-    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _login(self, throttle: LoginThrottle, scope: Scope, receive: Receive, send: Send) -> None:
         address = scope["client"][0]
-        wait = self.throttle.wait(address)
+        wait = throttle.wait(address)
         if wait:
             message = (
-                f"Too many wrong logins from your network address ({self.throttle.limit} within a minute). "
+                f"Too many wrong logins from your network address ({throttle.limit} within a minute). "
                 f"Try again in {wait} s."
             )
             await _refuse(429, message, scope, receive, send, {"Retry-After": str(wait)})
@@ -140,9 +140,9 @@ class Guard:
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 if message["status"] == 200:
-                    self.throttle.succeeded(address)
+                    throttle.succeeded(address)
                 elif message["status"] in (400, 401):
-                    self.throttle.failed(address)
+                    throttle.failed(address)
             await send(message)
 
         await self.app(scope, receive, observed)

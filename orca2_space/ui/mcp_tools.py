@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
+from gradio.events import api
 
 from ..chat import Chat, system_message_for
 from ..presets import SYSTEM_PRESETS
@@ -79,7 +80,7 @@ def add_tools(chat: Chat) -> None:
     declare(compare, COMPARE_SIGNATURE, _compare_doc(cap, chat.fair_share.limits.per_visitor))
     token_probabilities_tool.__doc__ = TOKEN_PROBABILITIES_DOC
     for endpoint, function in zip(TOOL_ENDPOINTS, (answer, compare, token_probabilities_tool), strict=True):
-        gr.api(function, api_name=endpoint.lstrip("/"), queue=False)
+        api(function, api_name=endpoint.lstrip("/"), queue=False)
 
 
 def offer_only_tools(demo: gr.Blocks) -> None:
@@ -123,7 +124,7 @@ def _settings_doc(cap: int) -> list[str]:
     lines = []
     for name, field in GENERATION_FIELDS.items():
         limits = bounds(name, cap)
-        described = field.title + (f", {field.description}" if field.description else "")
+        described = (field.title or name) + (f", {field.description}" if field.description else "")
         shown = f"; {limits[0]:g} to {limits[1]:g}" if limits else ""
         lines.append(f"{name}: {described}{shown}; default {json.dumps(field.default)}.")
     lines.append("moderation: true or false to ask for moderation or none; null for the server's default.")

@@ -80,6 +80,7 @@ def status(update: ChatUpdate, single_turn: bool | None = None) -> str:
         outcome, line = "streaming", "⏳ Generating…"
     else:
         s = update.stats
+        assert s is not None, "a finished answer that did not fail has its stats (ChatUpdate)"
         outcome = s.stop_reason.value
         mode = f"seed {s.seed}" if s.seed is not None else "greedy"
         line = f"{_DONE.get(outcome, outcome)} · {s.n_tokens} tokens · {s.tokens_per_second:.1f} tokens/s · {mode}"

@@ -5,6 +5,7 @@ api.py's."""
 import html
 
 import gradio as gr
+from gradio.themes import Soft
 
 from ..chat import Chat
 from ..settings import on_space
@@ -23,7 +24,7 @@ CSS = (
 @media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
 """
 )
-THEME = gr.themes.Soft(primary_hue="indigo")
+THEME = Soft(primary_hue="indigo")
 
 
 def build(chat: Chat) -> gr.Blocks:
@@ -54,8 +55,8 @@ def _header(demo: gr.Blocks, chat: Chat) -> None:
     def refresh_model_status() -> dict:
         return {model_status: _model_status(chat), loading_timer: gr.Timer(active=not chat.loading.done)}
 
-    loading_timer.tick(refresh_model_status, None, {model_status, loading_timer}, **INSTANT)
-    demo.load(refresh_model_status, None, {model_status, loading_timer}, **INSTANT)
+    loading_timer.tick(refresh_model_status, None, [model_status, loading_timer], **INSTANT)
+    demo.load(refresh_model_status, None, [model_status, loading_timer], **INSTANT)
 
 
 def _model_status(chat: Chat) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from gradio.events import api
 
 from ..backends.contract import GenerationError, ScoringUnavailable, TokenProbability
 from ..chat import Chat, system_message_for
@@ -246,4 +247,4 @@ def add_token_endpoint(chat: Chat) -> None:
         tokens = token_probabilities(chat, message, system, history, answer, answer_ids, visitor=visitor_of(request))
         return as_api_dict(tokens)
 
-    gr.api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)
+    api(token_probabilities_endpoint, api_name="token_probabilities", **SCORING_CONCURRENCY)
