@@ -32,7 +32,7 @@ from .adapters import (
     visitor_of,
     wire_download,
 )
-from .controls import moderation_toggle, preset_picker, setting_controls, setting_values, wire_preset
+from .controls import moderation_toggle, preset_picker, question_row, setting_controls, setting_values, wire_preset
 from .messages import chat_messages, exchange_at, status
 from .tokens import token_view_of
 
@@ -137,19 +137,7 @@ def _conversation_column() -> dict:
         feedback_options=None,
         **CHATBOT_OPTIONS,
     )
-    with gr.Row():
-        # One line that grows: Enter sends, Shift+Enter starts a new line (PURPOSE says so: a phone has
-        # room for a short placeholder only).
-        message = gr.Textbox(
-            placeholder="Ask Orca 2…",
-            show_label=False,
-            scale=5,
-            lines=1,
-            max_lines=12,
-            elem_id="message",
-        )
-        send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
-        stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
+    message, send, stop = question_row("Ask Orca 2…", "", "Send", "send")
     with gr.Row():
         retry = gr.Button("↻ Retry", size="sm", min_width=60, elem_id="retry")
         undo = gr.Button("↶ Undo", size="sm", min_width=60, elem_id="undo")

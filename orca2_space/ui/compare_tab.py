@@ -27,7 +27,7 @@ from .adapters import (
     visitor_of,
     wire_download,
 )
-from .controls import moderation_toggle, preset_picker, setting_controls, wire_preset
+from .controls import moderation_toggle, preset_picker, question_row, setting_controls, wire_preset
 from .messages import answer_messages, status
 from .tokens import token_view_of
 
@@ -99,17 +99,7 @@ def build(demo: gr.Blocks, chat: Chat) -> None:
 
 def layout(chat: Chat) -> CompareTab:
     gr.Markdown(PURPOSE, elem_classes="purpose")
-    with gr.Row():
-        message = gr.Textbox(
-            placeholder="One question for all…",
-            show_label=False,
-            scale=5,
-            lines=1,
-            max_lines=12,
-            elem_id="compare-message",
-        )
-        run = gr.Button("Compare", variant="primary", scale=1, min_width=90, elem_id="compare-run")
-        stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="compare-stop")
+    message, run, stop = question_row("One question for all…", "compare-", "Compare", "compare-run")
     count = gr.Radio(list(COMPARED), value=DEFAULT_COLUMNS, label="System messages", elem_id="compare-count")
     with gr.Row(equal_height=False):
         columns = [_column(index) for index in range(COMPARED.stop - 1)]

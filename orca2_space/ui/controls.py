@@ -75,3 +75,16 @@ def wire_preset(picker: gr.Dropdown, system_message: gr.Textbox) -> None:
         return {system_message: preset.text, picker: gr.update(info=preset.asks)}
 
     picker.change(chosen, picker, [picker, system_message], **INSTANT)
+
+
+def question_row(placeholder: str, prefix: str, action: str, action_id: str) -> tuple[gr.Textbox, gr.Button, gr.Button]:
+    """The question box that grows to 12 lines (Enter sends, Shift+Enter starts a new line; a phone has
+    room for a short placeholder only), its action button, and the Stop that takes its place while the
+    model works."""
+    with gr.Row():
+        message = gr.Textbox(
+            placeholder=placeholder, show_label=False, scale=5, lines=1, max_lines=12, elem_id=f"{prefix}message"
+        )
+        go = gr.Button(action, variant="primary", scale=1, min_width=90, elem_id=action_id)
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id=f"{prefix}stop")
+    return message, go, stop
