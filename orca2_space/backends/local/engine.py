@@ -30,6 +30,7 @@ from .batching import Batcher, BatchingSettings
 from .generation import one_forward_at_a_time, reader_message, stream_tokens
 from .loading import load_failure, load_model
 from .scoring import score_ids
+from .seeded_sampling import SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,13 @@ class Engine:
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
+        scheme = SCHEME if sampling.do_sample else None
         if self._batcher is not None:
-            feed = Feed(sampling.seed, batched=True, explain=reader_message)
+            feed = Feed(sampling.seed, batched=True, explain=reader_message, sampling=scheme)
             feed.alive = self._batcher.alive
             feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed)
             return Answer(feed, self.tokenizer)
-        feed = Feed(sampling.seed, explain=reader_message)
+        feed = Feed(sampling.seed, explain=reader_message, sampling=scheme)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
         worker = threading.Thread(
             target=contextvars.copy_context().run,
