@@ -107,6 +107,15 @@ def test_a_seeded_answer_that_waits_for_a_place_in_a_full_batch_is_the_same(batc
     assert together[-1] == answer(tiny_engine, QUESTIONS[3], **SAMPLED)[0]
 
 
+def test_a_seeded_answer_is_the_same_beside_long_prompts_read_in_chunks(batch_of_8, tiny_engine):
+    """A prompt longer than the batch's step (256 tokens) joins a chunk at a time; meanwhile the batch
+    scores a row for it that no token is read from."""
+    long = " ".join(f"word{i}" for i in range(300)) + " — which word comes first?"
+    requests = [(QUESTIONS[2], SAMPLED), (long, {"max_new_tokens": 10}), (long, SAMPLED | {"seed": 5})]
+    together = answers_together(batch_of_8, requests)
+    assert together == [answer(tiny_engine, q, **p)[0] for q, p in requests]
+
+
 @pytest.mark.parametrize("engine_kind", ["single", "batched"])
 def test_stop_ends_a_sampled_answers_work_within_one_decode_step(never_ends, engine_kind):
     engine = never_ends if engine_kind == "single" else batched(never_ends)

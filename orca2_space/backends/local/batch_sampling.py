@@ -77,9 +77,12 @@ class _SeededBatchSampler(ContinuousBatchingLogitsProcessor):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         step, self._step = self._step, None
-        if step is None or len(step[0]) != scores.size(0):
+        # The rows of the requests with a new token come first, in order; the batch scores one more
+        # (unread) row for each request still reading its prompt in chunks.
+        if step is None or len(step[0]) > scores.size(0):
             raise RuntimeError("transformers' batch no longer scores the rows it scheduled; see batch_sampling.py")
         settings, histories, positions = step
         if not any(map(transforms, settings)):
             return scores  # an all-greedy step: the batch's argmax as it was
-        return next_token_scores(scores, settings, histories, positions)
+        drawn = next_token_scores(scores[: len(settings)], settings, histories, positions)
+        return torch.cat([drawn, scores[len(settings) :]])
