@@ -2,15 +2,17 @@
 
     python bench/speed.py [--models tiny,100m | --models microsoft/Orca-2-7b] [--weights auto | 8bit,bf16]
                           [--new-tokens 64] [--repeats 3] [--crowds 1,8] [--json bench/speed.json]
-    python bench/speed.py --gpu        # on a CUDA machine: 100m in 8-bit and bf16, and Orca-2-7b if cached
+    python bench/speed.py --gpu        # on a CUDA machine: 100m in 8-bit and bf16, and Orca-2-7b if cached,
+                                       # and bench/invariance.py's check on each
 
 For each model and weights format, on this machine's device, greedy, the same prompt:
 - tokens/s and time to first token of raw model.generate (the baseline), of the app's engine (alone,
   and through the batch), and end to end through gradio_client against the launched app;
 - Stop latency: from cancel() to the end of the model's last forward pass, and the steps after it;
 - aggregate tokens/s and p50/p95 time to first token with N concurrent chats (--crowds), through
-  gradio_client to the app (batched, and one at a time with --batching off) and straight on the
-  batched engine: what the web layer costs is the app's figure over the engine's;
+  gradio_client to the app (batched, greedy and sampled, and one at a time with --batching off) and
+  straight on the batched engine: what the web layer costs is the app's figure over the engine's.
+  The clients run in a process of their own (bench/clients.py), so their work is not the server's;
 - the process's peak RSS.
 Every figure is measured --repeats times, interleaved (each round runs every measurement once, in a
 rotated order), and reported as the median with its spread (min-max). Ratios are against the
@@ -21,14 +23,13 @@ baseline measured here, in this run. "tiny" and "100m" are random-weight Orca-2-
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import invariance
 import torch
+from clients import QUESTION, SYSTEM, client_stream, crowd, rate
 from gradio_client import Client
 from make_tiny_model import SIZES, build_tiny_model
 from support import free_port
@@ -51,8 +54,8 @@ from orca2_space.cli import launch
 from orca2_space.prompt import Prompt
 from orca2_space.settings import GenerationParams, Settings
 
-QUESTION = "How can you determine if a restaurant is popular among locals or mainly attracts tourists?"
-SYSTEM = "You are Orca, an AI language model created by Microsoft. You are a cautious assistant."
+# A sampled chat's settings; each chat draws its own seed.
+SAMPLED = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=50)
 # A hub model is benched on a GPU only when its weights are already in the cache (nothing downloads).
 GPU_MODELS = ("100m", "microsoft/Orca-2-7b")
 GPU_WEIGHTS = ("8bit", "bf16")
@@ -60,11 +63,6 @@ GPU_WEIGHTS = ("8bit", "bf16")
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def rate(n_tokens: int, first: float, last: float) -> float:
-    """Decode speed: tokens after the first, over the time after the first."""
-    return (n_tokens - 1) / (last - first) if n_tokens > 1 and last > first else 0.0
 
 
 class _Clock(BaseStreamer):
@@ -106,27 +104,6 @@ def engine_stream(engine: Engine, ids: list[int], params: GenerationParams) -> d
     return {"tokens_per_s": rate(n, times[0], times[-1]), "ttft_s": times[0] - start, "tokens": n}
 
 
-# How often the bench looks at the updates gradio_client has received. Iterating a Job instead polls
-# every 1 ms per job: ~4.5 ms of CPU per token on a 2-core machine, taken from the model it measures.
-READ_SECONDS = 0.02
-
-
-def client_stream(client: Client, params: GenerationParams) -> dict:
-    """One /chat answer through gradio_client: its decode speed and first token as the client saw them
-    (to within READ_SECONDS)."""
-    start = time.perf_counter()
-    job = client.submit(message=QUESTION, system_message=SYSTEM, max_new_tokens=params.max_new_tokens, api_name="/chat")
-    first = None
-    while not job.done():
-        if first is None and any(update["answer"] for update in job.outputs()):
-            first = time.perf_counter()
-        time.sleep(READ_SECONDS)
-    last = time.perf_counter()
-    final = job.result()
-    first = first or last
-    return {"tokens_per_s": rate(final["n_tokens"], first, last), "ttft_s": first - start, "tokens": final["n_tokens"]}
-
-
 def stop_latency(engine: Engine, ids: list[int]) -> dict:
     """From cancel() to the end of the model's last forward pass (timed by a forward hook)."""
     forward_ends: list[float] = []
@@ -144,31 +121,17 @@ def stop_latency(engine: Engine, ids: list[int]) -> dict:
     return {"stop_latency_s": (after[-1] - cancelled) if after else 0.0, "steps_after_cancel": len(after)}
 
 
-def crowd(streams: list) -> dict:
-    """The chats at once, each stream() -> its result. Whatever a chat needs (a client) is made before
-    the clock starts: connecting is not streaming."""
-    results: list[dict] = []
-    lock = threading.Lock()
-
-    def chat(index: int) -> None:
-        result = streams[index]()
-        with lock:
-            results.append(result)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(streams))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    ttfts = sorted(r["ttft_s"] for r in results)
-    return {
-        "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
-        "ttft_p50_s": statistics.median(ttfts),
-        "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-        "all_streamed": all(r["tokens_per_s"] > 0 for r in results),
-    }
+def app_crowd(url: str, n: int, params: dict) -> dict:
+    """n visitors at once, each its own gradio_client, in a process of their own (bench/clients.py),
+    connected before the clock starts."""
+    command = [sys.executable, str(ROOT / "bench" / "clients.py"), url, str(n), json.dumps(params)]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as clients:
+        assert clients.stdin is not None and clients.stdout is not None
+        if clients.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/clients.py did not connect its clients")
+        clients.stdin.write("go\n")
+        clients.stdin.flush()
+        return json.loads(clients.stdout.readline())
 
 
 class Bench:
@@ -204,18 +167,18 @@ class Bench:
             "raw_generate": lambda: raw_generate(self.single, ids, params),
             "engine": lambda: engine_stream(self.single, ids, params),
             "engine_batched": lambda: engine_stream(self.batched, ids, params),
-            "end_to_end": lambda: client_stream(Client(url, verbose=False), params),
+            "end_to_end": lambda: client_stream(Client(url, verbose=False), {"max_new_tokens": params.max_new_tokens}),
         }
+        greedy, sampled = (
+            {"max_new_tokens": params.max_new_tokens},
+            {"max_new_tokens": params.max_new_tokens, **SAMPLED},
+        )
         for n in crowds:
             for label, app in self.apps.items():
-                found[f"{label}, {n}"] = functools.partial(self.app_crowd, app.local_url, n)
+                found[f"{label}, {n}"] = lambda url=app.local_url, n=n: app_crowd(url, n, greedy)
+            found[f"app_sampled, {n}"] = lambda n=n: app_crowd(url, n, sampled)
             found[f"engine_batched, {n}"] = lambda n=n: crowd([lambda: engine_stream(self.batched, ids, params)] * n)
         return found
-
-    def app_crowd(self, url: str, n: int) -> dict:
-        """n visitors at once, each its own gradio_client (connected before the clock starts)."""
-        clients = [Client(url, verbose=False) for _ in range(n)]
-        return crowd([functools.partial(client_stream, client, self.params) for client in clients])
 
     def run(self, repeats: int, crowds: tuple[int, ...]) -> None:
         measure = self.measurements(crowds)
@@ -294,6 +257,7 @@ def table(result: dict) -> str:
     for label, words in (
         ("engine_batched", "engine, batched"),
         ("app", "app, batched"),
+        ("app_sampled", "app, batched, sampled"),
         ("app_one_at_a_time", "app, one at a time"),
     ):
         for n in crowds:
@@ -306,6 +270,9 @@ def table(result: dict) -> str:
                 f"| {words}, {n} | {shown(spread(r, 'aggregate_tokens_per_s'))} "
                 f"| {shown(ratio(r, one, 'aggregate_tokens_per_s'), 2)} | {vs_engine} | {ttft} |"
             )
+    for n in crowds[1:]:
+        p95 = ratio(runs[f"app_sampled, {n}"], runs[f"app, {n}"], "ttft_p95_s")
+        lines.append(f"\nfirst token p95 at {n} chats, sampled ÷ greedy: {shown(p95, 2)}")
     lines.append(f"\npeak RSS {result['peak_rss_gib']:.2f} GiB")
     return "\n".join(lines)
 
@@ -333,6 +300,9 @@ def main() -> None:
     parser.add_argument(
         "--crowds", default="1,8", help="numbers of chats at once, comma-separated; the first is the baseline"
     )
+    parser.add_argument(
+        "--invariance", action="store_true", help="also bench/invariance.py's check on each model (on with --gpu)"
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "speed.json"))
     args = parser.parse_args()
     models, weights = args.models.split(","), args.weights.split(",")
@@ -349,8 +319,14 @@ def main() -> None:
             for fmt in weights:
                 bench = Bench(name.strip(), fmt, Path(workdir), args.new_tokens)
                 bench.run(args.repeats, crowds)
+                found = None
+                if args.gpu or args.invariance:
+                    found = invariance.check(bench.single, bench.batched, 8, args.new_tokens, (2, 4, 8))
                 results.append(bench.result())
                 print(table(results[-1]), "\n", flush=True)
+                if found is not None:
+                    results[-1]["invariance"] = invariance.summary(found)
+                    print(invariance.table("batch invariance (bench/invariance.py)", found), "\n", flush=True)
     facts = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpus": os.cpu_count()}
     Path(args.json).write_text(
         json.dumps({**facts, "torch_threads": torch.get_num_threads(), "results": results}, indent=2)

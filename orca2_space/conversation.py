@@ -40,6 +40,10 @@ MAX_KEPT = 50
 # of this many tokens at most, newest first (an older answer's can be scored again). One whole
 # context, so the answer just scored always keeps its own.
 MAX_KEPT_SCORED_TOKENS = 4096
+# Said of an answer that is not Exchange.redoable.
+NOT_REDOABLE = (
+    "Sampled before answers were seeded per request: the same seed samples a new answer, not this one token for token."
+)
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -51,6 +55,9 @@ class Stats(BaseModel):
     seconds: float
     tokens_per_second: float
     batched: bool = False
+    # How a sampled answer was drawn (GenerationStats.sampling); None when greedy, and in exports made
+    # before answers were seeded per request.
+    sampling: str | None = None
 
     @classmethod
     def of(cls, stats: GenerationStats) -> Stats:
@@ -60,6 +67,7 @@ class Stats(BaseModel):
             seconds=round(stats.seconds, 3),
             tokens_per_second=round(stats.tokens_per_second, 2),
             batched=stats.batched,
+            sampling=stats.sampling,
         )
 
 
@@ -108,6 +116,13 @@ class Exchange(BaseModel):
     moderation: ModerationState = ModerationState.OFF
     withheld: str | None = None
     error: str | None = None
+
+    @property
+    def redoable(self) -> bool:
+        """Whether its settings and seed redo this answer token for token: not for an answer sampled
+        before sampling was seeded per request (its stats name no scheme), which drew from torch's
+        shared generator in a way the app no longer runs."""
+        return not (self.settings.do_sample and self.stats is not None and self.stats.sampling is None)
 
     @property
     def usable(self) -> bool:
@@ -450,6 +465,7 @@ def to_markdown(conversation: Conversation, info: ModelInfo, looked: LookedAt) -
         mode = "single turn" if e.single_turn else "with the earlier turns"
         how = f"seed {e.settings.seed}" if e.settings.do_sample else "greedy"
         lines += ["", f"## {number}. Question ({mode}, {how})", "", _fenced(e.question)]
+        lines += [] if e.redoable else ["", f"> {NOT_REDOABLE}"]
         lines += ["", "System message:", "", _fenced(e.system_message)]
         lines += ["", "Answer:", "", _fenced(e.answer)]
         lines += [f"\n> {notice}" for notice in (e.withheld, e.error) if notice]

@@ -249,8 +249,8 @@ class Settings:
     )
     batching: Annotated[bool, Cli(words=ON_OFF)] = Field(
         default=True,
-        description="decode concurrent greedy answers together (continuous batching); sampled answers, and any "
-        "with a repetition penalty, always run alone; never on ZeroGPU",
+        description="decode concurrent answers together (continuous batching), greedy and sampled alike: a seed "
+        "gives the same answer in the batch as alone; never on ZeroGPU",
     )
     # None: sized for the machine when a local model loads (backends/local/batching.py).
     batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(

@@ -1,5 +1,5 @@
-"""Batched generation: concurrent greedy answers share decode steps, each streaming its own tokens,
-and answer exactly as they would alone; what the batch can't honour runs alone."""
+"""Batched generation: concurrent answers share decode steps, each streaming its own tokens, and
+answer exactly as they would alone (sampled ones too: tests/test_seeded_sampling.py)."""
 
 import threading
 import time
@@ -92,12 +92,12 @@ def test_stopping_one_answer_leaves_the_others_running(batched_never_ends):
     "params",
     [
         dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, seed=7),  # a seed is per request
-        dict(repetition_penalty=1.3),  # the batch has no repetition penalty
+        dict(repetition_penalty=1.3),  # so is the repetition penalty
     ],
 )
-def test_what_the_batch_cannot_honour_runs_alone_with_its_own_settings(batched_tiny, tiny_engine, params):
+def test_sampled_and_penalised_answers_are_batched_with_their_own_settings(batched_tiny, tiny_engine, params):
     text, stats = answer(batched_tiny, QUESTIONS[1], **params)
-    assert not stats.batched
+    assert stats.batched
     assert text == answer(tiny_engine, QUESTIONS[1], **params)[0]
 
 

@@ -42,10 +42,15 @@ class Feed:
     """The producer's side of one answer: what it pushes, whether it should stop, how it ended."""
 
     def __init__(
-        self, seed: int | None, batched: bool = False, explain: Callable[[BaseException], str] = failure_message
+        self,
+        seed: int | None,
+        batched: bool = False,
+        explain: Callable[[BaseException], str] = failure_message,
+        sampling: str | None = None,
     ):
         self.seed = seed
         self.batched = batched
+        self.sampling = sampling  # GenerationStats.sampling
         # The reader's message for a failure (a backend may know its own out-of-memory errors).
         self._explain = explain
         self.items: queue.SimpleQueue = queue.SimpleQueue()
@@ -101,7 +106,9 @@ class Feed:
             reason = StopReason.END_OF_TURN if self.last_token in STOP_IDS else StopReason.LENGTH
         after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
         seconds = time.perf_counter() - self.started
-        self.stats = stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched)
+        self.stats = stats = GenerationStats(
+            self.n_tokens, seconds, reason, self.seed, after, self.batched, self.sampling
+        )
         log.info(
             "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s)%s",
             "batched" if self.batched else "single",

@@ -34,6 +34,10 @@ class ScoringUnavailable(RuntimeError):
     """This backend can't give token probabilities; the message says why, for the reader."""
 
 
+# A sampled answer drawn by an inference server's own sampler: its seed is the server's business.
+INFERENCE_SERVER_SAMPLING = "inference-server"
+
+
 class StopReason(StrEnum):
     END_OF_TURN = "end_of_turn"  # the model ended its turn
     LENGTH = "length"  # max_new_tokens reached
@@ -63,8 +67,11 @@ class GenerationStats:
     seed: int | None
     # Tokens the model produced after cancel() was called; Stop's promise is at most one.
     tokens_after_cancel: int | None = None
-    # Decoded in a batch with other answers (greedy), or alone.
+    # Decoded in a batch with other answers, or alone.
     batched: bool = False
+    # How a sampled answer was drawn (None when greedy): the local model's seeded scheme
+    # (seeded_sampling.SCHEME, whose seed redoes the answer token for token), or INFERENCE_SERVER_SAMPLING.
+    sampling: str | None = None
 
     @property
     def tokens_per_second(self) -> float:

@@ -35,6 +35,7 @@ from ..prompt import CONTROL_TEXT, DEFAULT_CONTEXT_LENGTH, IM_END, IM_START, Orc
 from ..settings import GenerationParams, InferenceServerSettings
 from .answer import Answer, Feed
 from .contract import (
+    INFERENCE_SERVER_SAMPLING,
     GenerationError,
     ModelInfo,
     ModelLoadError,
@@ -206,7 +207,7 @@ class InferenceServer:
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
         sampling = Sampling.of(params)
-        feed = Feed(sampling.seed)
+        feed = Feed(sampling.seed, sampling=INFERENCE_SERVER_SAMPLING if sampling.do_sample else None)
         worker = threading.Thread(
             target=self._run, args=(feed, prompt, sampling), name="orca2-inference-server", daemon=True
         )

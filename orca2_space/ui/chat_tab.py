@@ -33,7 +33,7 @@ from .adapters import (
     wire_download,
 )
 from .controls import moderation_toggle, preset_picker, question_row, setting_controls, setting_values, wire_preset
-from .messages import chat_messages, exchange_at, status
+from .messages import chat_messages, exchange_at, imported_status, status
 from .tokens import token_view_of
 
 TITLE = "Chat"
@@ -305,7 +305,10 @@ class ChatEvents:
     def import_(self, *, data: bytes, stored, looked, show_raw) -> dict:
         conversation, looked_at = parse_export(data, LookedAt.load(looked), self.chat.settings.max_exchanges)
         store = Store.load(stored, self.chat.settings).save(conversation)
-        shown = {self.tab.chatbot: chat_messages(conversation, show_raw), self.tab.answer_status: ""}
+        shown = {
+            self.tab.chatbot: chat_messages(conversation, show_raw),
+            self.tab.answer_status: imported_status(conversation),
+        }
         kept = {self.tab.looked: looked_at.model_dump()}
         return shown | kept | self._listed(store) | self._restored(conversation)
 

@@ -8,7 +8,7 @@ the records, never back from the page.
 import html
 
 from ..chat import ChatUpdate
-from ..conversation import Conversation
+from ..conversation import NOT_REDOABLE, Conversation
 from ..moderation import ModerationState
 from ..render import for_display, raw
 
@@ -65,6 +65,13 @@ def _exchange(show, question: str, answer: str, withheld: str | None, error: str
 
 def _notice(title: str, text: str) -> dict:
     return {"role": "assistant", "content": for_display(text), "metadata": {"title": title}}
+
+
+def imported_status(conversation: Conversation) -> str:
+    """The status line after an import: empty, unless a seed there can't redo its answer."""
+    if all(e.redoable for e in conversation.exchanges):
+        return ""
+    return f'<div role="status" data-state="imported">ℹ️ {html.escape(NOT_REDOABLE)}</div>'
 
 
 def status(update: ChatUpdate, single_turn: bool | None = None) -> str:

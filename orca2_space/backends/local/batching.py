@@ -1,12 +1,12 @@
-"""Concurrent greedy answers share decode steps in one batch (transformers' continuous batching).
+"""Concurrent answers share decode steps in one batch (transformers' continuous batching).
 
 A GPU (or CPU) decoding one sequence is mostly idle: a step for 8 sequences costs little more than
 a step for one. transformers 5's ContinuousBatchingManager runs one model thread that adds and
 removes requests at every step over a paged KV cache; this module sizes it explicitly, routes its
 outputs to each request's own stream, and turns a cancel into "the model stopped working on it".
 
-What it can't honour per request is kept off it (engine.batchable decides): the manager's sampling and
-seed are global, and it has no repetition penalty, so only greedy answers are batched.
+Each request decodes with its own settings, seed and repetition penalty (batch_sampling.py), so a
+sampled answer is the same token for token in the batch as alone (seeded_sampling.py).
 
 Nothing waits forever: if the model thread fails, the manager ends the answers it held with the
 error and is started again; if the dispatcher fails, it ends the answers in flight and goes on.
@@ -30,6 +30,7 @@ from transformers.generation.continuous_batching import RequestStatus
 
 from ...settings import BATCH_PAGE_TOKENS, Settings
 from ..sampling import Sampling
+from . import batch_sampling
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Batcher:
                 f"the batch KV cache ({settings.cache_tokens} tokens) must hold a full context ({context_length})"
             )
         _log_through_the_app()
-        # Each request sets its own max_new_tokens and stop ids; what they share is greedy decoding.
+        # Each request sets its own max_new_tokens, stop ids and sampling: the batch takes the argmax
+        # of the scores batch_sampling hands it.
         greedy = GenerationConfig(**Sampling(max_new_tokens=256).transformers_config())
         sizing = ContinuousBatchingConfig(
             page_size=BATCH_PAGE_TOKENS,
@@ -101,8 +103,10 @@ class Batcher:
             max_batch_tokens=BATCH_PAGE_TOKENS,
             max_requests_per_batch=settings.max_concurrent,
             max_memory_percent=1.0,
+            **batch_sampling.CONFIG,
         )
         self._manager = model.init_continuous_batching(generation_config=greedy, continuous_batching_config=sizing)
+        batch_sampling.install(self._manager)
         # The requests in flight; guarded by _lock.
         self._sinks: dict[str, TokenSink] = {}
         self._sent: dict[str, int] = {}
@@ -123,7 +127,7 @@ class Batcher:
         return self._dispatcher.is_alive()
 
     def submit(self, input_ids: list[int], sampling: Sampling, sink: TokenSink) -> Callable[[], None]:
-        """Start a greedy answer; returns the function that cancels it."""
+        """Start an answer; returns the function that cancels it."""
         request_id = f"orca2-{next(self._ids)}"
         with self._admit:
             if not self._manager.is_running():
@@ -147,6 +151,7 @@ class Batcher:
             max_new_tokens=sampling.max_new_tokens,
             streaming=True,
             eos_token_id=list(sampling.stop_ids),
+            **batch_sampling.request_kwargs(sampling),
         )
         if accepted is None:
             with self._lock:

@@ -1,5 +1,5 @@
 """The local backend: Orca 2 loaded once per process, one answer's tokens at a time, or concurrent
-greedy answers in one batch.
+answers in one batch.
 
 The engine knows ids and text, nothing of chats, moderation or pages. An answer run alone runs
 ``model.generate`` (the model card's own call) in a worker thread; a per-request event checked by a
@@ -30,6 +30,7 @@ from .batching import Batcher, BatchingSettings
 from .generation import one_forward_at_a_time, reader_message, stream_tokens
 from .loading import load_failure, load_model
 from .scoring import score_ids
+from .seeded_sampling import SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
-        # One unbatched generate at a time: it keeps the global torch RNG (and so seeds) per request.
+        # One unbatched generate at a time (without batching, or on ZeroGPU), as the model card runs it.
         self._lock = threading.Lock()
         self._batcher = None
         self._stream_tokens: Callable[[list[int], Sampling, threading.Event], Generator[int, None, None]]
@@ -87,12 +88,13 @@ class Engine:
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
-        if self._batcher is not None and batchable(sampling):
-            feed = Feed(sampling.seed, batched=True, explain=reader_message)
+        scheme = SCHEME if sampling.do_sample else None
+        if self._batcher is not None:
+            feed = Feed(sampling.seed, batched=True, explain=reader_message, sampling=scheme)
             feed.alive = self._batcher.alive
             feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed)
             return Answer(feed, self.tokenizer)
-        feed = Feed(sampling.seed, explain=reader_message)
+        feed = Feed(sampling.seed, explain=reader_message, sampling=scheme)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
         worker = threading.Thread(
             target=contextvars.copy_context().run,
@@ -108,10 +110,9 @@ class Engine:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
         the `top` most likely ids at each position: one forward pass over prompt + answer.
 
-        It does not wait for the generate lock, which keeps unbatched generates one at a time for the
-        global RNG's sake (seeds): a forward pass draws nothing from it. Like every forward pass, it
-        takes its turn with the others (generation.one_forward_at_a_time), so it runs between a long
-        answer's decode steps instead of after the answer. scoring.py has checked that it fits the context.
+        It does not wait for the generate lock, which keeps unbatched generates one at a time. Like
+        every forward pass, it takes its turn with the others (generation.one_forward_at_a_time), so it
+        runs between a long answer's decode steps instead of after the answer. scoring.py has checked that it fits the context.
         """
         answer_ids = list(answer_ids)
         if not answer_ids:
@@ -151,9 +152,3 @@ class Engine:
             error = failure
         finally:
             feed.close(error)
-
-
-def batchable(sampling: Sampling) -> bool:
-    """Whether the batch can answer exactly as generate alone would: its sampling and seed are
-    shared by the whole batch and it has no repetition penalty, so only plain greedy qualifies."""
-    return not sampling.do_sample and sampling.repetition_penalty == 1.0

@@ -9,11 +9,12 @@ import threading
 from collections.abc import Callable, Generator
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..answer import OUT_OF_MEMORY, WAIT_SECONDS, failure_message
 from ..sampling import Sampling
+from .seeded_sampling import SeededLogitsProcessor, transforms
 
 _END = object()
 # A decode step, or even a long prompt's prefill on a slow CPU, ends well within this after Stop;
@@ -26,23 +27,25 @@ def stream_tokens(
 ) -> Generator[int, None, None]:
     """The ids model.generate writes, one by one.
 
-    Closing the iterator, or setting `cancel`, ends the model's work after the current decode
-    step. On ZeroGPU this whole generator runs in the GPU worker process.
+    A sampled answer, or one with a repetition penalty, is decoded greedily over seeded_sampling's
+    scores, as the batch decodes it; plain greedy is the model card's own call. Closing the iterator,
+    or setting `cancel`, ends the model's work after the current decode step. On ZeroGPU this whole
+    generator runs in the GPU worker process.
     """
+    config, processors = _decoding(sampling, len(input_ids))
     closed = threading.Event()
     tokens: queue.SimpleQueue = queue.SimpleQueue()
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
             ids = torch.tensor([input_ids], device=model.device)
             with torch.inference_mode():
                 model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    generation_config=GenerationConfig(**sampling.transformers_config()),
+                    generation_config=config,
+                    logits_processor=processors,
                     streamer=_TokenStreamer(tokens.put),
                     stopping_criteria=[_CancelCriteria(closed, cancel)],
                 )
@@ -63,6 +66,16 @@ def stream_tokens(
             raise RuntimeError(f"the model did not stop within {MODEL_STOP_SECONDS:.0f} s of being asked to")
     if failure:
         raise failure[0]
+
+
+def _decoding(sampling: Sampling, prompt_length: int) -> tuple[GenerationConfig, LogitsProcessorList]:
+    """generate's settings: the answer's own when greedy, else greedy over the seeded scores."""
+    if not transforms(sampling):
+        return GenerationConfig(**sampling.transformers_config()), LogitsProcessorList()
+    greedy = Sampling(sampling.max_new_tokens, stop_ids=sampling.stop_ids)
+    return GenerationConfig(**greedy.transformers_config()), LogitsProcessorList(
+        [SeededLogitsProcessor(sampling, prompt_length)]
+    )
 
 
 def _next_token(tokens: queue.SimpleQueue, worker: threading.Thread):
