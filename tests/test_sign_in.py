@@ -3,8 +3,8 @@ account's, whichever page they ask from; a visitor who hasn't signed in has the 
 the server's owner may keep heavy requests (comparisons) for signed-in visitors; and nothing a client
 writes itself (a header, a body field, a session cookie it signed) makes it signed in.
 
-The app is launched as a Space with hf_oauth: true starts it (OAUTH_CLIENT_ID and OAUTH_CLIENT_SECRET
-set), and visitors sign in through Gradio's own routes and session cookie. Off a Space, Gradio serves its
+The app is launched with what a Space with hf_oauth: true is given (OAUTH_CLIENT_ID and
+OAUTH_CLIENT_SECRET), and visitors sign in through Gradio's own routes and session cookie. Off a Space, Gradio serves its
 local mock of Hugging Face's OAuth: the same routes and the same signed session, signing in as the
 account the machine is logged in with, which the mock asks the hub for; that one question is answered
 here instead (tests never touch a hub). What only a real Space shows is in docs/space.md.
@@ -27,6 +27,7 @@ from support import FakeBackend, Held, free_port, wait_for
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
 from orca2_space.fairness import Visitor
+from orca2_space.publish import card_metadata
 from orca2_space.settings import SIGN_IN_ANONYMOUS_VISITOR_LIMIT, Settings
 from orca2_space.ui import build
 from orca2_space.ui.adapters import caller_of, visitor_of
@@ -37,8 +38,7 @@ SIGN_IN_HINT = "Signed in with Hugging Face (the button at the top of the page),
 SIGN_IN_TO_COMPARE = "Sign in with Hugging Face (the button at the top of the page) to compare system messages"
 
 
-@pytest.fixture
-def sign_in_offered(monkeypatch):
+def offer_sign_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables a Space with hf_oauth: true is given. Gradio read its own copy of the secret when it
     was imported (before this test set it), so that copy is set too."""
     monkeypatch.setenv("OAUTH_CLIENT_ID", "the-spaces-oauth-client")
@@ -54,17 +54,33 @@ def sign_in_offered(monkeypatch):
 
 
 @pytest.fixture
-def held_app(tokenizer, sign_in_offered):
-    """A signed-in visitor may hold 2 places, one who hasn't 1; comparisons are for signed-in visitors.
-    Answers stay in progress until released."""
-    held = Held()
-    settings = Settings(
-        host="127.0.0.1", port=free_port(), visitor_limit=2, anonymous_visitor_limit=1, sign_in_for_heavy=True
-    )
-    demo = launch(Chat(FakeBackend(tokenizer, ["\n", "The", " answer"], held=held), settings), block=False)
-    yield held, demo.local_url
+def sign_in_offered(monkeypatch):
+    offer_sign_in(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def launched(tokenizer):
+    """A signed-in visitor may hold 2 places, one who hasn't 1; comparisons are for signed-in visitors."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        offer_sign_in(monkeypatch)
+        backend = FakeBackend(tokenizer, ["\n", "The", " answer"])
+        settings = Settings(
+            host="127.0.0.1", port=free_port(), visitor_limit=2, anonymous_visitor_limit=1, sign_in_for_heavy=True
+        )
+        chat = Chat(backend, settings)
+        demo = launch(chat, block=False)
+        yield chat, backend, demo.local_url
+        demo.close()
+
+
+@pytest.fixture
+def held_app(launched):
+    """The app, its answers in progress until the test releases them."""
+    chat, backend, url = launched
+    backend.held = held = Held()
+    yield held, url
     held.release()
-    demo.close()
+    wait_for(lambda: chat.fair_share.in_progress() == 0, "every place to be given back")
 
 
 def signed_in_cookie(url: str) -> str:
@@ -251,3 +267,7 @@ def test_requiring_sign_in_for_heavy_requests_needs_sign_in(monkeypatch):
     monkeypatch.delenv("OAUTH_CLIENT_SECRET", raising=False)
     with pytest.raises(ValueError, match="--sign-in-for-heavy needs Sign in with Hugging Face"):
         Settings(sign_in_for_heavy=True)
+
+
+def test_the_space_asks_hugging_face_for_sign_in():
+    assert card_metadata()["hf_oauth"] is True
