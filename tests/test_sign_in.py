@@ -11,6 +11,7 @@ here instead (tests never touch a hub). What only a real Space shows is in docs/
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -26,7 +27,7 @@ from support import FakeBackend, Held, free_port, wait_for
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
-from orca2_space.fairness import Visitor
+from orca2_space.fairness import FairShare, Heavy, Limits, Refused, Visitor
 from orca2_space.publish import card_metadata
 from orca2_space.settings import SIGN_IN_ANONYMOUS_VISITOR_LIMIT, Settings
 from orca2_space.ui import build
@@ -230,6 +231,63 @@ def test_a_page_session_named_like_an_account_does_not_take_the_accounts_places(
     wait_for(lambda: held.waiting == 3, "the impostor's answer to be in progress, as anyone's")
     held.release()
     assert all(job.result()["answer"] == "The answer" for job in [*running, other])
+
+
+# The rules, on the fair share itself.
+
+ANN = Visitor(f"hf:{ACCOUNT}", "10.0.0.1", signed_in=True)
+ANONYMOUS = Visitor("a-page-session", "10.0.0.1")
+SIGN_IN_LIMITS = Limits(
+    per_visitor=4, per_address=8, total=40, per_anonymous_visitor=2, sign_in_offered=True, sign_in_for_heavy=True
+)
+
+
+def test_a_visitor_who_has_not_signed_in_holds_fewer_places_and_hears_what_signing_in_gives():
+    share = FairShare(SIGN_IN_LIMITS)
+    with contextlib.ExitStack() as places:
+        places.enter_context(share.admit(ANONYMOUS, 2))
+        with pytest.raises(Refused, match="You already have 2 requests") as refused:
+            places.enter_context(share.admit(ANONYMOUS))
+        assert str(refused.value).endswith(
+            "Signed in with Hugging Face (the button at the top of the page), you may have 4."
+        )
+        places.enter_context(share.admit(ANN, 4))  # the same address, within its 8
+
+
+def test_a_request_larger_than_the_anonymous_share_says_so_and_what_signing_in_gives():
+    share = FairShare(SIGN_IN_LIMITS)
+    with pytest.raises(Refused) as refused, share.admit(ANONYMOUS, 3):
+        pass
+    assert str(refused.value) == (
+        "This request counts 3 (one per answer it runs): more than this server lets one visitor have at once (2)."
+        " Signed in with Hugging Face (the button at the top of the page), you may have 4."
+    )
+
+
+def test_without_sign_in_on_the_page_nobody_is_told_to_sign_in():
+    share = FairShare(Limits(per_visitor=4, per_address=8, total=40, per_anonymous_visitor=2))
+    with pytest.raises(Refused) as refused, share.admit(ANONYMOUS, 3):
+        pass
+    assert "Sign" not in str(refused.value)
+
+
+def test_heavy_requests_are_refused_to_visitors_who_have_not_signed_in_where_the_owner_says_so():
+    share = FairShare(SIGN_IN_LIMITS)
+    with pytest.raises(Refused, match=re.escape(SIGN_IN_TO_COMPARE)), share.admit(ANONYMOUS, 2, Heavy.COMPARISON):
+        pass
+    assert share.in_progress() == 0
+    with share.admit(ANN, 2, Heavy.COMPARISON), share.admit(None, 2, Heavy.COMPARISON):  # the app's own, too
+        assert share.in_progress() == 4
+    lenient = FairShare(Limits(per_visitor=4, per_address=8, total=40, sign_in_offered=True))
+    with lenient.admit(ANONYMOUS, 2, Heavy.COMPARISON):
+        assert lenient.in_progress() == 2
+
+
+def test_a_comparison_is_asked_within_the_askers_share(fake_backend, sign_in_offered):
+    chat = Chat(fake_backend, Settings(visitor_limit=4, anonymous_visitor_limit=2))
+    with pytest.raises(Refused, match=r"compare at most 2 system messages \(got 3\)\. Signed in with Hugging Face"):
+        chat.compare_requests("Hi", ["A", "B", "C"], visitor=ANONYMOUS)
+    assert len(chat.compare_requests("Hi", ["A", "B", "C", "D"], visitor=ANN)) == 4
 
 
 # Where sign-in is offered, and what the owner sets.
