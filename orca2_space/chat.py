@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
-from .fairness import FairShare, Limits, Refused, Visitor
+from .fairness import FairShare, Heavy, Limits, Refused, Visitor
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import (
@@ -32,7 +32,7 @@ from .prompt import (
     Turn,
     answer_text,
 )
-from .settings import GenerationParams, InvalidRequest, Settings, validate_params
+from .settings import GenerationParams, InvalidRequest, Settings, sign_in_offered, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,14 @@ class Chat:
         self.loading = backend if isinstance(backend, ModelLoading) else ModelLoading.loaded(backend)
         self.settings = settings
         self.moderation = moderation
-        limits = Limits(settings.visitor_limit, settings.address_limit, settings.concurrency + settings.max_queue)
+        limits = Limits(
+            settings.visitor_limit,
+            settings.address_limit,
+            settings.concurrency + settings.max_queue,
+            per_anonymous_visitor=settings.anonymous_visitor_limit,
+            sign_in_offered=sign_in_offered(),
+            sign_in_for_heavy=settings.sign_in_for_heavy,
+        )
         self.fair_share = FairShare(limits)
         # The answers each owner (a page session) has running, for stop(owner).
         self._active: dict[str, set[AnswerStream | _Comparison]] = {}
@@ -371,20 +378,24 @@ class Chat:
         return bool(running)
 
     def compare_requests(
-        self, message: Any, system_messages: Any, moderation: Any = None, **params: Any
+        self, message: Any, system_messages: Any, moderation: Any = None, visitor: Visitor | None = None, **params: Any
     ) -> list[ChatRequest]:
         """One single-turn request per system message, validated, with the same settings: a sampled
         comparison draws one seed for all, so that the answers differ by their system message alone.
-        A comparison runs one answer per system message, so it must fit a visitor's fair share."""
+        A comparison runs one answer per system message, so it must fit a visitor's fair share (this
+        visitor's, or a signed-in one's), and it is heavy (FairShare.check_heavy)."""
         if not isinstance(system_messages, list | tuple) or len(system_messages) not in COMPARED:
             raise InvalidRequest(
                 f"system_messages must be a list of {COMPARED.start} to {COMPARED.stop - 1} texts; got {_describe(system_messages)}"
             )
-        most = self.fair_share.limits.per_visitor
+        share = self.fair_share
+        share.check_heavy(visitor, Heavy.COMPARISON)
+        most = share.limits.per_visitor if visitor is None else share.limits.per(visitor)
         if len(system_messages) > most:
             raise Refused(
                 f"A comparison runs one answer per system message, and this server lets one visitor run {most} "
                 f"at a time: compare at most {most} system messages (got {len(system_messages)})."
+                + ("" if visitor is None else share.sign_in_hint(visitor))
             )
         requests = [
             self.request(message, _string(system, f"system_messages[{index}]"), None, moderation, True, **params)
@@ -402,8 +413,9 @@ class Chat:
 
         Each answer is respond()'s, in a thread of its own, so greedy ones share the batch's decode
         steps. stop(owner), or closing the iterator, stops them all; each still ends with its final
-        update. A comparison takes one place of the visitor's fair share per answer."""
-        with self.fair_share.admit(visitor, len(requests)):
+        update. A comparison takes one place of the visitor's fair share per answer, and is heavy (where
+        the server keeps heavy requests for signed-in visitors, others are refused)."""
+        with self.fair_share.admit(visitor, len(requests), Heavy.COMPARISON):
             yield from self._compare(requests, owner)
 
     def _compare(self, requests: Sequence[ChatRequest], owner: str | None) -> Iterator[tuple[ChatUpdate, ...]]:

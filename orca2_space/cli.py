@@ -383,6 +383,7 @@ def launch(chat, share: bool = False, block: bool = True):
         server_port=settings.port,
         share=share,
         auth=settings.auth,
+        auth_message=guard.login_message(settings.max_failed_logins) if settings.auth else None,
         css=ui.CSS,
         theme=ui.THEME,
         prevent_thread_lock=not block,

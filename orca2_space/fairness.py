@@ -8,11 +8,16 @@ Without this, one script that queues many long answers makes every other visitor
 them. Requests are let in here, not held in Gradio's queue: the model's own scheduler (the batch, or
 the engine's turn for answers run alone) is the only place a request waits, so a visitor who is
 within the limits starts at the next decode step.
+
+Where the page offers Sign in with Hugging Face, a signed-in visitor is their account, whichever page
+or tab they ask from, and the server's owner may give visitors who haven't signed in a smaller share
+and keep heavy requests (Heavy) for signed-in ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,10 +28,20 @@ from .settings import InvalidRequest
 
 @dataclass(frozen=True)
 class Visitor:
-    """Who asks: a page session or an API client, and the network address it comes from."""
+    """Who asks: a page session, an API client or a signed-in account, and the network address it comes
+    from."""
 
     session: str
     address: str
+    # Signed in with Hugging Face: session is then the account (adapters.visitor_of).
+    signed_in: bool = False
+
+
+class Heavy(enum.Enum):
+    """A request heavy enough that the server's owner may keep it for signed-in visitors (--sign-in-for-heavy);
+    its value is what it does, as a refusal says it."""
+
+    COMPARISON = "compare system messages"
 
 
 def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_proxies: int) -> str:
@@ -52,6 +67,21 @@ class Limits:
     per_visitor: int
     per_address: int
     total: int
+    # For a visitor who hasn't signed in (every one where the page offers no sign-in); None: per_visitor.
+    per_anonymous_visitor: int | None = None
+    # The page offers Sign in with Hugging Face, so a refusal can say what signing in would give.
+    sign_in_offered: bool = False
+    # Heavy requests only for signed-in visitors.
+    sign_in_for_heavy: bool = False
+
+    def per(self, visitor: Visitor) -> int:
+        """How many places this visitor may hold."""
+        return self.per_visitor if visitor.signed_in else self.per_anonymous
+
+    @property
+    def per_anonymous(self) -> int:
+        """How many places a visitor who hasn't signed in may hold: never more than a signed-in one."""
+        return min(self.per_anonymous_visitor or self.per_visitor, self.per_visitor)
 
 
 class FairShare:
@@ -61,29 +91,48 @@ class FairShare:
     def __init__(self, limits: Limits):
         self.limits = limits
         self._lock = threading.Lock()
-        self._sessions: Counter[str] = Counter()
+        self._sessions: Counter[tuple[bool, str]] = Counter()
         self._addresses: Counter[str] = Counter()
         self._total = 0
 
     @contextlib.contextmanager
-    def admit(self, visitor: Visitor | None, places: int = 1) -> Iterator[None]:
-        """Hold places while the request is in progress; Refused at once if there are not enough.
+    def admit(self, visitor: Visitor | None, places: int = 1, heavy: Heavy | None = None) -> Iterator[None]:
+        """Hold places while the request is in progress; Refused at once if there are not enough, or if
+        the request is heavy and the server keeps those for signed-in visitors (check_heavy).
         Requests from within the app (visitor None) count toward the total only."""
+        if heavy is not None:
+            self.check_heavy(visitor, heavy)
         self._take(visitor, places)
         try:
             yield
         finally:
             self._give_back(visitor, places)
 
+    def check_heavy(self, visitor: Visitor | None, heavy: Heavy) -> None:
+        """Refused where this server keeps heavy requests for signed-in visitors and this one isn't; for a
+        request that checks before it takes its places (admit checks too)."""
+        if visitor is None or visitor.signed_in or not self.limits.sign_in_for_heavy:
+            return
+        raise Refused(
+            f"Sign in with Hugging Face (the button at the top of the page) to {heavy.value}: this server keeps "
+            "them for signed-in visitors. A script or an agent can't sign in; it can run its own copy of the app."
+        )
+
     def _take(self, visitor: Visitor | None, places: int) -> None:
         limits = self.limits
         with self._lock:
             if visitor is not None:
-                held = self._sessions[visitor.session]
-                if held + places > limits.per_visitor:
+                held, most = self._sessions[_key(visitor)], limits.per(visitor)
+                if places > most:
                     raise Refused(
-                        _over("You already have", held, places, limits.per_visitor, "visitor")
+                        f"This request counts {places} (one per answer it runs): more than this server lets one "
+                        f"visitor have at once ({most})." + self.sign_in_hint(visitor)
+                    )
+                if held + places > most:
+                    raise Refused(
+                        _over("You already have", held, places, most, "visitor")
                         + ". Wait for one to finish, or stop it, then ask again."
+                        + self.sign_in_hint(visitor)
                     )
                 held = self._addresses[visitor.address]
                 if held + places > limits.per_address:
@@ -97,22 +146,39 @@ class FairShare:
                 )
             self._total += places
             if visitor is not None:
-                self._sessions[visitor.session] += places
+                self._sessions[_key(visitor)] += places
                 self._addresses[visitor.address] += places
+
+    def sign_in_hint(self, visitor: Visitor) -> str:
+        """What signing in would give a visitor refused for their share: a sentence, or nothing."""
+        limits = self.limits
+        if visitor.signed_in or not limits.sign_in_offered or limits.per_visitor <= limits.per_anonymous:
+            return ""
+        return f" Signed in with Hugging Face (the button at the top of the page), you may have {limits.per_visitor}."
 
     def _give_back(self, visitor: Visitor | None, places: int) -> None:
         with self._lock:
             self._total -= places
             if visitor is not None:
-                for counts, key in ((self._sessions, visitor.session), (self._addresses, visitor.address)):
-                    counts[key] -= places
-                    if not counts[key]:
-                        del counts[key]
+                _less(self._sessions, _key(visitor), places)
+                _less(self._addresses, visitor.address, places)
 
     def in_progress(self) -> int:
         """Places in use, in all."""
         with self._lock:
             return self._total
+
+
+def _less(counts: Counter, key, places: int) -> None:
+    counts[key] -= places
+    if not counts[key]:
+        del counts[key]
+
+
+def _key(visitor: Visitor) -> tuple[bool, str]:
+    """Whose places these are. A page session's name is the client's to choose, so an account is kept
+    apart from it: a session named like an account can't take that account's places."""
+    return visitor.signed_in, visitor.session
 
 
 def _over(holder: str, held: int, places: int, limit: int, per: str) -> str:

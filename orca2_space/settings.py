@@ -39,6 +39,8 @@ BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "open
 # Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
 # says what this relies on).
 SPACE_TRUSTED_PROXIES = 1
+# Where visitors can sign in, one who hasn't may hold this many places (docs/space.md says why).
+SIGN_IN_ANONYMOUS_VISITOR_LIMIT = 2
 
 
 class InvalidRequest(ValueError):
@@ -48,6 +50,14 @@ class InvalidRequest(ValueError):
 def on_space() -> bool:
     """Whether this runs as a Hugging Face Space, which sets SPACE_ID."""
     return bool(os.environ.get("SPACE_ID"))
+
+
+def sign_in_offered() -> bool:
+    """Whether the page offers Sign in with Hugging Face: a Space whose README says hf_oauth: true is given
+    these variables. Gradio signs the session that says who signed in with a key made from the secret,
+    so without one a visitor could write that session themselves. Set off a Space, Gradio's local mock
+    signs in as the account `hf auth login` holds."""
+    return bool(os.environ.get("OAUTH_CLIENT_ID") and os.environ.get("OAUTH_CLIENT_SECRET"))
 
 
 def on_zerogpu() -> bool:
@@ -266,6 +276,21 @@ class Settings:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the least severe messages the log shows"
     )
+    anonymous_visitor_limit: Annotated[
+        int | None,
+        Cli(default=f"{SIGN_IN_ANONYMOUS_VISITOR_LIMIT} where visitors can sign in; --visitor-limit elsewhere"),
+    ] = Field(
+        default_factory=lambda: SIGN_IN_ANONYMOUS_VISITOR_LIMIT if sign_in_offered() else None,
+        ge=1,
+        description="requests a visitor who hasn't signed in with Hugging Face may have running or waiting, counted "
+        "as for --visitor-limit and at most that (API clients and agents can't sign in; where the page offers no "
+        "sign-in, this applies to everyone)",
+    )
+    sign_in_for_heavy: bool = Field(
+        default=False,
+        description="only visitors signed in with Hugging Face may run heavy requests (comparisons); needs the page "
+        "to offer sign-in (a Space with hf_oauth: true), and shuts API clients and agents out of them",
+    )
     moderation: Annotated[
         ModerationSettings,
         Section(
@@ -291,6 +316,11 @@ class Settings:
             raise ValueError("--backend inference-server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         if self.backend == "local" and self.inference_server is not None:
             raise ValueError("an inference server is only used with backend 'inference-server'")
+        if self.sign_in_for_heavy and not sign_in_offered():
+            raise ValueError(
+                "--sign-in-for-heavy needs Sign in with Hugging Face, which a Space with hf_oauth: true in its "
+                "README offers (OAUTH_CLIENT_ID and OAUTH_CLIENT_SECRET): without it nobody could compare"
+            )
 
 
 class GenerationParams(BaseModel):

@@ -3,6 +3,7 @@ own origin may read answers in a browser when there is a login, wrong passwords 
 address, a malformed API call is refused with what is wrong, and uploads are capped. Every check goes
 through a launched server."""
 
+import json
 import time
 
 import httpx
@@ -14,7 +15,7 @@ from gradio_client.exceptions import AppError
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
 from orca2_space.settings import Settings
-from orca2_space.ui.guard import LoginThrottle
+from orca2_space.ui.guard import LoginThrottle, login_message
 
 PASSWORD = "correct horse battery"
 WRONG_LOGIN = {"username": "ann", "password": "wrong"}
@@ -267,3 +268,36 @@ def test_an_upload_over_the_cap_is_refused_with_the_cap(open_app):
     assert refused.status_code == 413 and f"maximum allowed size of {cap} bytes" in refused.text
     small = {"files": ("chat.json", b"{}", "application/json")}
     assert httpx.post(url + "gradio_api/upload", files=small, timeout=60).status_code == 200
+
+
+# Queued events: one the app doesn't have is named back, not a bare 500. Gradio reads fn_index leniently
+# ("7" and 7.0 name event 7), so the check does too.
+
+
+@pytest.mark.parametrize("fn_index", [9999, -1, "9999", 9999.0])
+def test_joining_the_queue_for_an_event_the_app_does_not_have_is_refused_saying_so(open_app, fn_index):
+    _, url = open_app
+    body = {"data": [], "fn_index": fn_index, "session_hash": "a-page-session"}
+    response = httpx.post(url + "gradio_api/queue/join", json=body, timeout=30)
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(f"fn_index {int(fn_index)} names no event of this app.")
+
+
+def test_joining_the_queue_for_one_of_the_apps_events_is_let_through(open_app):
+    _, url = open_app
+    body = {"data": [], "fn_index": 0, "session_hash": "a-page-session"}
+    response = httpx.post(url + "gradio_api/queue/join", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["event_id"]
+
+
+# The login page: Gradio's form shows "Incorrect credentials" for a 400 and nothing for the throttle's
+# 429, so the page says the rule up front.
+
+
+def test_the_login_page_says_that_wrong_logins_are_limited(guarded_app):
+    settings, url = guarded_app
+    page = httpx.get(url, timeout=30).text
+    # What the page's script reads: window.gradio_config = {...};
+    config = json.JSONDecoder().raw_decode(page, page.index("window.gradio_config = ") + 23)[0]
+    assert config["auth_required"] and config["auth_message"] == login_message(settings.max_failed_logins)
+    assert config["auth_message"].startswith(f"After {settings.max_failed_logins} wrong logins within a minute")

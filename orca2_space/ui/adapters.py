@@ -6,6 +6,8 @@ downloads, where requests wait, and the one way bad input reaches the visitor (v
 import functools
 import inspect
 import json
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
@@ -109,14 +111,34 @@ def comparison(
     chat: Chat, message, system_messages, moderation, params: dict, owner: str | None, visitor: Visitor
 ) -> Iterator[tuple[ChatUpdate, ...]]:
     """The side-by-side answers' updates, for the page and /compare alike (errors as for turn)."""
-    requests = chat.compare_requests(message, system_messages, moderation, **params)
+    requests = chat.compare_requests(message, system_messages, moderation, visitor, **params)
     return chat.compare(requests, owner=owner, visitor=visitor)
 
 
 def visitor_of(request: gr.Request) -> Visitor:
-    """A page session or API client, and its address (guard.py reads it as --trusted-proxies says)."""
+    """A page session or API client, or the Hugging Face account signed in on the page, and its address
+    (guard.py reads it as --trusted-proxies says)."""
     address = request.client.host if request.client else "unknown"
+    account = signed_in_account(request)
+    if account is not None:
+        return Visitor(f"hf:{account}", address, signed_in=True)
     return Visitor(request.session_hash or f"address {address}", address)
+
+
+def signed_in_account(request: gr.Request) -> str | None:
+    """The Hugging Face account this request's browser signed in with, or None.
+
+    Read where Gradio's OAuth routes keep it (what gr.OAuthProfile reads): the session, which Starlette's
+    SessionMiddleware decodes from a cookie signed with a key made from the Space's OAuth secret, so a
+    client can't write it. Nothing a client sends in a header or the request's body counts, and without
+    sign-in on the page (no SessionMiddleware) there is no session at all."""
+    underlying = request.request  # the HTTP request the event came with; None for one Gradio made itself
+    session = underlying.scope.get("session") if underlying is not None else None
+    info = (session or {}).get("oauth_info")
+    if not isinstance(info, dict) or info.get("expires_at", math.inf) < time.time():
+        return None
+    username = (info.get("userinfo") or {}).get("preferred_username")
+    return username if isinstance(username, str) and username else None
 
 
 def caller_of(request: gr.Request) -> Visitor:

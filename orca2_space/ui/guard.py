@@ -1,6 +1,7 @@
 """What every HTTP request passes before Gradio sees it: the visitor's address read as --trusted-proxies
 says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
-wrong passwords per address, and API calls that name an endpoint and bring the values it takes.
+wrong passwords per address, API calls that name an endpoint and bring the values it takes, and queued
+events that name one of the app's.
 
 Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
 wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
@@ -15,10 +16,11 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +32,9 @@ log = logging.getLogger(__name__)
 
 API_CALL = re.compile(r"^/gradio_api/call/(?P<by_name>v2/)?(?P<name>[^/]+)/?$")
 LOGIN_PATHS = ("/login", "/login/")
+QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/queue/join/")
 LOGIN_WINDOW_SECONDS = 60.0
+FN_INDEX = TypeAdapter(int | None)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class Rules:
     own_origin_only: bool
     # The public API endpoints by name.
     endpoints: Mapping[str, Endpoint]
+    # The app's events (what /gradio_api/queue/join's fn_index names), as the app has them (Gradio's own
+    # table: an app with gr.render would have more, per session; this one has none).
+    events: Container[int]
 
 
 class LoginThrottle:
@@ -108,6 +115,8 @@ class Guard:
             await self._login(self.throttle, scope, receive, send)
         elif post and (call := API_CALL.match(scope["path"])):
             await self._api_call(call, scope, receive, send)
+        elif post and scope["path"] in QUEUE_JOIN_PATHS:
+            await self._queue_join(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -162,6 +171,34 @@ class Guard:
             return
         await self.app(scope, _replaying(body, receive), send)
 
+    async def _queue_join(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Gradio looks the event up without a check, so one it doesn't have was a bare 500."""
+        body = await _body(receive)
+        try:
+            sent = json.loads(body)
+        except ValueError:
+            sent = None
+        event = _event_named(sent)
+        if event is not None and event not in self.rules.events:
+            message = (
+                f"fn_index {event} names no event of this app. Call its API endpoints by name "
+                "(GET /gradio_api/info describes them), e.g. with gradio_client."
+            )
+            await _refuse(422, message, scope, receive, send)
+            return
+        # Whatever else is wrong (no JSON, no fn_index, a value of the wrong type), Gradio says itself.
+        await self.app(scope, _replaying(body, receive), send)
+
+
+def login_message(max_failed_logins: int) -> str:
+    """The login page's note (Gradio's auth_message). Gradio's form shows "Incorrect credentials" for a
+    400 and nothing at all for any other answer, such as the throttle's 429 with its reason, and the
+    page can't be given a script: so the form says the rule before anyone needs it."""
+    return (
+        f"After {max_failed_logins} wrong logins within a minute from one network address, this form stops "
+        "answering until the minute has passed: if signing in seems to do nothing, wait a minute and try again."
+    )
+
 
 def lifespan(demo, settings: Settings, share: bool):
     """For launch(app_kwargs={"lifespan": ...}): puts the guard around the app Gradio builds for demo."""
@@ -172,7 +209,7 @@ def lifespan(demo, settings: Settings, share: bool):
         )
         for name, info in demo.get_api_info()["named_endpoints"].items()
     }
-    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints)
+    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints, demo.fns)
     throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
 
     @contextlib.asynccontextmanager
@@ -203,6 +240,17 @@ def _call_problem(endpoint: Endpoint, name: str, body: bytes, by_name: bool) -> 
         return endpoint.named_values_problem(name, sent)
     data = sent.get("data")
     return endpoint.values_problem(name, data) if isinstance(data, list) else None
+
+
+def _event_named(sent) -> int | None:
+    """The event a queue/join body names, read as Gradio reads it (pydantic, lax: "7", 7.0 and true
+    name events too); None where Gradio refuses the body itself."""
+    if not isinstance(sent, dict):
+        return None
+    try:
+        return FN_INDEX.validate_python(sent.get("fn_index"))
+    except ValidationError:
+        return None
 
 
 async def _refuse(

@@ -77,7 +77,8 @@ def add_tools(chat: Chat) -> None:
     token_probabilities_tool.__name__ = "token_probabilities"  # the tool's name
     cap = chat.settings.max_new_tokens_cap
     declare(answer, ANSWER_SIGNATURE, _answer_doc(cap))
-    declare(compare, COMPARE_SIGNATURE, _compare_doc(cap, chat.fair_share.limits.per_visitor))
+    # An agent never signs in (caller_of): its share is an anonymous visitor's.
+    declare(compare, COMPARE_SIGNATURE, _compare_doc(cap, chat.fair_share.limits.per_anonymous))
     token_probabilities_tool.__doc__ = TOKEN_PROBABILITIES_DOC
     for endpoint, function in zip(TOOL_ENDPOINTS, (answer, compare, token_probabilities_tool), strict=True):
         api(function, api_name=endpoint.lstrip("/"), queue=False)

@@ -8,7 +8,7 @@ import gradio as gr
 from gradio.themes import Soft
 
 from ..chat import Chat
-from ..settings import on_space
+from ..settings import on_space, sign_in_offered
 from . import chat_tab, compare_tab
 from .adapters import INSTANT
 from .api import add_endpoints
@@ -48,6 +48,8 @@ def _header(demo: gr.Blocks, chat: Chat) -> None:
     if on_space():
         # Visitors who want no queue (or other settings) can run their own copy.
         gr.DuplicateButton("Duplicate this Space", size="sm", elem_id="duplicate-space")
+    if sign_in_offered():
+        _sign_in(chat)
     model_status = gr.Markdown(_model_status(chat), elem_id="model-status")
     # Until the model is loaded, the status line follows the loading.
     loading_timer = gr.Timer(1.0, active=not chat.loading.done)
@@ -57,6 +59,26 @@ def _header(demo: gr.Blocks, chat: Chat) -> None:
 
     loading_timer.tick(refresh_model_status, None, [model_status, loading_timer], **INSTANT)
     demo.load(refresh_model_status, None, [model_status, loading_timer], **INSTANT)
+
+
+def _sign_in(chat: Chat) -> None:
+    """Sign in with Hugging Face, and what it gives. Only where the page offers it (settings.sign_in_offered):
+    the button brings Gradio's OAuth routes and the session that says who signed in (adapters.visitor_of)."""
+    with gr.Row(elem_id="sign-in"):
+        gr.LoginButton(size="sm", scale=0, min_width=240)
+        gr.Markdown(_why_sign_in(chat), elem_id="why-sign-in")
+
+
+def _why_sign_in(chat: Chat) -> str:
+    limits = chat.fair_share.limits
+    gives = []
+    if limits.per_visitor > limits.per_anonymous:
+        gives.append(f"{limits.per_visitor} requests at a time instead of {limits.per_anonymous}")
+    if limits.sign_in_for_heavy:
+        gives.append("comparisons")
+    if not gives:
+        return "Signed in, your fair share of the model is your account's, in every tab."
+    return f"Signing in gives you {' and '.join(gives)}; your share is your account's, in every tab."
 
 
 def _model_status(chat: Chat) -> str:
