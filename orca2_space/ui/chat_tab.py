@@ -65,6 +65,10 @@ CSS = """
 /* A chat's title (its first question) cut short says so, before the dropdown's caret (which Gradio
    lays over the input's end). */
 #chats input { text-overflow: ellipsis; padding-right: 24px; }
+/* What the browser can't keep, or soon won't: read before the chat; no room taken when all is well. */
+#storage-notice:not(:has(p)) { display: none; }
+#storage-notice p { margin: 0; padding: 6px 10px; border-left: 3px solid var(--color-accent);
+    background: var(--background-fill-secondary); border-radius: 4px; }
 """
 # Past this share of the browser's room for chats, the page says the oldest will make way.
 NEARLY_FULL = 0.8
