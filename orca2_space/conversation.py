@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,12 +40,27 @@ COMPARISON_FORMAT_VERSION = 1
 MAX_KEPT = 50
 # The browser sends what it keeps with the requests that read it, so it keeps the token probabilities
 # of this many tokens at most, newest first (an older answer's can be scored again). One whole
-# context, so the answer just scored always keeps its own.
+# context, so the answer just scored keeps its own (if it fits LOOKED_AT_ROOM too).
 MAX_KEPT_SCORED_TOKENS = 4096
 # Said of an answer that is not Exchange.redoable.
 NOT_REDOABLE = (
     "Sampled before answers were seeded per request: the same seed samples a new answer, not this one token for token."
 )
+
+# What the visitor's browser holds for this page. Chromium, Firefox and Safari give a site (an origin)
+# 5 MiB of localStorage, counted in characters of its keys and values. A save past that fails with a
+# QuotaExceededError the visitor never sees, and the browser goes on holding what it last saved.
+LOCAL_STORAGE_CHARS = 5 * 1024 * 1024
+# Each value the page keeps has its share (in characters as stored, stored_chars), so that together
+# they always fit, with 0.34 M characters to spare for Gradio's own keys and for the numbers JavaScript
+# writes a little longer than Python: the conversations most; the token probabilities looked at, in the
+# chat and in the comparison, about 1,900 tokens each (with their alternatives, one answer at the
+# default --max-new-tokens-cap); the last comparison.
+STORE_ROOM = 3_000_000
+LOOKED_AT_ROOM = 800_000
+COMPARISON_ROOM = 300_000
+# A chat takes no new question past this share of STORE_ROOM, so that its next exchange still fits.
+FULL_CHAT = 0.9
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -139,7 +156,7 @@ class Exchange(BaseModel):
 class Conversation(BaseModel):
     model_config = _STRICT
 
-    id: str = Field(default_factory=lambda: secrets.token_hex(8))
+    id: str = Field(default_factory=lambda: _new_id())
     created: str = Field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     exchanges: list[Exchange] = []
 
@@ -162,12 +179,23 @@ class Conversation(BaseModel):
             )
 
     def room_for_another(self, max_exchanges: int) -> None:
-        """Refuses (InvalidRequest) a new question where the conversation is as long as the server takes."""
+        """Refuses (InvalidRequest) a new question where the conversation is as long as the server
+        takes, or fills the browser's room for chats."""
         if len(self.exchanges) >= max_exchanges:
             raise InvalidRequest(
                 f"This chat has {len(self.exchanges):,} exchanges, the most this server keeps in one chat "
                 "(--max-exchanges). Start a new chat to go on."
             )
+        if self.stored_chars > FULL_CHAT * STORE_ROOM:
+            raise InvalidRequest(
+                f"This chat fills the room your browser has for chats ({_mb(STORE_ROOM)}). Start a new chat "
+                "to go on; export this one (⤓ JSON) to keep it whole, since the oldest chats make way for new ones."
+            )
+
+    @property
+    def stored_chars(self) -> int:
+        """Its size in the browser's storage, on its own."""
+        return stored_chars(json_size(self.model_dump()))
 
 
 class Store(BaseModel):
@@ -212,14 +240,91 @@ class Store(BaseModel):
         return Conversation(id=self.open) if self.open else Conversation()
 
     def save(self, conversation: Conversation) -> Store:
-        """The store with this conversation open and first in the list."""
+        """The store with this conversation open and first in the list (fit says what the browser keeps)."""
         others = [c for c in self.conversations if c.id != conversation.id]
-        kept = [conversation, *others][:MAX_KEPT] if conversation.exchanges else others
+        kept = [conversation, *others] if conversation.exchanges else others
         return Store(open=conversation.id, conversations=kept)
+
+    def save_imported(self, conversation: Conversation) -> Store:
+        """The store with an imported conversation open. One whose id is taken by another chat gets a new
+        id, so that both are kept; one too large for the browser is refused (InvalidRequest)."""
+        if conversation.stored_chars > STORE_ROOM:
+            raise InvalidRequest(
+                f"This chat takes {conversation.stored_chars:,} characters of your browser's storage, more than "
+                f"the {STORE_ROOM:,} it has for chats ({_mb(STORE_ROOM)}), so it can't be kept here."
+            )
+        if any(c.id == conversation.id and c != conversation for c in self.conversations):
+            conversation = conversation.model_copy(update={"id": _new_id()})
+        return self.save(conversation)
+
+    def fit(self) -> tuple[Store, Room]:
+        """The store as the browser can keep it: the oldest chats (never the open one) make way, past
+        MAX_KEPT chats or STORE_ROOM. If the open chat alone is larger than the room, nothing is dropped
+        (it can't be kept, and the browser goes on holding what it last saved)."""
+        kept = list(self.conversations)
+        sizes = [json_size(c.model_dump()) for c in kept]
+        # The store's JSON: its fields around the conversations, and a comma between two.
+        size = json_size(Store(open=self.open).model_dump()) + sum(sizes) + max(len(kept) - 1, 0)
+        dropped = []
+        for index in reversed(range(len(kept))):
+            if len(kept) <= MAX_KEPT and stored_chars(size) <= STORE_ROOM:
+                break
+            if kept[index].id != self.open:
+                size -= sizes[index] + 1
+                dropped.append(kept.pop(index))
+        used = stored_chars(size)
+        if used > STORE_ROOM:
+            return self, Room(stored_chars(json_size(self.model_dump())), overflowing=True)
+        return Store(open=self.open, conversations=kept), Room(used, tuple(c.title for c in dropped))
 
     def delete(self, conversation_id: str | None) -> Store:
         kept = [c for c in self.conversations if c.id != conversation_id]
         return Store(open=None if self.open == conversation_id else self.open, conversations=kept)
+
+
+@dataclass(frozen=True)
+class Room:
+    """How much of the browser's room for chats (STORE_ROOM) a store takes, and what didn't fit."""
+
+    # Characters of storage.
+    used: int
+    # The titles of the oldest chats that made way, oldest last.
+    dropped: tuple[str, ...] = ()
+    # The open chat alone is larger than the room: the browser can't keep it.
+    overflowing: bool = False
+
+    @property
+    def share(self) -> float:
+        return self.used / STORE_ROOM
+
+
+def json_size(value: object) -> int:
+    """Bytes of UTF-8 in value's JSON as the browser writes it (JSON.stringify: compact, characters as
+    they are)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def stored_chars(json_bytes: int) -> int:
+    """Characters of localStorage that gr.BrowserState takes for a value whose JSON has this many bytes.
+    It stores CryptoJS's AES encryption of the JSON: the IV in base64 (24 characters), a colon, then in
+    base64 "Salted__", an 8-byte salt and the UTF-8 bytes padded to whole 16-byte blocks (a whole block
+    more when they fill the last one): 4 characters for every 3 bytes."""
+    encrypted = 16 + 16 * (json_bytes // 16 + 1)
+    return 24 + 1 + 4 * math.ceil(encrypted / 3)
+
+
+def json_room(chars: int) -> int:
+    """The most bytes of JSON whose stored_chars fit in chars."""
+    return (chars - 25) * 3 // 4 - 32
+
+
+def _mb(chars: int) -> str:
+    """Room in characters of storage as the megabytes of text it holds."""
+    return f"about {json_room(chars) / 1e6:.1f} MB"
+
+
+def _new_id() -> str:
+    return secrets.token_hex(8)
 
 
 def answer_keys(exchanges: Sequence[Exchange]) -> list[str]:
@@ -253,13 +358,19 @@ class LookedAt(BaseModel):
             return cls()
 
     def add(self, key: str, tokens: list[ScoredToken]) -> LookedAt:
-        """With this answer's tokens first; the oldest go past MAX_KEPT_SCORED_TOKENS in all."""
-        kept, budget = [], MAX_KEPT_SCORED_TOKENS
+        """With this answer's tokens first; the oldest go past MAX_KEPT_SCORED_TOKENS in all, or past
+        LOOKED_AT_ROOM in the browser's storage (then not even this one's may be kept: kept says)."""
+        kept, budget, room = [], MAX_KEPT_SCORED_TOKENS, json_room(LOOKED_AT_ROOM) - json_size(LookedAt().model_dump())
         for answer in [(key, tokens), *(a for a in self.answers if a[0] != key)]:
-            if len(answer[1]) <= budget:
+            size = json_size([answer[0], [t.model_dump() for t in answer[1]]]) + 1
+            if len(answer[1]) <= budget and size <= room:
                 kept.append(answer)
-                budget -= len(answer[1])
+                budget, room = budget - len(answer[1]), room - size
         return LookedAt(answers=kept)
+
+    def kept(self, key: str) -> bool:
+        """Whether this answer's tokens are kept (for the exports)."""
+        return any(k == key for k, _ in self.answers)
 
     def tokens(self, exchanges: Sequence[Exchange]) -> list[list[ScoredToken] | None]:
         """The tokens looked at of each of these answers (None: not looked at)."""

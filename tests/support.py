@@ -485,3 +485,12 @@ def environment_without(folder: Path, packages: tuple[str, ...] = LOCAL_ONLY) ->
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(hidden=set(packages)))
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def page_request(session: str | None, address: str = "10.16.3.80"):
+    """A page event's gr.Request, as Gradio hands it to a handler: a session, from an address."""
+    import gradio as gr
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": (address, 50000)}
+    return gr.Request(request=Request(scope), session_hash=session)

@@ -65,12 +65,13 @@ def test_saving_puts_the_conversation_first_and_open():
     assert store.open == first.id and store.current() == first
 
 
-def test_the_browser_keeps_at_most_max_kept_conversations():
+def test_the_browser_keeps_at_most_max_kept_conversations_and_names_those_that_made_way():
     store = Store()
-    for n in range(MAX_KEPT + 5):
-        store = store.save(Conversation(exchanges=[exchange(f"question {n}")]))
+    for n in range(MAX_KEPT + 2):
+        store, room = store.save(Conversation(exchanges=[exchange(f"question {n}")])).fit()
     assert len(store.conversations) == MAX_KEPT
-    assert store.conversations[0].exchanges[0].question == f"question {MAX_KEPT + 4}"
+    assert store.conversations[0].exchanges[0].question == f"question {MAX_KEPT + 1}"
+    assert room.dropped == ("question 1",)
 
 
 def test_deleting_the_open_conversation_opens_none():

@@ -5,6 +5,7 @@ import inspect
 
 import gradio as gr
 import pytest
+from support import page_request
 
 from orca2_space import ui
 from orca2_space.chat import Chat
@@ -83,7 +84,10 @@ def test_opening_a_chat_puts_each_setting_it_used_back_in_its_own_control(fake_b
     exchange = Exchange(question="Q", answer="A", system_message="Be brief.", single_turn=False, settings=used)
     conversation = Conversation(exchanges=[exchange])
     stored = Store().save(conversation).model_dump()
-    restored = by_elem_id(ChatEvents(chat, tab).open(conversation_id=conversation.id, stored=stored, show_raw=False))
+    events = ChatEvents(chat, tab)
+    restored = by_elem_id(
+        events.open(page_request("s"), conversation_id=conversation.id, stored=stored, show_raw=False)
+    )
     assert restored["system-message"] == "Be brief." and restored["single-turn"] is False
     assert {name: restored[name.replace("_", "-")] for name in GenerationParams.model_fields} == {
         **used.model_dump(),

@@ -3,15 +3,18 @@ comparison), who is asking (visitor_of), the records they keep (exchange_of, his
 downloads, where requests wait, and the one way bad input reaches the visitor (visitor_errors).
 """
 
+import contextlib
 import functools
 import inspect
 import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, cast
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from ..backends.contract import GenerationError, ScoringUnavailable
 from ..chat import Chat, ChatUpdate
@@ -42,8 +45,22 @@ GENERATION_CONCURRENCY_ID = "generation"
 # one address could fill the queue with them, and everyone else's answers would be told it is full.
 # Admitted straight in, its forward pass takes its turn with the model's others (one_forward_at_a_time).
 SCORING_CONCURRENCY: EventOptions = {"concurrency_id": GENERATION_CONCURRENCY_ID}
-# A page event that does no model work: answered at once (off the queue), and not part of the API.
+# A page event that does work (reads, renders or exports what the browser keeps, whose cost follows
+# its size) is queued in a group of its own, sized like the answers' so that every request the fair
+# share admits starts at once: it never waits behind an answer. Each handler takes a place in the
+# visitor's fair share while it runs (admitted), so one visitor can't keep many running.
+PAGE_CONCURRENCY_ID = "page"
+PAGE_WORK: EventOptions = {"concurrency_id": PAGE_CONCURRENCY_ID, "api_visibility": "private"}
+# A page event that does no work (Stop, a preset's text, which columns show, a script in the
+# browser): answered at once, off the queue, and not part of the API.
 INSTANT: EventOptions = {"queue": False, "api_visibility": "private"}
+
+# Under a token view whose tokens the browser can't keep (conversation.LookedAt.add), in either tab.
+NOT_KEPT = (
+    '<p class="tokens-not-kept">These tokens are too many for your browser to keep, so the JSON export '
+    "won't carry them. Look at them again here at any time.</p>"
+)
+
 
 # Downloads are made in the browser from the text the server returns: nothing is written server-side.
 DOWNLOAD_JS = """
@@ -89,6 +106,27 @@ def visitor_errors(handler: Callable[P, T]) -> Callable[P, T]:
     return answering
 
 
+def read_upload(file: dict | None) -> bytes:
+    """The bytes of a file the visitor uploaded, for an event wired with preprocess=False: its handler
+    gets Gradio's FileData as sent, whose path Gradio has checked is in its upload folder. The file is
+    deleted once read, so that a visitor's imported chats are not left on the server's disk (nor
+    served from it by their path)."""
+    if not file:
+        raise InvalidRequest("No file came with this import: choose it again.")
+    folder, path = Path(get_upload_folder()).resolve(), Path(file["path"]).resolve()
+    if not path.is_relative_to(folder):
+        raise InvalidRequest("Import a file you upload from this page.")
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise InvalidRequest("The uploaded file is gone: choose it again.") from None
+    finally:
+        path.unlink(missing_ok=True)
+        # Gradio puts each upload in a folder named for its content: gone too once empty.
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
 def turn(
     chat: Chat,
     message,
@@ -113,6 +151,11 @@ def comparison(
     """The side-by-side answers' updates, for the page and /compare alike (errors as for turn)."""
     requests = chat.compare_requests(message, system_messages, moderation, visitor, **params)
     return chat.compare(requests, owner=owner, visitor=visitor)
+
+
+def admitted(chat: Chat, request: gr.Request) -> contextlib.AbstractContextManager[None]:
+    """A page event's work, holding one place in the visitor's fair share (fairness.Refused if full)."""
+    return chat.fair_share.admit(visitor_of(request))
 
 
 def visitor_of(request: gr.Request) -> Visitor:
@@ -177,7 +220,7 @@ def exchange_of(question: str, system_message: str, single_turn: bool, update: C
 def wire_download(button: gr.Button, export_of: Callable[..., str], download: gr.Textbox, **inputs: Any) -> None:
     """The button saves a file in the browser: export_of(**inputs) returns it (see download), into the
     hidden download box, and DOWNLOAD_JS saves it."""
-    button.click(export_of, inputs_kwargs=inputs, outputs=download, **INSTANT).then(
+    button.click(export_of, inputs_kwargs=inputs, outputs=download, **PAGE_WORK).then(
         None, download, None, js=DOWNLOAD_JS, **INSTANT
     )
 

@@ -8,6 +8,7 @@ handler takes the store as the browser sent it and returns the new one; the serv
 between requests.
 """
 
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -15,18 +16,22 @@ from gradio.blocks import Block
 from gradio.components import Component
 
 from ..chat import Chat, ChatUpdate
-from ..conversation import Conversation, LookedAt, Store, answer_keys, parse_export
+from ..conversation import STORE_ROOM, Conversation, LookedAt, Room, Store, answer_keys, json_room, parse_export
 from ..presets import CAUTIOUS, DEFAULT_PRESET, EXAMPLE_LABELS, EXAMPLES
 from ..render import CHATBOT_OPTIONS
 from .adapters import (
     GENERATION_CONCURRENCY_ID,
     INSTANT,
+    NOT_KEPT,
+    PAGE_WORK,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
     EventOptions,
+    admitted,
     download,
     exchange_of,
     history_messages,
+    read_upload,
     turn,
     visitor_errors,
     visitor_of,
@@ -60,7 +65,13 @@ CSS = """
 /* A chat's title (its first question) cut short says so, before the dropdown's caret (which Gradio
    lays over the input's end). */
 #chats input { text-overflow: ellipsis; padding-right: 24px; }
+/* What the browser can't keep, or soon won't: read before the chat; no room taken when all is well. */
+#storage-notice:not(:has(p)) { display: none; }
+#storage-notice p { margin: 0; padding: 6px 10px; border-left: 3px solid var(--color-accent);
+    background: var(--background-fill-secondary); border-radius: 4px; }
 """
+# Past this share of the browser's room for chats, the page says the oldest will make way.
+NEARLY_FULL = 0.8
 # Opening the page puts the cursor in the message box without scrolling to it (autofocus would: on
 # a phone, to below the chat).
 FOCUS_JS = "() => document.querySelector('#message textarea')?.focus({preventScroll: true})"
@@ -92,6 +103,8 @@ class ChatTab:
     export_markdown: gr.Button
     import_json: gr.UploadButton
     download: gr.Textbox
+    # What the browser can't keep, or will soon make way for (Room).
+    storage: gr.HTML
     moderation: gr.Checkbox
     preset: gr.Dropdown
     system_message: gr.Textbox
@@ -128,6 +141,7 @@ def _conversation_column() -> dict:
         chats = gr.Dropdown([], label="Your chats (kept in this browser)", scale=4, min_width=300, elem_id="chats")
         new_chat = gr.Button("+ New chat", size="sm", scale=1, min_width=90, elem_id="new-chat")
         delete_chat = gr.Button("🗑 Delete", size="sm", scale=1, min_width=80, elem_id="delete-chat")
+    storage = gr.HTML(elem_id="storage-notice")
     chatbot = gr.Chatbot(
         label="Chat",
         show_label=False,
@@ -176,6 +190,7 @@ def _conversation_column() -> dict:
         export_markdown=export_markdown,
         import_json=import_json,
         download=download,
+        storage=storage,
     )
 
 
@@ -254,63 +269,82 @@ class ChatEvents:
         if request.session_hash is not None:
             self.chat.stop(request.session_hash)
 
+    # The page's own events below read, show or export what the browser keeps (work that follows its
+    # size): each holds a place in the visitor's fair share while it runs.
+
     @visitor_errors
-    def undo(self, *, stored, show_raw) -> dict:
+    def undo(self, request: gr.Request, *, stored, show_raw) -> dict:
         """Take the last exchange back; its question returns to the message box."""
         t = self.tab
-        store = Store.load(stored, self.chat.settings)
-        conversation = store.current()
-        question = conversation.exchanges.pop().question if conversation.exchanges else ""
-        store = store.save(conversation)
-        return {
-            t.chatbot: chat_messages(conversation, show_raw),
-            t.message: question,
-            t.answer_status: "",
-            **self._listed(store),
-        }
+        with admitted(self.chat, request):
+            store = Store.load(stored, self.chat.settings)
+            conversation = store.current()
+            question = conversation.exchanges.pop().question if conversation.exchanges else ""
+            store = store.save(conversation)
+            return {
+                t.chatbot: chat_messages(conversation, show_raw),
+                t.message: question,
+                t.answer_status: "",
+                **self._listed(store),
+            }
 
     @visitor_errors
-    def new(self, *, stored) -> dict:
-        return self._cleared(Store.load(stored, self.chat.settings).model_copy(update={"open": None}))
+    def new(self, request: gr.Request, *, stored) -> dict:
+        with admitted(self.chat, request):
+            return self._cleared(Store.load(stored, self.chat.settings).model_copy(update={"open": None}))
 
     @visitor_errors
-    def delete(self, *, stored) -> dict:
-        store = Store.load(stored, self.chat.settings)
-        return self._cleared(store.delete(store.open))
+    def delete(self, request: gr.Request, *, stored) -> dict:
+        with admitted(self.chat, request):
+            store = Store.load(stored, self.chat.settings)
+            return self._cleared(store.delete(store.open))
 
     @visitor_errors
-    def open(self, *, conversation_id, stored, show_raw) -> dict:
+    def open(self, request: gr.Request, *, conversation_id, stored, show_raw) -> dict:
         t = self.tab
-        store = Store.load(stored, self.chat.settings).model_copy(update={"open": conversation_id})
-        conversation = store.current()
-        shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: "", t.store: store.model_dump()}
-        return shown | self._restored(conversation)
+        with admitted(self.chat, request):
+            store = Store.load(stored, self.chat.settings).model_copy(update={"open": conversation_id})
+            conversation = store.current()
+            shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: "", t.store: store.model_dump()}
+            return shown | self._restored(conversation)
 
     @visitor_errors
-    def show(self, *, stored, show_raw) -> dict:
+    def show(self, request: gr.Request, *, stored, show_raw) -> dict:
         """The open conversation, as the page loads or the raw switch changes."""
-        store = Store.load(stored, self.chat.settings)
-        return {self.tab.chatbot: chat_messages(store.current(), show_raw), self.tab.chats: _choices(store)}
+        t = self.tab
+        with admitted(self.chat, request):
+            store = Store.load(stored, self.chat.settings)
+            _, room = store.fit()
+            return {
+                t.chatbot: chat_messages(store.current(), show_raw),
+                t.chats: _choices(store),
+                t.storage: _notice(room),
+            }
 
     @visitor_errors
-    def export_json(self, *, stored, looked) -> str:
-        return download(self.chat, Store.load(stored, self.chat.settings).current(), "json", LookedAt.load(looked))
+    def export_json(self, request: gr.Request, *, stored, looked) -> str:
+        with admitted(self.chat, request):
+            conversation = Store.load(stored, self.chat.settings).current()
+            return download(self.chat, conversation, "json", LookedAt.load(looked))
 
     @visitor_errors
-    def export_markdown(self, *, stored, looked) -> str:
-        conversation = Store.load(stored, self.chat.settings).current()
-        return download(self.chat, conversation, "markdown", LookedAt.load(looked))
+    def export_markdown(self, request: gr.Request, *, stored, looked) -> str:
+        with admitted(self.chat, request):
+            conversation = Store.load(stored, self.chat.settings).current()
+            return download(self.chat, conversation, "markdown", LookedAt.load(looked))
 
     @visitor_errors
-    def import_(self, *, data: bytes, stored, looked, show_raw) -> dict:
-        conversation, looked_at = parse_export(data, LookedAt.load(looked), self.chat.settings.max_exchanges)
-        store = Store.load(stored, self.chat.settings).save(conversation)
-        shown = {
-            self.tab.chatbot: chat_messages(conversation, show_raw),
-            self.tab.answer_status: imported_status(conversation),
-        }
-        kept = {self.tab.looked: looked_at.model_dump()}
-        return shown | kept | self._listed(store) | self._restored(conversation)
+    def import_(self, request: gr.Request, *, file: dict | None, stored, looked, show_raw) -> dict:
+        """A conversation from an exported file, opened and kept; one whose id is taken by another of the
+        visitor's chats gets a new one, so that both are kept. The file is not kept (read_upload)."""
+        t = self.tab
+        data = read_upload(file)
+        with admitted(self.chat, request):
+            conversation, looked_at = parse_export(data, LookedAt.load(looked), self.chat.settings.max_exchanges)
+            store = Store.load(stored, self.chat.settings).save_imported(conversation)
+            conversation = store.current()
+            shown = {t.chatbot: chat_messages(conversation, show_raw), t.answer_status: imported_status(conversation)}
+            return shown | {t.looked: looked_at.model_dump()} | self._listed(store) | self._restored(conversation)
 
     @visitor_errors
     def inspect(self, request: gr.Request, *, message, stored, system_message, single_turn, max_new_tokens) -> dict:
@@ -346,7 +380,10 @@ class ChatEvents:
         if view.tokens is None:
             return shown
         key = answer_keys(conversation.exchanges)[index]
-        return shown | {t.looked: LookedAt.load(looked).add(key, view.tokens).model_dump()}
+        kept = LookedAt.load(looked).add(key, view.tokens)
+        if not kept.kept(key):
+            shown[t.tokens] = view.html + NOT_KEPT
+        return shown | {t.looked: kept.model_dump()}
 
     def _answering(self, conversation: Conversation, show_raw, question: str, update: ChatUpdate) -> dict:
         view = chat_messages(conversation, show_raw, question, update)
@@ -357,7 +394,9 @@ class ChatEvents:
         return {self.tab.send: gr.update(visible=not busy), self.tab.stop: gr.update(visible=busy)}
 
     def _listed(self, store: Store) -> dict:
-        return {self.tab.store: store.model_dump(), self.tab.chats: _choices(store)}
+        """The store as the browser can keep it (the oldest chats making way), listed, and a notice of what it can't keep."""
+        store, room = store.fit()
+        return {self.tab.store: store.model_dump(), self.tab.chats: _choices(store), self.tab.storage: _notice(room)}
 
     def _cleared(self, store: Store) -> dict:
         return {self.tab.chatbot: [], self.tab.answer_status: ""} | self._listed(store)
@@ -373,10 +412,10 @@ class ChatEvents:
 
 def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
     shown: dict[str, Block] = dict(stored=t.store, show_raw=t.raw)
-    listed = [t.store, t.chats]
+    listed = [t.store, t.chats, t.storage]
     restored = [t.system_message, t.single_turn, *t.params.values()]
-    demo.load(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats], **INSTANT)
-    t.raw.change(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats], **INSTANT)
+    demo.load(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats, t.storage], **PAGE_WORK)
+    t.raw.change(events.show, inputs_kwargs=shown, outputs=[t.chatbot, t.chats, t.storage], **PAGE_WORK)
 
     # gr.on takes these as dict[str, Component | BlockContext], click as dict[str, Block]: retry gets a copy.
     answer: dict[str, Component] = dict(
@@ -398,21 +437,25 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
     )
     t.retry.click(events.retry, inputs_kwargs=dict(answer), outputs=answering, **generation)
     t.stop.click(events.stop, None, None, **INSTANT)
-    t.undo.click(events.undo, inputs_kwargs=shown, outputs=[t.chatbot, t.message, t.answer_status, *listed], **INSTANT)
+    t.undo.click(
+        events.undo, inputs_kwargs=shown, outputs=[t.chatbot, t.message, t.answer_status, *listed], **PAGE_WORK
+    )
     cleared = [t.chatbot, t.answer_status, *listed]
-    t.new_chat.click(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
-    t.delete_chat.click(events.delete, inputs_kwargs=dict(stored=t.store), outputs=cleared, **INSTANT)
+    t.new_chat.click(events.new, inputs_kwargs=dict(stored=t.store), outputs=cleared, **PAGE_WORK)
+    t.delete_chat.click(events.delete, inputs_kwargs=dict(stored=t.store), outputs=cleared, **PAGE_WORK)
     t.chats.input(
         events.open,
         inputs_kwargs=dict(conversation_id=t.chats, **shown),
         outputs=[t.chatbot, t.answer_status, t.store, *restored],
-        **INSTANT,
+        **PAGE_WORK,
     )
     t.import_json.upload(
         events.import_,
-        inputs_kwargs=dict(data=t.import_json, looked=t.looked, **shown),
+        inputs_kwargs=dict(file=t.import_json, looked=t.looked, **shown),
         outputs=[t.chatbot, t.answer_status, t.looked, *listed, *restored],
-        **INSTANT,
+        # The file as uploaded (read_upload).
+        preprocess=False,
+        **PAGE_WORK,
     )
     wire_download(t.export_json, events.export_json, t.download, stored=t.store, looked=t.looked)
     wire_download(t.export_markdown, events.export_markdown, t.download, stored=t.store, looked=t.looked)
@@ -427,7 +470,7 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
             max_new_tokens=t.params["max_new_tokens"],
         ),
         outputs=[t.inspect_text, t.inspect_ids, t.inspect_count],
-        **INSTANT,
+        **PAGE_WORK,
     )
     scoring: EventOptions = {**SCORING_CONCURRENCY, "api_visibility": "private"}
     scored_inputs: dict[str, Block] = dict(stored=t.store, looked=t.looked)
@@ -439,6 +482,31 @@ def _wire(demo: gr.Blocks, t: ChatTab, events: ChatEvents) -> None:
 def _choices(store: Store) -> dict:
     """The update for the list of the visitor's conversations."""
     return gr.update(choices=[(c.title, c.id) for c in store.conversations], value=store.open)
+
+
+def _notice(room: Room) -> str:
+    """What the visitor should know about their browser's room for chats: what it can't keep, what made
+    way, or that it is nearly full; nothing otherwise."""
+    room_mb = f"{json_room(STORE_ROOM) / 1e6:.1f} MB"
+    if room.overflowing:
+        text = (
+            f"This chat is larger than your browser's room for chats ({room_mb}), so it can't be kept: it is "
+            "lost when you leave or reload this page. Export it (⤓ JSON) to keep it."
+        )
+    elif room.dropped:
+        titles = ", ".join(f"“{title}”" for title in room.dropped)
+        text = (
+            f"Your browser's room for chats ({room_mb}) was full, so the oldest made way and are no longer kept "
+            f"here: {titles}. Export (⤓ JSON) the chats you want to keep; ⤒ Import brings one back."
+        )
+    elif room.share >= NEARLY_FULL:
+        text = (
+            f"Your browser's room for chats is {room.share:.0%} full ({room_mb} in all). When it is full, the "
+            "oldest chats make way for new ones: export (⤓ JSON) the ones you want to keep."
+        )
+    else:
+        return ""
+    return f'<p role="status">{html.escape(text)}</p>'
 
 
 def _clip(text: str, limit: int = 80) -> str:

@@ -9,20 +9,36 @@ from dataclasses import dataclass
 
 import gradio as gr
 from gradio.components import Component
+from pydantic import ValidationError
 
 from ..chat import COMPARED, Chat, ChatUpdate
-from ..conversation import Conversation, Exchange, LookedAt, answer_keys, parse_comparison
+from ..conversation import (
+    COMPARISON_ROOM,
+    Conversation,
+    Exchange,
+    LookedAt,
+    answer_keys,
+    json_room,
+    json_size,
+    parse_comparison,
+    stored_chars,
+)
 from ..presets import SYSTEM_PRESETS, TYPED, preset_of
 from ..render import CHATBOT_OPTIONS
+from ..settings import InvalidRequest
 from .adapters import (
     GENERATION_CONCURRENCY_ID,
     INSTANT,
+    NOT_KEPT,
+    PAGE_WORK,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
     EventOptions,
+    admitted,
     comparison,
     comparison_download,
     exchange_of,
+    read_upload,
     visitor_errors,
     visitor_of,
     wire_download,
@@ -183,6 +199,7 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
         for shown in updates:
             yield _view(tab, shown) | _busy(tab, True)
         result = [exchange_of(message, system, True, update).model_dump() for system, update in zip(asked, shown)]
+        _warn_if_not_kept(result)
         yield _view(tab, shown) | _busy(tab, False) | {tab.result: result} | _actions(tab, len(result))
 
     def stop(request: gr.Request) -> None:
@@ -190,6 +207,7 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
 
     def show_tokens(index: int):
         # A function of its own per column: Gradio finds the gr.Request parameter in a function's type hints.
+        @visitor_errors
         def show(request: gr.Request, *, result, looked) -> dict:
             if index >= len(result):
                 raise gr.Error("No answer in this column yet: compare first.")
@@ -198,20 +216,35 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
             view = token_view_of(chat, Conversation(exchanges=answers), index, caption, visitor_of(request))
             if view.tokens is None:
                 return {tab.tokens: view.html}
-            kept = LookedAt.load(looked).add(answer_keys(answers)[index], view.tokens)
-            return {tab.tokens: view.html, tab.looked: kept.model_dump()}
+            key = answer_keys(answers)[index]
+            kept = LookedAt.load(looked).add(key, view.tokens)
+            return {tab.tokens: view.html + ("" if kept.kept(key) else NOT_KEPT), tab.looked: kept.model_dump()}
 
         return show
 
-    def export_json(result, looked) -> str:
-        if not result:
-            raise gr.Error("Nothing to export yet: compare first.")
-        return comparison_download(chat, _recorded(result), LookedAt.load(looked))
+    # The page's own events below read, show or export the kept comparison (work that follows its
+    # size): each holds a place in the visitor's fair share while it runs.
 
     @visitor_errors
-    def import_json(data: bytes, looked) -> dict:
-        answers, looked_at = parse_comparison(data, LookedAt.load(looked))
-        return {tab.result: [answer.model_dump() for answer in answers], tab.looked: looked_at.model_dump()}
+    def export_json(request: gr.Request, *, result, looked) -> str:
+        if not result:
+            raise gr.Error("Nothing to export yet: compare first.")
+        with admitted(chat, request):
+            return comparison_download(chat, _recorded(result), LookedAt.load(looked))
+
+    @visitor_errors
+    def import_json(request: gr.Request, *, file: dict | None, looked) -> dict:
+        data = read_upload(file)
+        with admitted(chat, request):
+            answers, looked_at = parse_comparison(data, LookedAt.load(looked))
+            result = [answer.model_dump() for answer in answers]
+            _warn_if_not_kept(result)
+            return {tab.result: result, tab.looked: looked_at.model_dump()}
+
+    @visitor_errors
+    def show_kept(request: gr.Request, *, result) -> dict:
+        with admitted(chat, request):
+            return _kept(tab, _recorded(result))
 
     def shown_columns(count: int) -> dict:
         return {column.box: gr.update(visible=index < count) for index, column in enumerate(tab.columns)}
@@ -248,12 +281,14 @@ def _wire(tab: CompareTab, chat: Chat) -> None:
         *(c for column in tab.columns for c in (column.box, column.preset, column.system_message, column.answer)),
         *actions,
     ]
-    tab.result.change(lambda result: _kept(tab, _recorded(result)), tab.result, shown, **INSTANT)
+    tab.result.change(show_kept, inputs_kwargs=dict(result=tab.result), outputs=shown, **PAGE_WORK)
     tab.import_json.upload(
         import_json,
-        inputs_kwargs=dict(data=tab.import_json, looked=tab.looked),
+        inputs_kwargs=dict(file=tab.import_json, looked=tab.looked),
         outputs=[tab.result, tab.looked],
-        **INSTANT,
+        # The file as uploaded (read_upload).
+        preprocess=False,
+        **PAGE_WORK,
     )
 
 
@@ -295,8 +330,21 @@ def _view(tab: CompareTab, updates) -> dict:
 
 
 def _recorded(result: list[dict] | None) -> list[Exchange]:
-    """The last comparison as the browser kept it: one exchange per column."""
-    return [Exchange.model_validate(e) for e in result or []]
+    """The last comparison as the browser kept it: one exchange per column (InvalidRequest if it isn't one)."""
+    try:
+        return [Exchange.model_validate(e) for e in result or []]
+    except ValidationError:
+        raise InvalidRequest("Your browser sent a comparison this app doesn't read: compare again.") from None
+
+
+def _warn_if_not_kept(result: list[dict]) -> None:
+    """Says so when the browser has no room to keep this comparison (conversation.COMPARISON_ROOM)."""
+    if stored_chars(json_size(result)) > COMPARISON_ROOM:
+        gr.Warning(
+            f"This comparison is larger than your browser's room for one ({json_room(COMPARISON_ROOM) / 1e6:.1f} MB), "
+            "so it is lost when you leave or reload this page. Export it (⤓) to keep it.",
+            duration=None,
+        )
 
 
 def _owner(request: gr.Request) -> str:

@@ -1,7 +1,7 @@
 """What every HTTP request passes before Gradio sees it: the visitor's address read as --trusted-proxies
 says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
-wrong passwords per address, API calls that name an endpoint and bring the values it takes, and queued
-events that name one of the app's.
+wrong passwords per address, a cap on the size of a request's body, API calls that name an
+endpoint and bring the values it takes, and queued events that name one of the app's.
 
 Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
 wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 API_CALL = re.compile(r"^/gradio_api/call/(?P<by_name>v2/)?(?P<name>[^/]+)/?$")
 LOGIN_PATHS = ("/login", "/login/")
 QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/queue/join/")
+# Uploads have Gradio's own cap (--max-upload-mb, counted as the file streams to disk).
+UPLOAD_PATH = "/gradio_api/upload"
+# The most bytes JSON takes to write one character of text: \u0001 (a client writing ASCII-only JSON
+# writes every other character that isn't ASCII as \uXXXX too).
+JSON_BYTES_PER_CHAR = 6
+# Room in a request for what isn't text: the settings, the event's name, the session, the JSON around them.
+BODY_OVERHEAD = 1024 * 1024
 LOGIN_WINDOW_SECONDS = 60.0
 FN_INDEX = TypeAdapter(int | None)
 
@@ -72,6 +79,17 @@ class Rules:
     # The app's events (what /gradio_api/queue/join's fn_index names), as the app has them (Gradio's own
     # table: an app with gr.render would have more, per session; this one has none).
     events: Container[int]
+    # The most bytes a request's body may have (uploads excepted; body_cap).
+    max_body: int
+
+
+def body_cap(settings: Settings) -> int:
+    """The largest request body the server reads: the most text one request may bring (the chats the
+    browser keeps or /chat's history, --max-store-chars, with a message and a system message of
+    --max-message-chars each), however JSON writes it, and room for the rest. The caps on what a
+    request brings apply once Gradio has read and parsed it; this one refuses a larger body first."""
+    text = settings.max_store_chars + 2 * settings.max_message_chars
+    return JSON_BYTES_PER_CHAR * text + BODY_OVERHEAD
 
 
 class LoginThrottle:
@@ -110,6 +128,10 @@ class Guard:
             await self.app(scope, receive, send)
             return
         scope = self._as_the_app_sees_it(scope)
+        if scope["path"] != UPLOAD_PATH:
+            receive = await self._within_cap(scope, receive, send)
+            if receive is None:
+                return
         post = scope["method"] == "POST"
         if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
             await self._login(self.throttle, scope, receive, send)
@@ -134,6 +156,29 @@ class Guard:
             # read the answer, and a request that needs a preflight is never sent.
             scope["headers"] = [(name, value) for name, value in scope["headers"] if name != b"origin"]
         return scope
+
+    async def _within_cap(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """The request's receive if its body is within the cap; None once it is refused (HTTP 413).
+        A body that says its length is judged by it, before a byte is read; one sent in chunks is read
+        here as it comes, up to the cap, and handed on whole."""
+        cap, headers = self.rules.max_body, Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None:
+            # uvicorn refuses a length that isn't a number, and reads no more than it says.
+            within = not length.isdigit() or int(length) <= cap
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await _body(receive, cap + 1)
+            within, receive = len(body) <= cap, _replaying(body, receive)
+        else:
+            return receive  # no body
+        if within:
+            return receive
+        message = (
+            f"This request is larger than this server reads: at most {cap:,} bytes (set by --max-store-chars "
+            "and --max-message-chars)."
+        )
+        await _refuse(413, message, scope, receive, send, {"Connection": "close"})
+        return None
 
     async def _login(self, throttle: LoginThrottle, scope: Scope, receive: Receive, send: Send) -> None:
         address = scope["client"][0]
@@ -209,7 +254,7 @@ def lifespan(demo, settings: Settings, share: bool):
         )
         for name, info in demo.get_api_info()["named_endpoints"].items()
     }
-    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints, demo.fns)
+    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints, demo.fns, body_cap(settings))
     throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
 
     @contextlib.asynccontextmanager
@@ -259,13 +304,15 @@ async def _refuse(
     await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
 
 
-async def _body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
+async def _body(receive: Receive, most: float = math.inf) -> bytes:
+    """The request's body, or its first `most` bytes and more where it is longer."""
+    chunks, size = [], 0
+    while size < most:
         message = await receive()
         if message["type"] != "http.request":  # the client left
             break
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
         if not message.get("more_body"):
             break
     return b"".join(chunks)
