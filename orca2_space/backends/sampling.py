@@ -41,6 +41,12 @@ class Sampling:
             seed=params.seed,
         )
 
+    @property
+    def batchable(self) -> bool:
+        """Whether the batch can answer exactly as generate alone would: its sampling and seed are
+        shared by the whole batch and it has no repetition penalty, so only plain greedy qualifies."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
     def transformers_config(self) -> dict[str, Any]:
         """transformers' GenerationConfig fields: the local model's, the batch's, and transformers
         serve's generation_config (which replaces the model's own, whose do_sample=False would

@@ -5,7 +5,7 @@ a step for one. transformers 5's ContinuousBatchingManager runs one model thread
 removes requests at every step over a paged KV cache; this module sizes it explicitly, routes its
 outputs to each request's own stream, and turns a cancel into "the model stopped working on it".
 
-What it can't honour per request is kept off it (engine.batchable decides): the manager's sampling and
+What it can't honour per request is kept off it (Sampling.batchable decides): the manager's sampling and
 seed are global, and it has no repetition penalty, so only greedy answers are batched.
 
 Nothing waits forever: if the model thread fails, the manager ends the answers it held with the

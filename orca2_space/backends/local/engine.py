@@ -87,7 +87,7 @@ class Engine:
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
-        if self._batcher is not None and batchable(sampling):
+        if self._batcher is not None and sampling.batchable:
             feed = Feed(sampling.seed, batched=True, explain=reader_message)
             feed.alive = self._batcher.alive
             feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed)
@@ -152,8 +152,3 @@ class Engine:
         finally:
             feed.close(error)
 
-
-def batchable(sampling: Sampling) -> bool:
-    """Whether the batch can answer exactly as generate alone would: its sampling and seed are
-    shared by the whole batch and it has no repetition penalty, so only plain greedy qualifies."""
-    return not sampling.do_sample and sampling.repetition_penalty == 1.0
