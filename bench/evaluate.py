@@ -155,7 +155,7 @@ class Bench:
         return {"seconds": self.first_token()}
 
     def first_token_during(self) -> dict:
-        """While an evaluation holds the whole batch: the chat arrives, the evaluation gives way."""
+        """While an evaluation's answers fill the batch, decoding: the chat arrives, the evaluation gives way."""
         done = threading.Event()
 
         def evaluate() -> None:
@@ -165,7 +165,7 @@ class Bench:
 
         threading.Thread(target=evaluate, daemon=True).start()
         deadline = time.monotonic() + 120
-        while len(self.engine._batcher._sinks) < self.settings.concurrency and not done.is_set():
+        while not self.batch_decoding() and not done.is_set():
             if time.monotonic() > deadline:
                 raise RuntimeError("the evaluation never filled the batch")
             time.sleep(0.01)
@@ -174,6 +174,13 @@ class Bench:
         self.chat.stop(EVALUATION_OWNER)
         done.wait(60)
         return {"seconds": seconds, "evaluation_answers_in_the_batch": held}
+
+    def batch_decoding(self) -> bool:
+        """Whether the batch is full of answers past their prefill (each has written a token)."""
+        batcher = self.engine._batcher
+        with batcher._lock:
+            sent = list(batcher._sent.values())
+        return len(sent) >= self.settings.concurrency and min(sent) >= 1
 
     def measurements(self) -> dict[str, Callable[[], dict]]:
         return {
