@@ -381,8 +381,8 @@ class Run:
         system = request.system_messages[answer.message]
         params = request.params.model_dump()
         try:
-            asked = chat.request(question.text, system, None, request.moderation, True, **params)
-            prompt = chat.prompt_for(question.text, system, None, request.params.max_new_tokens)
+            asked = chat.request(question.prompt, system, None, request.moderation, True, **params)
+            prompt = chat.prompt_for(question.prompt, system, None, request.params.max_new_tokens)
         except (InvalidRequest, PromptTooLong) as error:  # this row can't be asked; the run goes on
             return _Finished(answer, Cell(answer.question, answer.message, "", _NOTHING, error=str(error)))
         last: ChatUpdate | None = None
