@@ -17,7 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import evaluator
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
+from .evaluator import EvaluationProgress, EvaluationRequest, EvaluationSlots
 from .fairness import FairShare, Heavy, Limits, Refused, Visitor
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
@@ -176,8 +178,9 @@ class Chat:
         )
         self.fair_share = FairShare(limits)
         # The answers each owner (a page session) has running, for stop(owner).
-        self._active: dict[str, set[AnswerStream | _Comparison]] = {}
+        self._active: dict[str, set[AnswerStream | _Comparison | evaluator.Run]] = {}
         self._active_lock = threading.Lock()
+        self._evaluations = EvaluationSlots(settings.max_evaluations)
 
     def request(
         self,
@@ -353,7 +356,7 @@ class Chat:
             yield from _stream(answer, reply, moderation)
 
     @contextlib.contextmanager
-    def _owned(self, owner: str | None, answer: AnswerStream | _Comparison) -> Iterator[None]:
+    def _owned(self, owner: str | None, answer: AnswerStream | _Comparison | evaluator.Run) -> Iterator[None]:
         """While the answer streams, stop(owner) can reach it; afterwards the backend's work ends."""
         if owner is not None:
             with self._active_lock:
@@ -439,6 +442,26 @@ class Chat:
                     else:
                         latest[index] = update
                 yield tuple(latest)
+
+    def evaluation_request(
+        self, questions: Any, system_messages: Any, grading: Any, moderation: Any = None, **params: Any
+    ) -> EvaluationRequest:
+        """A validated evaluation from untrusted values: questions (a list of records, or a QuestionSet),
+        1 to 4 system messages, a grading.Grading and the generation settings every answer shares (a
+        sampled evaluation draws one seed for all). InvalidRequest names what is wrong; a request over
+        --max-evaluation-rows is refused (fairness.Refused) with the cap."""
+        return evaluator.evaluation_request(self, questions, system_messages, grading, moderation, params)
+
+    def evaluate(
+        self, request: EvaluationRequest, visitor: Visitor | None = None, owner: str | None = None
+    ) -> Iterator[EvaluationProgress]:
+        """Answer every question under every system message, grading each answer as it finishes;
+        stream the progress, partial results included. It is one request of the visitor's fair share,
+        within --max-evaluations (fairness.Refused over either), and holds part of the batch while
+        others wait (evaluator.py). stop(owner), or closing the iterator, ends all of its answers;
+        what finished stays, and the last progress has finished=True."""
+        with self._evaluations.hold(), self.fair_share.admit(visitor, heavy=Heavy.EVALUATION):
+            yield from evaluator.Run(self, request).progress(owner)
 
 
 class _Comparison:

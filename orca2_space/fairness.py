@@ -20,7 +20,7 @@ import contextlib
 import enum
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .settings import InvalidRequest
@@ -42,6 +42,7 @@ class Heavy(enum.Enum):
     its value is what it does, as a refusal says it."""
 
     COMPARISON = "compare system messages"
+    EVALUATION = "evaluate questions under system messages"
 
 
 def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_proxies: int) -> str:
@@ -94,6 +95,19 @@ class FairShare:
         self._sessions: Counter[tuple[bool, str]] = Counter()
         self._addresses: Counter[str] = Counter()
         self._total = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def listening(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Call listener (quickly: it runs in the admitting request's thread) after each request is let in,
+        while in the block: how an evaluation knows at once that others want the batch."""
+        with self._lock:
+            self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._listeners.remove(listener)
 
     @contextlib.contextmanager
     def admit(self, visitor: Visitor | None, places: int = 1, heavy: Heavy | None = None) -> Iterator[None]:
@@ -148,6 +162,9 @@ class FairShare:
             if visitor is not None:
                 self._sessions[_key(visitor)] += places
                 self._addresses[visitor.address] += places
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
     def sign_in_hint(self, visitor: Visitor) -> str:
         """What signing in would give a visitor refused for their share: a sentence, or nothing."""

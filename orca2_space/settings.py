@@ -288,8 +288,8 @@ class Settings:
     )
     sign_in_for_heavy: bool = Field(
         default=False,
-        description="only visitors signed in with Hugging Face may run heavy requests (comparisons); needs the page "
-        "to offer sign-in (a Space with hf_oauth: true), and shuts API clients and agents out of them",
+        description="only visitors signed in with Hugging Face may run heavy requests (comparisons and evaluations); needs "
+        "the page to offer sign-in (a Space with hf_oauth: true), and shuts API clients and agents out of them",
     )
     moderation: Annotated[
         ModerationSettings,
@@ -310,6 +310,24 @@ class Settings:
             "tokenizer.model is read from.",
         ),
     ] = None
+    max_evaluation_rows: Annotated[int, Cli(default="200 on a Space, 1000 elsewhere")] = Field(
+        default_factory=lambda: 200 if on_space() else 1000,
+        ge=1,
+        description="most questions one evaluation may ask (each is answered once per system message, so up to "
+        "4 answers a question); more are refused, naming the cap",
+    )
+    max_evaluations: Annotated[int, Cli(default="1 on a Space, 2 elsewhere")] = Field(
+        default_factory=lambda: 1 if on_space() else 2,
+        ge=1,
+        description="evaluations running at once, over every visitor; one more is refused until one ends",
+    )
+    evaluation_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="the part of --concurrency an evaluation may hold while other requests run or wait (alone it "
+        "holds all of it), so that a chat still starts at the next decode step",
+    )
 
     def __post_init__(self):
         if self.backend == "inference-server" and self.inference_server is None:

@@ -28,6 +28,7 @@ from support import FakeBackend, Held, free_port, wait_for
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
 from orca2_space.fairness import FairShare, Heavy, Limits, Refused, Visitor
+from orca2_space.grading import Grading, Rule
 from orca2_space.publish import card_metadata
 from orca2_space.settings import SIGN_IN_ANONYMOUS_VISITOR_LIMIT, Settings
 from orca2_space.ui import build
@@ -288,6 +289,16 @@ def test_a_comparison_is_asked_within_the_askers_share(fake_backend, sign_in_off
     with pytest.raises(Refused, match=r"compare at most 2 system messages \(got 3\)\. Signed in with Hugging Face"):
         chat.compare_requests("Hi", ["A", "B", "C"], visitor=ANONYMOUS)
     assert len(chat.compare_requests("Hi", ["A", "B", "C", "D"], visitor=ANN)) == 4
+
+
+def test_an_evaluation_is_a_heavy_request_too(fake_backend, sign_in_offered):
+    chat = Chat(fake_backend, Settings(sign_in_for_heavy=True))
+    request = chat.evaluation_request([{"question": "What is 2 + 2?", "answer": "4"}], [""], Grading(Rule.NUMBER))
+    with pytest.raises(Refused, match=r"to evaluate questions under system messages: "):
+        next(chat.evaluate(request, visitor=ANONYMOUS))
+    assert chat.fair_share.in_progress() == 0
+    progress = list(chat.evaluate(request, visitor=ANN))
+    assert progress[-1].finished and progress[-1].done == 1
 
 
 # Where sign-in is offered, and what the owner sets.

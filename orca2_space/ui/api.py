@@ -1,5 +1,6 @@
 """The API endpoints: /chat streams an answer through the same function as the page's Send, /compare
-the side-by-side answers as the Compare tab does, /inspect_prompt returns the exact prompt, and
+the side-by-side answers as the Compare tab does, /evaluate an evaluation's progress and results through
+Chat.evaluate as the Evaluate tab does, /inspect_prompt returns the exact prompt, and
 /token_probabilities (tokens.py) scores an answer. /chat's parameters are derived from GenerationParams."""
 
 import inspect
@@ -9,6 +10,7 @@ import gradio as gr
 from gradio.events import api
 
 from ..chat import Chat, system_message_for
+from ..evaluator import grading_of
 from ..settings import GENERATION_FIELDS
 from .adapters import GENERATION_CONCURRENCY_ID, comparison, turn, visitor_errors, visitor_of
 from .tokens import add_token_endpoint
@@ -48,10 +50,24 @@ def add_endpoints(chat: Chat) -> None:
         for updates in comparison(chat, message, system_messages, moderation, args, None, visitor):
             yield {"answers": [update.as_api_dict() for update in updates]}
 
+    @visitor_errors
+    def evaluate_endpoint(request: gr.Request, *values) -> Iterator[dict]:
+        args = EVALUATE_SIGNATURE.bind(request, *values).arguments
+        visitor = visitor_of(args.pop("request"))
+        questions, system_messages = args.pop("questions"), args.pop("system_messages")
+        grading = grading_of(args.pop("rule"), args.pop("pattern"))
+        evaluation = chat.evaluation_request(questions, system_messages, grading, args.pop("moderation"), **args)
+        sent = 0
+        for progress in chat.evaluate(evaluation, visitor=visitor):
+            yield progress.as_api_dict(since=sent)
+            sent = progress.done
+
     declare(chat_endpoint, CHAT_SIGNATURE, CHAT_DOC)
     declare(compare_endpoint, COMPARE_SIGNATURE, COMPARE_DOC)
+    declare(evaluate_endpoint, EVALUATE_SIGNATURE, EVALUATE_DOC)
     api(chat_endpoint, api_name="chat", concurrency_id=GENERATION_CONCURRENCY_ID)
     api(compare_endpoint, api_name="compare", concurrency_id=GENERATION_CONCURRENCY_ID)
+    api(evaluate_endpoint, api_name="evaluate", concurrency_id=GENERATION_CONCURRENCY_ID)
     api(inspect_prompt, api_name="inspect_prompt", concurrency_limit=None)
     add_token_endpoint(chat)
 
@@ -99,6 +115,17 @@ def _compare_signature() -> inspect.Signature:
     return inspect.Signature([REQUEST, *question, *settings_parameters()], return_annotation=Iterator[dict])
 
 
+def _evaluate_signature() -> inspect.Signature:
+    """/evaluate's parameters: the questions, the system messages, the scoring rule, then the settings."""
+    evaluation = [
+        inspect.Parameter("questions", KEYWORD, annotation=list[dict]),
+        inspect.Parameter("system_messages", KEYWORD, annotation=list[str]),
+        inspect.Parameter("rule", KEYWORD, annotation=str),
+        inspect.Parameter("pattern", KEYWORD, default=None, annotation=str | None),
+    ]
+    return inspect.Signature([REQUEST, *evaluation, *settings_parameters()], return_annotation=Iterator[dict])
+
+
 _SETTINGS_DOC = [
     f"{name}: {field.title}" + (f" ({field.description})" if field.description else "")
     for name, field in GENERATION_FIELDS.items()
@@ -123,6 +150,20 @@ COMPARE_DOC = "\n".join(
             "Answer one question under 2 to 4 system messages at once, with the same settings (a sampled "
             'comparison uses one seed for all). Streams {"answers": [...]}: one /chat-style update per system '
             "message, in order. Each question is answered on its own (single turn)."
+        ),
+        *_SETTINGS_DOC,
+    ]
+)
+EVALUATE_SIGNATURE = _evaluate_signature()
+EVALUATE_DOC = "\n".join(
+    [
+        (
+            'Evaluate: answer each question (records {"question", "answer", "choices"?, "id"?, ...}) under each of '
+            "1 to 4 system messages, with the same settings, and score every answer by rule (choice, number, "
+            "final-answer, exact, contains, or regex with pattern). Streams progress: done, total, "
+            "answers_per_second, seconds_left, finished, notices and new_cells (the cells finished since the last "
+            "update); the last update (finished) also has results (accuracy per system message with its 95% "
+            "interval, the paired tests) and cells (every cell)."
         ),
         *_SETTINGS_DOC,
     ]
