@@ -9,14 +9,14 @@ from gradio.themes import Soft
 
 from ..chat import Chat
 from ..settings import on_space
-from . import chat_tab, compare_tab
+from . import chat_tab, compare_tab, evaluate_tab
 from .adapters import INSTANT
 from .api import add_endpoints
 from .mcp_tools import add_tools
 from .tokens import TOKEN_CSS
 
 # Each tab module has TITLE, ID (the tab's id and elem_id), CSS and build(demo, chat), in tab order.
-TABS = (chat_tab, compare_tab)
+TABS = (chat_tab, compare_tab, evaluate_tab)
 CSS = (
     "".join(tab.CSS for tab in TABS)
     + TOKEN_CSS
