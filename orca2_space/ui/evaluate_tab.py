@@ -400,8 +400,8 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
             raise gr.Error("Open a cell of the matrix first.")
         question, message = place
         caption = f"{evaluation.questions.questions[question].id} · {message_label(message, evaluation.system_messages[message])}"
-        # Asked as the run asked it: the question's text alone, under the cell's system message.
-        asked, system = evaluation.questions.questions[question].text, evaluation.system_messages[message]
+        # Asked as the run asked it: the question with its options lettered (Question.prompt), under the cell's system message.
+        asked, system = evaluation.questions.questions[question].prompt, evaluation.system_messages[message]
         view = view_for(chat, asked, system, [], cell.answer, cell.answer_ids, caption, visitor_of(request))
         return {tab.tokens: view.html}
 
@@ -564,7 +564,7 @@ def _cell_view(tab: EvaluateTab, evaluation: Evaluation, place: tuple[int, int])
     if cell.override is not None:
         caption += f" · overridden by hand: {cell.override.value}"
     shown = ChatUpdate(cell.answer, done=True, error=cell.error)
-    messages = [{"role": "user", "content": for_display(question.text)}, *answer_messages(shown, show_raw=False)]
+    messages = [{"role": "user", "content": for_display(question.prompt)}, *answer_messages(shown, show_raw=False)]
     return {
         tab.cell: gr.update(visible=True),
         tab.cell_caption: f'<p class="eval-view eval-note">{html.escape(caption)}</p>',
@@ -583,7 +583,7 @@ def _with_prompt_ids(chat: Chat, evaluation: Evaluation) -> Evaluation:
         else dataclasses.replace(
             cell,
             prompt_ids=tuple(
-                chat.prompt_for(questions[cell.question].text, systems[cell.message], None, max_new_tokens).input_ids
+                chat.prompt_for(questions[cell.question].prompt, systems[cell.message], None, max_new_tokens).input_ids
             ),
         )
         for cell in evaluation.cells
