@@ -306,7 +306,8 @@ class Run:
                 if changed or now - shown >= HEARTBEAT_SECONDS:
                     shown = now
                     yield self._progress(evaluation, answered, now - started, finished=False)
-        stopped = (f"Stopped after {len(evaluation.cells)} of {evaluation.total} answers.",) if pending else ()
+        done, total = len(evaluation.cells), evaluation.total
+        stopped = (f"Stopped after {done} of {total} answers.",) if done < total else ()
         yield self._progress(evaluation, answered, time.perf_counter() - started, finished=True, extra=stopped)
 
     def _progress(

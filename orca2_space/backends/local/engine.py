@@ -151,4 +151,3 @@ class Engine:
             error = failure
         finally:
             feed.close(error)
-
