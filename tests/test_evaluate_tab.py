@@ -81,7 +81,7 @@ def evaluation(rows: list[list[Verdict | None]], systems=("", CAUTIOUS), texts: 
     texts = texts or ["What is 2 + 2?"] * len(rows)
     questions = QuestionSet(tuple(question(i, t) for i, t in enumerate(texts)), COLUMNS, "questions.csv")
     cells = tuple(
-        cell(q, m, v, "no" if v == Verdict.NO_ANSWER else "4") for q, row in enumerate(rows) for m, v in enumerate(row)
+        cell(q, m, v, None if v == Verdict.NO_ANSWER else "4") for q, row in enumerate(rows) for m, v in enumerate(row)
     )
     return Evaluation(questions, systems, Grading(Rule.NUMBER), {"max_new_tokens": 64}, {"name": "tiny"}, cells)
 
@@ -92,7 +92,7 @@ R, W, N = Verdict.RIGHT, Verdict.WRONG, Verdict.NO_ANSWER
 def test_a_hostile_question_expected_answer_and_system_message_show_as_text_and_load_nothing():
     questions = QuestionSet((Question(HOSTILE, HOSTILE, HOSTILE, (HOSTILE,), (("topic", HOSTILE),)),), COLUMNS, HOSTILE)
     preview = loads_nothing(questions_html(questions))
-    assert preview.shown.count(HOSTILE) == 4  # the source, the id, the question, the choices
+    assert preview.shown.count(HOSTILE) == 3  # the source, the id, the question (long choices are cut)
 
     graded = Evaluation(
         questions,
@@ -138,9 +138,9 @@ def test_the_filters_keep_all_the_failures_or_where_the_system_messages_disagree
 def test_an_override_is_marked_in_the_matrix_and_counted_in_the_figures():
     graded = evaluation([[W, R], [R, R]])
     overridden = graded.with_override(0, 0, R)
-    assert "✎" not in Markup(matrix_html(graded)).shown
+    assert "eval-overridden" not in Markup(matrix_html(graded)).attributes["class"]
     matrix = Markup(matrix_html(overridden))
-    assert "✎" in matrix.shown and any(
+    assert "eval-overridden" in matrix.attributes["class"] and any(
         "overridden by hand (graded wrong)" in a for a in matrix.attributes["aria-label"]
     )
     before, after = summarize(graded), summarize(overridden)
@@ -158,7 +158,7 @@ def test_the_chart_draws_each_accuracy_as_a_bar_with_its_interval_as_error_bars(
     pair = PairResult(0, 1, 7, 3, 40, 50, 0.34375, "no evidence of a difference at this sample size")
     markup = summary_html(shown, Summary(results, (pair,)))
     parsed = loads_nothing(markup)
-    assert parsed.attributes["style"] == ["width: 49.00%", "left: 39.53%; width: 19.00%"]
+    assert parsed.attributes["style"][:2] == ["width: 49.00%", "left: 39.53%; width: 19.00%"]
     assert "49.0%" in parsed.shown and "39.5% to 58.5%" in parsed.shown
     label = next(a for a in parsed.attributes["aria-label"] if a.startswith("Accuracy"))
     assert "1 · Empty: 49.0% (39.5% to 58.5%)" in label and "2 · Cautious: nothing scored" in label
@@ -181,7 +181,7 @@ def test_a_typed_system_message_is_named_by_its_opening():
     assert message_label(1, CAUTIOUS) == "2 · Cautious"
     assert (
         message_label(0, "Answer   with one\nword only, please, and nothing else at all")
-        == "1 · “Answer with one word only, please,…”"
+        == "1 · “Answer with one word only, plea…”"
     )
 
 

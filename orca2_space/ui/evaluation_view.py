@@ -38,6 +38,7 @@ EVALUATION_CSS = """
 .eval-view table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
 .eval-view th, .eval-view td { border: 1px solid var(--border-color-primary, #ccc); padding: 0.3em 0.5em;
   text-align: left; vertical-align: top; }
+.eval-view th { overflow-wrap: normal; }
 .eval-view .num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .eval-view .eval-note { margin: 0.3em 0; opacity: 0.85; }
 .eval-view .eval-error { color: var(--error-text-color, #b91c1c); font-weight: 600; }
@@ -47,6 +48,7 @@ EVALUATION_CSS = """
 .eval-chart .eval-bar-row { display: grid; grid-template-columns: minmax(7em, 14em) 1fr 4.5em; gap: 0.5em;
   align-items: center; margin: 0.35em 0; }
 .eval-chart .eval-track { position: relative; height: 1.3em; border-radius: 3px;
+  border-right: 1px solid rgba(128, 128, 128, 0.25);
   background: repeating-linear-gradient(to right, rgba(128, 128, 128, 0.25) 0 1px, transparent 1px 25%),
               rgba(128, 128, 128, 0.08); }
 .eval-chart .eval-bar { position: absolute; left: 0; top: 0.2em; bottom: 0.2em; background: rgba(99, 102, 241, 0.55);
@@ -58,7 +60,8 @@ EVALUATION_CSS = """
 .eval-chart .eval-whisker::after { right: -1px; }
 .eval-chart .eval-axis { display: grid; grid-template-columns: minmax(7em, 14em) 1fr 4.5em; gap: 0.5em;
   font-size: 0.8em; opacity: 0.75; }
-.eval-chart .eval-ticks { display: flex; justify-content: space-between; }
+.eval-chart .eval-ticks { position: relative; height: 1.3em; }
+.eval-chart .eval-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .eval-matrix .eval-q { min-width: 12em; max-width: 28em; }
 .eval-matrix td.eval-cell { padding: 0; min-width: 7em; }
 .eval-matrix .eval-cell button { display: block; width: 100%; min-height: 2.4em; padding: 0.3em 0.5em; text-align: left;
@@ -259,7 +262,7 @@ def _chart(results: Sequence[MessageResult], labels: Sequence[str]) -> str:
         spoken.append(
             f"{labels[r.message]}: {_percent(r.accuracy)} ({_percent(r.interval[0])} to {_percent(r.interval[1])})"
         )
-    ticks = "".join(f"<span>{tick}%</span>" for tick in (0, 25, 50, 75, 100))
+    ticks = "".join(f'<span style="left: {tick}%">{tick}%</span>' for tick in (0, 25, 50, 75, 100))
     axis = f'<div class="eval-axis"><span></span><span class="eval-ticks">{ticks}</span><span></span></div>'
     described = "Accuracy with 95% intervals: " + "; ".join(spoken)
     return f'<div class="eval-chart" role="img" aria-label="{_e(described)}">{"".join(rows)}{axis}</div>'
