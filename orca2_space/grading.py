@@ -264,6 +264,8 @@ _LEADING_LETTER = re.compile(
     r"(?:(?i:option|choice)\s*)?(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])(?=[.:),;]|$|\s*[-–—]|\s+(?:because|since|as|is)\b))"
 )
 _PARENTHESISED_LETTER = re.compile(r"\(([A-Z])\)")
+# A claim that is one letter and nothing else, in either case: "b", "(b)", "[B]", "B)".
+_LETTER_ALONE = re.compile(r"[(\[]?([A-Za-z])[)\].]?")
 
 
 def _letters(choices: tuple[str, ...]) -> str:
@@ -289,8 +291,9 @@ def choice_letter(claim: str, choices: tuple[str, ...]) -> str | None:
     """The one option a claim names, by letter or by text; None when it names none or several."""
     letters = _letters(choices)
     claim = _clean(claim)
-    if len(claim) == 1 and claim.upper() in letters:
-        return claim.upper()
+    alone = _LETTER_ALONE.fullmatch(claim)
+    if alone:
+        return alone[1].upper() if alone[1].upper() in letters else None
     lead = _LEADING_LETTER.match(claim)
     if lead:
         letter = next(group for group in lead.groups() if group)

@@ -19,10 +19,10 @@ from huggingface_hub.errors import HfHubHTTPError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What the Space runs: the entry point, the package (its subpackages too), its pins, its card, the
-# pages the card links to, and the card's images.
+# What the Space runs: the entry point, the package (its subpackages and its data too), its pins, its
+# card, the pages the card links to, and the card's images.
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
-SPACE_GLOBS = ("orca2_space/**/*.py", "docs/*.md", "assets/*.png")
+SPACE_GLOBS = ("orca2_space/**/*.py", "orca2_space/data/*.jsonl", "docs/*.md", "assets/*.png")
 # Remote files under these that are no longer in the allow-list are removed (a deleted module must
 # not linger on the Space).
 STALE_PATTERNS = ["orca2_space/*", "docs/*", "assets/*"]

@@ -159,6 +159,7 @@ def hub_questions(
 
 def _csv_rows(text: str, name: str, delimiter: str, max_cell_chars: int) -> Iterator[dict[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    number = 0
     try:
         header = next(reader)
         for number, row in enumerate(reader, 1):
@@ -172,7 +173,7 @@ def _csv_rows(text: str, name: str, delimiter: str, max_cell_chars: int) -> Iter
         # The csv module's own cap (131072 characters a field) can be reached before ours.
         if "field larger than field limit" in str(error):
             raise InvalidRequest(
-                f"{name}, row {reader.line_num}: a cell longer than {max_cell_chars} characters, the most a cell may have."
+                f"{name}, row {number + 1}: a cell longer than {max_cell_chars} characters, the most a cell may have."
             ) from None
         raise InvalidRequest(f"{name}, line {reader.line_num}: not CSV ({error}).") from None
 

@@ -34,6 +34,7 @@ def test_the_plan_uploads_exactly_the_app_its_package_requirements_card_and_scre
         "requirements.txt",
         "README.md",
         *(f"orca2_space/{name}" for name in MODULES),
+        "orca2_space/data/sample_questions.jsonl",
         *(f"docs/{name}" for name in DOCS),
         "assets/compare.png",
         "assets/screenshot.png",

@@ -44,6 +44,22 @@ def test_the_api_client_example_runs_against_the_launched_app(launched_chat):
     assert lines[-1].startswith("16 prompt tokens: [1, 29871, 32001, 5205, 13, 32002]")
 
 
+@pytest.mark.slow
+def test_the_evaluate_example_runs_against_the_launched_app(launched_chat):
+    _, url = launched_chat
+    code = snippet("api.md", "evaluate-example", "python").replace('"http://127.0.0.1:7860/"', repr(url))
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(code, "docs/api.md", "exec"), {})  # noqa: S102 (running the docs example is the test)
+    lines = [line for line in output.getvalue().splitlines() if not line.startswith("Loaded as API")]
+    assert lines[0] == "6 of 6 answered"
+    # The test model writes "The answer" over and over: no number in it, so no answer is found.
+    assert [line.partition(" (95%")[0] for line in lines[1:3]] == [
+        f"system message {m}: 0 right, 3 with no answer found, accuracy 0%" for m in (0, 1)
+    ]
+    assert len(lines) == 4 and lines[3]
+
+
 def test_ci_runs_the_test_command_written_in_the_readme():
     ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"^pip install -r requirements.txt -r requirements-dev.txt.*$", README, re.MULTILINE).group(0)
