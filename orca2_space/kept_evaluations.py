@@ -13,6 +13,7 @@ Nothing here imports gradio.
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ValidationError
@@ -34,11 +35,15 @@ class KeptEvaluation(BaseModel):
 
 
 def compact(evaluation: Evaluation, answer_ids: bool = True) -> str:
+    """The export's JSON without its indentation, its summary (from_json computes it again) and the
+    prompt ids."""
     cells = tuple(
         dataclasses.replace(cell, prompt_ids=None, answer_ids=cell.answer_ids if answer_ids else None)
         for cell in evaluation.cells
     )
-    return to_json(dataclasses.replace(evaluation, cells=cells))
+    document = json.loads(to_json(dataclasses.replace(evaluation, cells=cells)))
+    document.pop("summary", None)
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
 
 def label_of(evaluation: Evaluation, when: datetime | None = None) -> str:

@@ -110,6 +110,7 @@ def test_the_sample_set_under_the_empty_and_cautious_messages_runs_to_the_end_an
 
         table = list(csv.DictReader(io.StringIO(download(page, "#evaluate-export-csv"))))
         assert len(table) == 2 * len(questions)
+        assert [row["overridden"] for row in table].count("yes") == 1
         again = exported(page)
         overridden = next(c for c in again["cells"] if [c["question"], c["message"]] == place)
         assert overridden["override"] == "right"

@@ -202,7 +202,7 @@ def test_the_browser_keeps_the_last_three_newest_first_without_prompt_ids():
 def test_an_evaluation_too_large_for_the_browser_is_kept_without_answer_ids_and_the_others_give_way(monkeypatch):
     small = evaluation([[R, W]])
     kept, _ = kept_evaluations.keep([], small, label="small")
-    monkeypatch.setattr(kept_evaluations, "KEPT_CHARS", len(kept_evaluations.compact(small, answer_ids=False)) + 10)
+    monkeypatch.setattr(kept_evaluations, "KEPT_CHARS", len(kept_evaluations.compact(small, answer_ids=False)) + 1)
     kept, notice = kept_evaluations.keep(kept, small, label="again")
     assert [k.label for k in kept] == ["again"] and "without its answers' token ids" in (notice or "")
     opened = kept_evaluations.opened(kept, 100, 1000)
