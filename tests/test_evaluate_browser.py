@@ -186,7 +186,12 @@ def test_on_a_phone_the_tab_fits_the_screen_and_the_matrix_scrolls_within_itself
     page = context.new_page()
     page.set_default_timeout(60_000)
     try:
-        open_evaluate(page, plain_app, 4)
+        open_app(page, plain_app)
+        # Every tab is named on the one row of tabs, none hidden behind a menu.
+        assert all(page.locator(f"#{tab}-tab-button").is_visible() for tab in ("chat", "compare", "evaluate"))
+        page.click("#evaluate-tab-button")
+        page.get_by_text("Settings for every answer").click()
+        set_max_new_tokens(page, 4)
         run_sample(page)
         page.screenshot(path=str(ARTIFACTS / "evaluate-phone.png"), full_page=True)
         page_width = page.evaluate("document.documentElement.scrollWidth")

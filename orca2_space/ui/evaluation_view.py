@@ -62,6 +62,10 @@ EVALUATION_CSS = """
   font-size: 0.8em; opacity: 0.75; }
 .eval-chart .eval-ticks { position: relative; height: 1.3em; }
 .eval-chart .eval-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
+/* The matrix scrolls within itself, its header kept in view, so the answer a click opens (just below
+   it) is near the cell clicked, however many questions there are. */
+.eval-matrix .eval-scroll { max-height: 70vh; overflow: auto; }
+.eval-matrix thead th { position: sticky; top: 0; z-index: 1; background: var(--background-fill-primary, #fff); }
 .eval-matrix .eval-q { min-width: 12em; max-width: 28em; }
 .eval-matrix td.eval-cell { padding: 0; min-width: 7em; }
 .eval-matrix .eval-cell button { display: block; width: 100%; min-height: 2.4em; padding: 0.3em 0.5em; text-align: left;

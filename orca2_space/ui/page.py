@@ -22,6 +22,9 @@ CSS = (
     + TOKEN_CSS
     + """
 @media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
+/* On a phone (390 px wide) every tab's name fits on one row; at Gradio's size the ones that don't
+   fit go behind a "More tabs" menu, where a visitor would not see that Compare and Evaluate exist. */
+@media (max-width: 640px) { .tab-wrapper button { padding: 0 6px !important; font-size: 12px !important; } }
 """
 )
 THEME = Soft(primary_hue="indigo")
