@@ -74,6 +74,7 @@ def test_the_sample_set_under_the_empty_and_cautious_messages_runs_to_the_end_an
         assert cells.count() == 2 * len(questions)
         assert len(figures(page)) == 2 and page.locator("#evaluate-summary .eval-bar-row").count() == 2
         assert "Scored by:" in page.inner_text("#evaluate-summary")
+        page.get_by_text("Settings for every answer").click()  # closed again, for the screenshot
         page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)
 
         failing = page.locator("#evaluate-matrix tr:has(td[data-verdict]:not([data-verdict=right]))").count()

@@ -35,6 +35,9 @@ _CELL_WORDS = {Verdict.RIGHT: "right", Verdict.WRONG: "wrong", Verdict.NO_ANSWER
 
 EVALUATION_CSS = """
 .eval-view { overflow-wrap: anywhere; }
+/* A cell breaks a word only when it can't fit on its own line: a narrow table scrolls sideways (in
+   .eval-scroll) rather than squeezing a column to a letter wide. */
+.eval-view td { overflow-wrap: break-word; }
 .eval-view table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
 .eval-view th, .eval-view td { border: 1px solid var(--border-color-primary, #ccc); padding: 0.3em 0.5em;
   text-align: left; vertical-align: top; }
@@ -45,7 +48,7 @@ EVALUATION_CSS = """
 .eval-scroll { overflow-x: auto; max-width: 100%; }
 .eval-progress progress { width: 100%; height: 0.8em; }
 .eval-chart { margin: 0.8em 0; }
-.eval-chart .eval-bar-row { display: grid; grid-template-columns: minmax(7em, 14em) 1fr 4.5em; gap: 0.5em;
+.eval-chart .eval-bar-row { display: grid; grid-template-columns: 12em 1fr 4.5em; gap: 0.5em;
   align-items: center; margin: 0.35em 0; }
 .eval-chart .eval-track { position: relative; height: 1.3em; border-radius: 3px;
   border-right: 1px solid rgba(128, 128, 128, 0.25);
@@ -58,15 +61,16 @@ EVALUATION_CSS = """
   height: 0.8em; border-left: 2px solid currentColor; }
 .eval-chart .eval-whisker::before { left: -1px; }
 .eval-chart .eval-whisker::after { right: -1px; }
-.eval-chart .eval-axis { display: grid; grid-template-columns: minmax(7em, 14em) 1fr 4.5em; gap: 0.5em;
-  font-size: 0.8em; opacity: 0.75; }
-.eval-chart .eval-ticks { position: relative; height: 1.3em; }
-.eval-chart .eval-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
+/* The axis is laid out in the bars' own ems (a smaller font there would move its columns off the bars'). */
+.eval-chart .eval-axis { display: grid; grid-template-columns: 12em 1fr 4.5em; gap: 0.5em; opacity: 0.75; }
+.eval-chart .eval-ticks { position: relative; height: 1.2em; }
+.eval-chart .eval-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; font-size: 0.8em; }
 /* The matrix scrolls within itself, its header kept in view, so the answer a click opens (just below
    it) is near the cell clicked, however many questions there are. */
 .eval-matrix .eval-scroll { max-height: 70vh; overflow: auto; }
 .eval-matrix thead th { position: sticky; top: 0; z-index: 1; background: var(--background-fill-primary, #fff); }
 .eval-matrix .eval-q { min-width: 12em; max-width: 28em; }
+.eval-pairs .eval-words { min-width: 14em; }
 .eval-matrix td.eval-cell { padding: 0; min-width: 7em; }
 .eval-matrix .eval-cell button { display: block; width: 100%; min-height: 2.4em; padding: 0.3em 0.5em; text-align: left;
   font: inherit; color: inherit; background: transparent; border: 0; cursor: pointer; }
@@ -82,6 +86,7 @@ EVALUATION_CSS = """
 @media (max-width: 640px) {
   .eval-chart .eval-bar-row, .eval-chart .eval-axis { grid-template-columns: 6.5em 1fr 3.8em; }
   .eval-matrix .eval-q { min-width: 9em; }
+  .eval-view table { font-size: 0.85em; }
 }
 """
 
@@ -279,7 +284,7 @@ def _pairs_table(pairs: Sequence[PairResult], labels: Sequence[str]) -> str:
         rows.append(
             f'<tr data-pair="{p.first}-{p.second}"><th scope="row">{_e(first)}<br>vs {_e(second)}</th>'
             f'<td class="num">{p.only_first}</td><td class="num">{p.only_second}</td><td class="num">{p.both}</td>'
-            f'<td class="num">{p.neither}</td><td class="num">{_p_value(p.p_value)}</td><td>{_e(p.words)}</td></tr>'
+            f'<td class="num">{p.neither}</td><td class="num">{_p_value(p.p_value)}</td><td class="eval-words">{_e(p.words)}</td></tr>'
         )
     head = (
         "<tr><th>Pair</th><th>Only the first right</th><th>Only the second right</th><th>Both right</th>"
