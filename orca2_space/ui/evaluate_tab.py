@@ -16,8 +16,10 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+from gradio.blocks import Block
 from gradio.components import Component
 from pydantic import TypeAdapter, ValidationError
 
@@ -34,6 +36,7 @@ from .adapters import (
     INSTANT,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
+    EventOptions,
     visitor_errors,
     visitor_of,
     wire_download,
@@ -349,7 +352,7 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         listed = kept_evaluations.load(kept)
         evaluation = kept_evaluations.opened(listed, *caps)
         choices = [(k.label, index) for index, k in enumerate(listed)]
-        view = {tab.kept_list: gr.update(choices=choices, value=0 if choices else None)}
+        view: dict[Block, Any] = {tab.kept_list: gr.update(choices=choices, value=0 if choices else None)}
         if evaluation is None:
             return view | _actions(tab, False)
         place = _place(chosen, evaluation)
@@ -442,7 +445,7 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
     tab.sample.click(load_sample, None, [tab.questions, tab.questions_view, tab.rule, tab.run], **INSTANT)
     loads = [tab.questions, tab.questions_view, tab.rule, tab.run]
     tab.upload.upload(load_file, inputs_kwargs=dict(path=tab.upload), outputs=loads, **INSTANT)
-    hub = dict(
+    hub: dict[str, Block] = dict(
         dataset=tab.hub_dataset,
         split=tab.hub_split,
         question=tab.hub_question,
@@ -501,7 +504,7 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         tab.export_json,
         *(c for column in tab.columns for c in (column.box, column.preset, column.system_message)),
     ]
-    viewed = dict(kept=tab.kept, shown=tab.shown, chosen=tab.chosen)
+    viewed: dict[str, Block] = dict(kept=tab.kept, shown=tab.shown, chosen=tab.chosen)
     tab.kept.change(show_kept, inputs_kwargs=viewed, outputs=shown_outputs, **INSTANT)
     tab.shown.change(filtered, inputs_kwargs=viewed, outputs=[tab.matrix], **INSTANT)
     cell_outputs = [tab.cell, tab.cell_caption, tab.answer, tab.verdict, tab.chosen, tab.matrix, tab.tokens]
@@ -512,12 +515,12 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         outputs=[tab.kept, *cell_outputs],
         **INSTANT,
     )
+    scoring: EventOptions = {**SCORING_CONCURRENCY, "api_visibility": "private"}
     tab.score.click(
         visitor_errors(show_tokens),
         inputs_kwargs=dict(kept=tab.kept, chosen=tab.chosen),
         outputs=[tab.tokens],
-        **SCORING_CONCURRENCY,
-        api_visibility="private",
+        **scoring,
     )
     tab.kept_list.input(
         choose_kept,
