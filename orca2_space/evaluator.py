@@ -287,14 +287,14 @@ class Run:
             (q, m) for q in range(len(request.questions.questions)) for m in range(len(request.system_messages))
         )
         started, answered, shown = time.perf_counter(), 0, 0.0
-        with chat._owned(owner, self):
+        with chat._owned(owner, self), chat.fair_share.listening(lambda: self._updates.put(_ARRIVED)):
             while self._in_flight or (pending and not self._stopped.is_set()):
                 if not self._stopped.is_set():
                     self._fill(pending)
                 changed = False
                 for item in _drain(self._updates, HEARTBEAT_SECONDS):
                     if not isinstance(item, _Finished):
-                        continue  # an answer wrote more: time to look at the fair share again
+                        continue  # another request was let in: _fill looks at the fair share again
                     with self._lock:
                         self._in_flight.remove(item.answer)
                     self._notices.update(dict.fromkeys(item.notices))
@@ -364,7 +364,7 @@ class Run:
         return settings.concurrency
 
     def _answer(self, answer: _Answer) -> None:
-        """One cell's answer, put as an update per piece written, then _Finished."""
+        """One cell's answer, put on the updates as _Finished once it is over."""
         finished = _Finished(answer, None)
         try:
             finished = self._cell(answer)
@@ -381,8 +381,8 @@ class Run:
         system = request.system_messages[answer.message]
         params = request.params.model_dump()
         try:
-            asked = chat.request(question.text, system, None, request.moderation, True, **params)
-            prompt = chat.prompt_for(question.text, system, None, request.params.max_new_tokens)
+            asked = chat.request(question.prompt, system, None, request.moderation, True, **params)
+            prompt = chat.prompt_for(question.prompt, system, None, request.params.max_new_tokens)
         except (InvalidRequest, PromptTooLong) as error:  # this row can't be asked; the run goes on
             return _Finished(answer, Cell(answer.question, answer.message, "", _NOTHING, error=str(error)))
         last: ChatUpdate | None = None
@@ -390,7 +390,6 @@ class Run:
             if answer.cancelled.is_set():  # an answer that started after its stop stops now
                 chat.stop(answer.key)
             answer.updates += 1
-            self._updates.put(answer)
             last = update
         if last is None or _stopped(last):
             return _Finished(answer, None)
@@ -409,6 +408,8 @@ class Run:
         return _Finished(answer, cell, last.notices)
 
 
+# Put on a run's updates when another request is let in.
+_ARRIVED = object()
 # A cell without an answer (its error says why) has no verdict; this fills its graded field.
 _NOTHING = Graded(None, Verdict.NO_ANSWER)
 

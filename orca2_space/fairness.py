@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .settings import InvalidRequest
@@ -64,6 +64,19 @@ class FairShare:
         self._sessions: Counter[str] = Counter()
         self._addresses: Counter[str] = Counter()
         self._total = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def listening(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Call listener (quickly: it runs in the admitting request's thread) after each request is let in,
+        while in the block: how an evaluation knows at once that others want the batch."""
+        with self._lock:
+            self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._listeners.remove(listener)
 
     @contextlib.contextmanager
     def admit(self, visitor: Visitor | None, places: int = 1) -> Iterator[None]:
@@ -99,6 +112,9 @@ class FairShare:
             if visitor is not None:
                 self._sessions[visitor.session] += places
                 self._addresses[visitor.address] += places
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
     def _give_back(self, visitor: Visitor | None, places: int) -> None:
         with self._lock:

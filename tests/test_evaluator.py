@@ -15,11 +15,12 @@ from orca2_space.settings import InvalidRequest, Settings
 
 QUESTIONS = [
     "Sam has 3 apples and buys 4 more. How many apples does Sam have?",
-    "Is a whale a fish? Answer yes or no.",
+    "Is a whale a fish?",
     "Which is larger, 0.5 or 0.45?",
     "A train leaves at 9:00 and arrives at 11:30. How many minutes is the trip?",
 ]
-RECORDS = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ["7", "no", "0.5", "150"])]
+RECORDS = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ["7", "B", "0.5", "150"])]
+RECORDS[1]["choices"] = ["yes", "no"]  # asked with its options lettered beneath it
 SYSTEMS = ["", "You are Orca. Think step by step, then answer."]
 CONTAINS = Grading(Rule.CONTAINS)
 OTHER_VISITOR = Visitor("someone else", "192.0.2.7")
@@ -94,10 +95,10 @@ def test_greedy_answers_share_the_batch_and_each_equals_chats_answer_alone(tiny_
     assert watch.most > 1  # answers were in the batch together
     for cell in last.evaluation.cells:
         question, system = request.questions.questions[cell.question], SYSTEMS[cell.message]
-        *_, alone = chat.respond(chat.request(question.text, system, [], single_turn=True, max_new_tokens=16))
+        *_, alone = chat.respond(chat.request(question.prompt, system, [], single_turn=True, max_new_tokens=16))
         assert cell.answer_ids == alone.answer_ids and cell.answer == alone.answer
         assert cell.stats["batched"] and cell.stats["n_tokens"] == 16
-        assert cell.prompt_ids == tuple(chat.prompt_for(question.text, system, None, 16).input_ids)
+        assert cell.prompt_ids == tuple(chat.prompt_for(question.prompt, system, None, 16).input_ids)
         assert cell.graded == grade(CONTAINS, question, cell.answer)
 
 
@@ -240,8 +241,9 @@ def test_a_sampled_evaluation_uses_one_seed_for_every_answer(fake_backend):
 
 
 def test_evaluate_api_streams_progress_then_results_and_every_cell_as_chat_answers_it(client):
+    asked = [RECORDS[0], RECORDS[2], RECORDS[3]]
     job = client.submit(
-        questions=RECORDS[:3], system_messages=SYSTEMS, rule="contains", max_new_tokens=8, api_name="/evaluate"
+        questions=asked, system_messages=SYSTEMS, rule="contains", max_new_tokens=8, api_name="/evaluate"
     )
     updates = list(job)
     last = job.result()
@@ -251,7 +253,7 @@ def test_evaluate_api_streams_progress_then_results_and_every_cell_as_chat_answe
     assert [(cell["question"], cell["message"]) for cell in last["cells"]] == sorted(streamed)
     for cell in last["cells"]:
         alone = client.predict(
-            message=QUESTIONS[cell["question"]],
+            message=asked[cell["question"]]["question"],
             system_message=SYSTEMS[cell["message"]],
             single_turn=True,
             max_new_tokens=8,
@@ -270,10 +272,13 @@ def test_evaluate_api_streams_progress_then_results_and_every_cell_as_chat_answe
     [
         (dict(questions="Sam has 3 apples", rule="contains"), "questions must be a list of records"),
         (dict(questions=[{"question": "Q", "answer": "A"}] * 1001, rule="contains"), "at most 1,000"),
+        (dict(questions=[{"question": "x" * 10_000_000, "answer": "1"}], rule="contains"), "at most 100000"),
+        (dict(questions=[["Sam has 3 apples", "7"]], rule="contains"), "question 1 must be a record"),
         (dict(questions=RECORDS, system_messages="abc", rule="contains"), "system_messages must be a list of 1"),
         (dict(questions=RECORDS, system_messages=[["nested"]], rule="contains"), "system_messages\\[0\\] must be"),
         (dict(questions=RECORDS, rule="best guess"), "rule must be one of choice, number"),
         (dict(questions=RECORDS, rule="regex"), "that rule needs one"),
+        (dict(questions=RECORDS, rule="regex", pattern="("), "not a regular expression"),
         (dict(questions=RECORDS, rule="contains", max_new_tokens=[1]), "max_new_tokens must be a number"),
     ],
 )

@@ -63,16 +63,17 @@ def setting_control(name: str, cap: int, prefix: str = "") -> Component:
 
 
 def preset_picker(value: str, label: str, elem_id: str) -> gr.Dropdown:
-    """A choice of system-message preset, by its short label; what it asks shows under the label."""
-    return gr.Dropdown(PRESET_CHOICES, value=value, label=label, info=PRESETS[value].asks, elem_id=elem_id)
+    """A choice of system-message preset, by its short label; what it asks, and where its wording comes from,
+    show under the label."""
+    return gr.Dropdown(PRESET_CHOICES, value=value, label=label, info=PRESETS[value].info, elem_id=elem_id)
 
 
 def wire_preset(picker: gr.Dropdown, system_message: gr.Textbox) -> None:
-    """Choosing a preset puts its system message in the box, and says what it asks."""
+    """Choosing a preset puts its system message in the box, and says what it asks and where it comes from."""
 
     def chosen(name: str) -> dict:
         preset = PRESETS[name]
-        return {system_message: preset.text, picker: gr.update(info=preset.asks)}
+        return {system_message: preset.text, picker: gr.update(info=preset.info)}
 
     picker.change(chosen, picker, [picker, system_message], **INSTANT)
 
