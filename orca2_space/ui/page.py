@@ -9,19 +9,22 @@ from gradio.themes import Soft
 
 from ..chat import Chat
 from ..settings import on_space, sign_in_offered
-from . import chat_tab, compare_tab
+from . import chat_tab, compare_tab, evaluate_tab
 from .adapters import INSTANT
 from .api import add_endpoints
 from .mcp_tools import add_tools
 from .tokens import TOKEN_CSS
 
 # Each tab module has TITLE, ID (the tab's id and elem_id), CSS and build(demo, chat), in tab order.
-TABS = (chat_tab, compare_tab)
+TABS = (chat_tab, compare_tab, evaluate_tab)
 CSS = (
     "".join(tab.CSS for tab in TABS)
     + TOKEN_CSS
     + """
 @media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
+/* On a phone (390 px wide) every tab's name fits on one row; at Gradio's size the ones that don't
+   fit go behind a "More tabs" menu, where a visitor would not see that Compare and Evaluate exist. */
+@media (max-width: 640px) { .tab-wrapper button { padding: 0 6px !important; font-size: 12px !important; } }
 """
 )
 THEME = Soft(primary_hue="indigo")
