@@ -1,5 +1,5 @@
-"""The contract between the chat and whatever writes Orca 2's answers: a local model (local/) or
-an inference server (inference_server.py).
+"""The contract between the chat and whatever writes Orca 2's answers: a local model (local/), an
+inference server (inference_server.py) or a GGUF file in llama.cpp (llama_cpp.py).
 
 A backend builds nothing itself: the chat hands it the exact prompt and the settings, and it
 streams the answer's text. It knows nothing of chats, moderation or pages. This module imports
@@ -50,6 +50,8 @@ class ModelInfo:
     context_length: int
     # The inference server's URL when answers come from one (--backend inference-server).
     served_by: str | None = None
+    # What runs the model here when it is not transformers: "llama.cpp …" (--backend llama-cpp).
+    runtime: str | None = None
 
     def describe(self) -> str:
         return f"{self.name} · {self.quantization} ({self.reason}) · {self.device}"
