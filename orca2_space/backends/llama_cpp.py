@@ -94,8 +94,13 @@ def _route_log(llama_cpp: ModuleType) -> None:
     llama_cpp.llama_backend_init()
 
 
-def _last_error(default: str) -> str:
-    return _errors[-1].removeprefix("llama_model_load: error loading model: ") if _errors else default
+def _cause(default: str) -> str:
+    """The first error llama.cpp logged since _errors was cleared (the later ones only say that it
+    failed), without the name of the function that logged it."""
+    if not _errors:
+        return default
+    function, _, message = _errors[0].partition(": ")
+    return (message if function.isidentifier() else _errors[0]).removeprefix("error loading model: ")
 
 
 def label(settings: LlamaCppSettings) -> str:
@@ -145,20 +150,21 @@ def _open(llama_cpp: ModuleType, path: str, settings: LlamaCppSettings, vocab_on
     try:
         return _internals.LlamaModel(path_model=path, params=params, verbose=True)
     except ValueError as error:
-        raise _refusal(settings, f"llama.cpp can't read it ({_last_error(str(error))})") from error
+        raise _refusal(settings, f"llama.cpp can't read it: {_cause(str(error))}") from error
 
 
 def inspect(model: Any, llama_cpp: ModuleType, settings: LlamaCppSettings) -> Gguf:
     """The GGUF's facts, and the reasons this app can't run it: not Orca 2's architecture or vocabulary,
     or less context than asked for."""
     metadata = model.metadata()
+    architecture = metadata.get("general.architecture", "?")
     file_type = int(metadata.get("general.file_type", -1))
     facts = Gguf(
         label(settings),
-        metadata.get("general.architecture", "?"),
+        architecture,
         _file_types(llama_cpp).get(file_type, f"file type {file_type}"),
         model.n_vocab(),
-        model.n_ctx_train(),
+        int(metadata.get(f"{architecture}.context_length", 0)),
     )
     if facts.architecture != ARCHITECTURE:
         raise _refusal(settings, f"it is a {facts.architecture} model; Orca 2 is a {ARCHITECTURE} model")
@@ -346,11 +352,12 @@ class LlamaCpp:
         for start in range(0, len(ids), BATCH_TOKENS):
             chunk = ids[start : start + BATCH_TOKENS]
             self._batch.set_batch(chunk, n_past + start, logits_all=read is not None)
+            _errors.clear()
             try:
                 self.context.decode(self._batch)
             except RuntimeError as error:
                 raise GenerationError(
-                    f"llama.cpp failed while answering ({_last_error(str(error))}). The answer so far is kept."
+                    f"llama.cpp failed while answering: {_cause(str(error))}. The answer so far is kept."
                 ) from error
             if read is not None:
                 read(np.ctypeslib.as_array(self.context.get_logits(), shape=(len(chunk), self.model.n_vocab())))
