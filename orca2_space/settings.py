@@ -179,6 +179,12 @@ class LlamaCppSettings:
     gguf_context: int | None = Field(
         default=None, ge=256, description="the context llama.cpp sets up, in tokens (default: the GGUF's own)"
     )
+    gguf_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads llama.cpp writes answers with (default: half the cores, as llama-cpp-python "
+        "chooses; the prompt is read with all of them)",
+    )
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)

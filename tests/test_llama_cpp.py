@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from make_tiny_gguf import vocabulary, write_gguf
 from make_tiny_model import build_tiny_model
-from support import FIXTURES, REFERENCE, ROOT, SCRIPT, environment_without, free_port, prompt_for
+from support import FIXTURES, REFERENCE, ROOT, SCRIPT, App, environment_without, free_port, prompt_for
 
 from orca2_space.backends.contract import GenerationError, ModelLoadError
 from orca2_space.backends.llama_cpp import NOT_INSTALLED, LlamaCpp, preflight, sampler_steps
@@ -350,3 +350,20 @@ def test_compare_and_token_probabilities_work_on_llama_cpp(app_client, tiny):
     assert [t["id"] for t in scored["tokens"]] == alone["answer_ids"]
     assert [t["probability"] for t in scored["tokens"]] == pytest.approx([t.probability for t in expected], rel=1e-5)
     assert all(len(t["top"]) == 5 for t in scored["tokens"])
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_the_app_runs_a_gguf_without_torch(tiny_gguf, tmp_path):
+    """README's laptop install: requirements-remote.txt and requirements-llama.txt, no torch."""
+    from gradio_client import Client
+
+    env = environment_without(tmp_path / "site")
+    args = ("--backend", "llama-cpp", "--gguf", str(tiny_gguf))
+    app = App(FIXTURES / "orca2-tokenizer", tmp_path / "app.log", env, *args)
+    try:
+        final = Client(app.url, verbose=False).predict(message="Hi", max_new_tokens=8, api_name="/chat")
+    finally:
+        app.close()
+    assert final["done"] and final["error"] is None and final["n_tokens"] == 8, final
+    assert "Traceback" not in app.log()

@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -64,7 +64,7 @@ def _library() -> ModuleType:
         import llama_cpp
     except ImportError as error:
         raise ModelLoadError(NOT_INSTALLED) from error
-    _route_log(llama_cpp)
+    _start(llama_cpp)
     return llama_cpp
 
 
@@ -73,8 +73,9 @@ _errors: collections.deque[str] = collections.deque(maxlen=4)
 _log_callback: Any = None
 
 
-def _route_log(llama_cpp: ModuleType) -> None:
-    """llama.cpp's log into this module's logger (its info at debug level), once per process."""
+def _start(llama_cpp: ModuleType) -> None:
+    """Once per process: llama.cpp's log into this module's logger (its info at debug level), and its
+    backends (the CPU, a GPU it was built for) started."""
     global _log_callback
     if _log_callback is not None:
         return
@@ -103,12 +104,12 @@ def _cause(default: str) -> str:
     return (message if function.isidentifier() else _errors[0]).removeprefix("error loading model: ")
 
 
-def label(settings: LlamaCppSettings) -> str:
+def _label(settings: LlamaCppSettings) -> str:
     return f"{settings.gguf_repo}/{settings.gguf}" if settings.gguf_repo else os.path.basename(settings.gguf)
 
 
 def _refusal(settings: LlamaCppSettings, reason: str) -> ModelLoadError:
-    return ModelLoadError(f"Could not load the GGUF '{label(settings)}': {reason}")
+    return ModelLoadError(f"Could not load the GGUF '{_label(settings)}': {reason}")
 
 
 def _fetch(settings: LlamaCppSettings) -> str:
@@ -160,7 +161,7 @@ def inspect(model: Any, llama_cpp: ModuleType, settings: LlamaCppSettings) -> Gg
     architecture = metadata.get("general.architecture", "?")
     file_type = int(metadata.get("general.file_type", -1))
     facts = Gguf(
-        label(settings),
+        _label(settings),
         architecture,
         _file_types(llama_cpp).get(file_type, f"file type {file_type}"),
         model.n_vocab(),
@@ -260,12 +261,12 @@ class LlamaCpp:
             tokenizer = OrcaTokenizer.for_model(tokenizer_from)
         except Exception as error:
             raise ModelLoadError(load_failure_message(tokenizer_from, error)) from error
-        on_phase(f"fetching {label(settings)}" if settings.gguf_repo else "finding the GGUF file")
+        on_phase(f"fetching {_label(settings)}" if settings.gguf_repo else "finding the GGUF file")
         path = _fetch(settings)
         on_phase("loading the GGUF")
         model = _open(llama_cpp, path, settings, vocab_only=False)
         facts = inspect(model, llama_cpp, settings)
-        context = _context(llama_cpp, model, settings.gguf_context or facts.context_length)
+        context = _context(llama_cpp, model, settings.gguf_context or facts.context_length, settings.gguf_threads)
         info = ModelInfo(
             facts.label,
             f"{facts.file_type} GGUF",
@@ -319,7 +320,7 @@ class LlamaCpp:
         finally:
             feed.close(error)
 
-    def _tokens(self, input_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    def _tokens(self, input_ids: list[int], sampling: Sampling) -> Generator[int, None, None]:
         """The answer's ids, one decode step each, until a stop id, max_new_tokens or the context's end."""
         n_ctx = self.context.n_ctx()
         sampler = self._sampler(sampling, n_ctx)
@@ -390,15 +391,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _context(llama_cpp: ModuleType, model: Any, n_ctx: int) -> Any:
+def _context(llama_cpp: ModuleType, model: Any, n_ctx: int, threads: int | None) -> Any:
     from llama_cpp import _internals
 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = BATCH_TOKENS
-    # llama-cpp-python's own choice: a thread per physical core (about half the logical ones) to
-    # decode, every core for the prompt.
+    # By default llama-cpp-python's own choice: a thread per physical core (about half the logical
+    # ones) to decode, every core for the prompt.
     cores = os.cpu_count() or 1
-    params.n_threads = max(cores // 2, 1)
-    params.n_threads_batch = cores
+    params.n_threads = threads or max(cores // 2, 1)
+    params.n_threads_batch = max(cores, params.n_threads)
     return _internals.LlamaContext(model=model, params=params, verbose=True)
