@@ -236,11 +236,10 @@ def sampler_steps(sampling: Sampling, context_length: int) -> list[tuple[str, tu
 class LlamaCpp:
     """One GGUF model and its context, shared by every session; one answer or scoring at a time."""
 
-    def __init__(self, llama_cpp: ModuleType, model: Any, context: Any, tokenizer: OrcaTokenizer, info: ModelInfo):
+    def __init__(self, model: Any, context: Any, tokenizer: OrcaTokenizer, info: ModelInfo):
         from llama_cpp import _internals
 
         self._internals = _internals
-        self._llama_cpp = llama_cpp
         self.model = model
         self.context = context
         self.tokenizer = tokenizer
@@ -265,8 +264,17 @@ class LlamaCpp:
         path = _fetch(settings)
         on_phase("loading the GGUF")
         model = _open(llama_cpp, path, settings, vocab_only=False)
-        facts = inspect(model, llama_cpp, settings)
-        context = _context(llama_cpp, model, settings.gguf_context or facts.context_length, settings.gguf_threads)
+        try:
+            facts = inspect(model, llama_cpp, settings)
+            n_ctx = settings.gguf_context or facts.context_length
+            on_phase(f"setting up a {n_ctx}-token context")
+            context = _context(llama_cpp, model, n_ctx, settings.gguf_threads)
+        except ValueError as error:  # llama.cpp could not make the context
+            model.close()
+            raise _refusal(settings, f"llama.cpp can't set up its context: {_cause(str(error))}") from error
+        except ModelLoadError:
+            model.close()
+            raise
         info = ModelInfo(
             facts.label,
             f"{facts.file_type} GGUF",
@@ -276,7 +284,7 @@ class LlamaCpp:
             runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
         )
         log.info("model ready: %s", info.describe())
-        return cls(llama_cpp, model, context, tokenizer, info)
+        return cls(model, context, tokenizer, info)
 
     def close(self) -> None:
         with self._lock:
@@ -402,4 +410,5 @@ def _context(llama_cpp: ModuleType, model: Any, n_ctx: int, threads: int | None)
     cores = os.cpu_count() or 1
     params.n_threads = threads or max(cores // 2, 1)
     params.n_threads_batch = max(cores, params.n_threads)
+    _errors.clear()
     return _internals.LlamaContext(model=model, params=params, verbose=True)
