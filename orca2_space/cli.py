@@ -316,7 +316,8 @@ def port_trouble(settings: Settings) -> str | None:
 
 def preflight(settings: Settings) -> str | None:
     """Why the model can't load, seen without reading it (the page shows the loading itself): a path
-    that is no folder nor hub id, a folder without its files, a hub model offline and not cached."""
+    that is no folder nor hub id, a folder without its files, a hub model offline and not cached; with
+    --backend llama-cpp, what llama_cpp.preflight finds wrong with the library or the GGUF."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
