@@ -25,6 +25,7 @@ from .settings import (
     SERVER_CONFIG,
     Cli,
     InferenceServerSettings,
+    LlamaCppSettings,
     ModerationSettings,
     Section,
     Settings,
@@ -239,16 +240,17 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the parsed flags and variables; what neither sets keeps its field's default."""
-    values: dict[str, Any] = {"moderation": {}, "inference_server": {}}
+    values: dict[str, Any] = {"moderation": {}, "inference_server": {}, "llama_cpp": {}}
     for dest, value in vars(args).items():
         *section, name = dest.split(".")
         (values[section[0]] if section else values)[name] = value
     moderation = ModerationSettings(**values.pop("moderation"))
-    server = values.pop("inference_server")
-    # The inference server's settings count only with --backend inference-server (and without --base-url,
-    # Settings says so).
+    server, llama = values.pop("inference_server"), values.pop("llama_cpp")
+    # A backend's settings count only with that --backend (and without its main flag, Settings says so).
     if values.get("backend") == "inference-server" and "base_url" in server:
         values["inference_server"] = InferenceServerSettings(**server)
+    if values.get("backend") == "llama-cpp" and "gguf" in llama:
+        values["llama_cpp"] = LlamaCppSettings(**llama)
     return Settings(moderation=moderation, **values)
 
 
@@ -314,15 +316,22 @@ def port_trouble(settings: Settings) -> str | None:
 
 def preflight(settings: Settings) -> str | None:
     """Why the model can't load, seen without reading it (the page shows the loading itself): a path
-    that is no folder nor hub id, a folder without its files, a hub model offline and not cached."""
+    that is no folder nor hub id, a folder without its files, a hub model offline and not cached; with
+    --backend llama-cpp, what llama_cpp.preflight finds wrong with the library or the GGUF."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     from .backends.contract import load_failure_message
 
+    if settings.llama_cpp is not None:
+        from .backends.llama_cpp import preflight as gguf_trouble
+
+        if trouble := gguf_trouble(settings.llama_cpp):
+            return trouble
     model = settings.model
-    needed = ["tokenizer.model"] if settings.inference_server else ["tokenizer.model", "config.json"]
+    only_tokenizer = settings.inference_server or settings.llama_cpp
+    needed = ["tokenizer.model"] if only_tokenizer else ["tokenizer.model", "config.json"]
     if os.path.isdir(model):
         missing = [name for name in needed if not os.path.exists(os.path.join(model, name))]
         problem = f"the folder has no {' or '.join(missing)}" if missing else None
@@ -346,12 +355,16 @@ def _say_where(demo, settings: Settings, share: bool) -> None:
 
 
 def backend_loader(settings: Settings) -> Callable[..., Backend]:
-    """What makes the backend: a local model, or a client of an inference server. Typed, so that the
-    type checker holds each backend to the Backend protocol."""
+    """What makes the backend: a local model, a client of an inference server, or a GGUF file in
+    llama.cpp. Typed, so that the type checker holds each backend to the Backend protocol."""
     if settings.inference_server is not None:
         from .backends.inference_server import InferenceServer
 
         return functools.partial(InferenceServer.load, settings.model, settings.inference_server)
+    if settings.llama_cpp is not None:
+        from .backends.llama_cpp import LlamaCpp
+
+        return functools.partial(LlamaCpp.load, settings.model, settings.llama_cpp)
     from .backends.local.batching import batching_settings
     from .backends.local.engine import Engine
 

@@ -405,7 +405,10 @@ class _MadeBy(TypedDict):
 
 
 def _made_by(info: ModelInfo) -> _MadeBy:
-    backend = f"inference server at {info.served_by}" if info.served_by else f"local ({info.device})"
+    if info.served_by:
+        backend = f"inference server at {info.served_by}"
+    else:
+        backend = f"{info.runtime}, {info.device}" if info.runtime else f"local ({info.device})"
     return _MadeBy(model=info.name, weights=info.quantization, backend=backend)
 
 

@@ -33,9 +33,14 @@ ModerationThreshold = Literal[0, 2, 4, 6]
 MODERATION_THRESHOLDS = typing.get_args(ModerationThreshold)
 # The batch KV cache is allocated in pages of this many tokens.
 BATCH_PAGE_TOKENS = 256
-BackendName = Literal["local", "inference-server"]
+BackendName = Literal["local", "inference-server", "llama-cpp"]
 # --backend's words; "openai" is what inference-server was called first.
-BACKEND_WORDS = {"local": "local", "inference-server": "inference-server", "openai": "inference-server"}
+BACKEND_WORDS = {
+    "local": "local",
+    "inference-server": "inference-server",
+    "openai": "inference-server",
+    "llama-cpp": "llama-cpp",
+}
 # Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
 # says what this relies on).
 SPACE_TRUSTED_PROXIES = 1
@@ -172,6 +177,27 @@ class InferenceServerSettings:
 
 
 @pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
+class LlamaCppSettings:
+    """A GGUF file that llama.cpp runs in this process, instead of transformers."""
+
+    gguf: str = Field(description="the GGUF file: a local path, or a file name in --gguf-repo")
+    gguf_repo: str | None = Field(
+        default=None,
+        description="the hub repository --gguf is fetched from, once, into the Hugging Face cache "
+        "(e.g. TheBloke/Orca-2-7B-GGUF)",
+    )
+    gguf_context: int | None = Field(
+        default=None, ge=256, description="the context llama.cpp sets up, in tokens (default: the GGUF's own)"
+    )
+    gguf_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads llama.cpp writes answers with (default: half the cores, as llama-cpp-python "
+        "chooses; the prompt is read with all of them)",
+    )
+
+
+@pydantic_dataclass(frozen=True, config=SERVER_CONFIG)
 class Settings:
     """How this server runs. Each field is also a flag and an ORCA2_* variable (see Cli), read by cli.py."""
 
@@ -268,10 +294,10 @@ class Settings:
         ge=BATCH_PAGE_TOKENS,
         description="KV-cache size for the batch, in tokens, allocated at start (Orca-2-7B: 0.5 MiB per token)",
     )
-    backend: Annotated[BackendName, Cli(words=BACKEND_WORDS, metavar="{local,inference-server}")] = Field(
+    backend: Annotated[BackendName, Cli(words=BACKEND_WORDS, metavar="{local,inference-server,llama-cpp}")] = Field(
         default="local",
         description="local: load the model here; inference-server: stream from an OpenAI-compatible inference "
-        "server (--base-url; 'openai' is its old name)",
+        "server (--base-url; 'openai' is its old name); llama-cpp: run a GGUF file here with llama.cpp (--gguf)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="the least severe messages the log shows"
@@ -328,17 +354,31 @@ class Settings:
         description="the part of --concurrency an evaluation may hold while other requests run or wait (alone it "
         "holds all of it), so that a chat still starts at the next decode step",
     )
+    # Set exactly when backend is llama-cpp.
+    llama_cpp: Annotated[
+        LlamaCppSettings | None,
+        Section(
+            "llama.cpp",
+            "With --backend llama-cpp the model is a GGUF file (quantized weights, e.g. 4-bit) that llama.cpp runs "
+            "in this process, on the CPU or on the GPU it was built for (pip install -r requirements-llama.txt). "
+            "--model then only names where Orca 2's tokenizer.model is read from.",
+        ),
+    ] = None
 
     def __post_init__(self):
         if self.backend == "inference-server" and self.inference_server is None:
             raise ValueError("--backend inference-server needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-        if self.backend == "local" and self.inference_server is not None:
+        if self.backend != "inference-server" and self.inference_server is not None:
             raise ValueError("an inference server is only used with backend 'inference-server'")
         if self.sign_in_for_heavy and not sign_in_offered():
             raise ValueError(
                 "--sign-in-for-heavy needs Sign in with Hugging Face, which a Space with hf_oauth: true in its "
                 "README offers (OAUTH_CLIENT_ID and OAUTH_CLIENT_SECRET): without it nobody could compare"
             )
+        if self.backend == "llama-cpp" and self.llama_cpp is None:
+            raise ValueError("--backend llama-cpp needs --gguf (a GGUF file, or a file name in --gguf-repo)")
+        if self.backend != "llama-cpp" and self.llama_cpp is not None:
+            raise ValueError("a GGUF file is only used with backend 'llama-cpp'")
 
 
 class GenerationParams(BaseModel):

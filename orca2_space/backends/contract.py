@@ -1,5 +1,5 @@
-"""The contract between the chat and whatever writes Orca 2's answers: a local model (local/) or
-an inference server (inference_server.py).
+"""The contract between the chat and whatever writes Orca 2's answers: a local model (local/), an
+inference server (inference_server.py) or a GGUF file in llama.cpp (llama_cpp.py).
 
 A backend builds nothing itself: the chat hands it the exact prompt and the settings, and it
 streams the answer's text. It knows nothing of chats, moderation or pages. This module imports
@@ -36,6 +36,8 @@ class ScoringUnavailable(RuntimeError):
 
 # A sampled answer drawn by an inference server's own sampler: its seed is the server's business.
 INFERENCE_SERVER_SAMPLING = "inference-server"
+# llama.cpp's own seeded sampler: its seed redoes a llama.cpp answer, not the transformers engine's.
+LLAMA_CPP_SAMPLING = "llama.cpp"
 
 
 class StopReason(StrEnum):
@@ -54,6 +56,8 @@ class ModelInfo:
     context_length: int
     # The inference server's URL when answers come from one (--backend inference-server).
     served_by: str | None = None
+    # What runs the model here when it is not transformers: "llama.cpp …" (--backend llama-cpp).
+    runtime: str | None = None
 
     def describe(self) -> str:
         return f"{self.name} · {self.quantization} ({self.reason}) · {self.device}"
@@ -70,7 +74,8 @@ class GenerationStats:
     # Decoded in a batch with other answers, or alone.
     batched: bool = False
     # How a sampled answer was drawn (None when greedy): the local model's seeded scheme
-    # (seeded_sampling.SCHEME, whose seed redoes the answer token for token), or INFERENCE_SERVER_SAMPLING.
+    # (seeded_sampling.SCHEME, whose seed redoes the answer token for token), INFERENCE_SERVER_SAMPLING
+    # or LLAMA_CPP_SAMPLING.
     sampling: str | None = None
 
     @property

@@ -90,6 +90,10 @@ def _model_status(chat: Chat) -> str:
         info = loading.backend.info
         if info.served_by:
             return f"**Model** {info.name} · **Inference server** {info.served_by} ({info.reason})"
+        if info.runtime:
+            return (
+                f"**Model** {info.name} · **Weights** {info.quantization} · **Runs on** {info.runtime}, {info.device}"
+            )
         return f"**Model** {info.name} · **Weights** {info.quantization} ({info.reason}) · **Device** {info.device}"
     icon = "❌" if loading.error else "⏳"
     return f"{icon} {html.escape(loading.describe())}"
