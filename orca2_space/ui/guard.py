@@ -129,9 +129,10 @@ class Guard:
             return
         scope = self._as_the_app_sees_it(scope)
         if scope["path"] != UPLOAD_PATH:
-            receive = await self._within_cap(scope, receive, send)
-            if receive is None:
+            capped = await self._within_cap(scope, receive, send)
+            if capped is None:
                 return
+            receive = capped
         post = scope["method"] == "POST"
         if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
             await self._login(self.throttle, scope, receive, send)

@@ -116,6 +116,6 @@ class SeededLogitsProcessor(LogitsProcessor):
         self._sampling = sampling
         self._prompt_length = prompt_length
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         positions = [input_ids.size(-1) - self._prompt_length] * input_ids.size(0)
         return next_token_scores(scores, [self._sampling] * scores.size(0), list(input_ids), positions)
