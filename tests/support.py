@@ -494,3 +494,14 @@ def page_request(session: str | None, address: str = "10.16.3.80"):
 
     scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": (address, 50000)}
     return gr.Request(request=Request(scope), session_hash=session)
+
+
+def uploaded(name: str, data: bytes) -> Path:
+    """A file where Gradio puts an upload: in a folder of its own in the upload folder."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / f"test-upload-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(data)
+    return path

@@ -1,17 +1,25 @@
 """ui/evaluation_view.py and kept_evaluations.py: what the Evaluate tab shows of questions and results
 (every text escaped, nothing loaded; the matrix, its filters, overrides marked; the chart's bars and
-error bars; the progress line) and the evaluations kept in the browser (few, small, read as untrusted)."""
+error bars; the progress line), the evaluations kept in the browser (few, small, read as untrusted), and
+the tab's own events: each one that does work takes a place in the visitor's fair share, and no uploaded
+file stays on the server's disk."""
 
 import html.parser
 import re
 
+import gradio as gr
 import pytest
+from support import page_request, uploaded
 
 from orca2_space import kept_evaluations
+from orca2_space.chat import Chat
 from orca2_space.evaluation import Cell, Evaluation, MessageResult, PairResult, Summary, summarize, to_json
 from orca2_space.grading import Graded, Grading, Rule, Verdict
 from orca2_space.presets import CAUTIOUS
 from orca2_space.questions import Columns, Question, QuestionSet
+from orca2_space.settings import Settings
+from orca2_space.ui import evaluate_tab
+from orca2_space.ui.adapters import visitor_of
 from orca2_space.ui.evaluation_view import (
     matrix_html,
     message_label,
@@ -216,3 +224,72 @@ def test_what_the_browser_sends_back_is_read_as_untrusted():
     assert kept_evaluations.load({"not": "a list"}) == []
     broken = [kept_evaluations.KeptEvaluation(label="broken", evaluation=to_json(evaluation([[R]]))[:-20])]
     assert kept_evaluations.opened(broken, 100, 1000) is None
+
+
+# --- The tab's own events ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tab_events(fake_backend) -> tuple[Chat, dict]:
+    """The Evaluate tab's event handlers, by name, as the page calls them."""
+    chat = Chat(fake_backend, Settings(visitor_limit=2))
+    with gr.Blocks() as demo:
+        evaluate_tab.build(demo, chat)
+    return chat, {f.name: f.fn for f in demo.fns.values()}
+
+
+def kept_two() -> list:
+    kept, _ = kept_evaluations.keep([], evaluation([[R, W], [W, R]]), label="first")
+    kept, _ = kept_evaluations.keep(kept, evaluation([[R, R], [W, W]]), label="second")
+    return kept_evaluations.dump(kept)
+
+
+def test_every_evaluate_event_that_does_work_takes_a_place_in_the_visitors_fair_share(tab_events):
+    """A visitor with every place taken is told why by each of them; another visitor is not held up."""
+    chat, events = tab_events
+    kept, cell = kept_two(), gr.SelectData(None, {"index": [0, 1], "value": "0,1", "selected": True})
+    calls = {
+        "load_sample": lambda r: events["load_sample"](r),
+        "show_kept": lambda r: events["show_kept"](r, kept=kept, shown="all", chosen=None),
+        "filtered": lambda r: events["filtered"](r, kept=kept, shown="failures", chosen=None),
+        "open_cell": lambda r: events["open_cell"](cell, r, kept=kept, shown="all"),
+        "override": lambda r: events["override"](r, kept=kept, chosen=[0, 1], verdict=Verdict.RIGHT.value),
+        "choose_kept": lambda r: events["choose_kept"](r, kept=kept, index=1),
+        "export_csv": lambda r: events["export_csv"](r, kept=kept),
+        "export_json": lambda r: events["export_json"](r, kept=kept),
+    }
+    busy, other = page_request("busy"), page_request("other", address="10.0.0.2")
+    with chat.fair_share.admit(visitor_of(busy), 2):
+        for name, call in calls.items():
+            with pytest.raises(gr.Error, match="You already have 2 requests running or waiting"):
+                call(busy)
+            assert call(other), name
+        with pytest.raises(gr.Error, match="already"):
+            events["load_hub"](busy, dataset="owner/name", split="test", question="", answer="", choices="")
+        uploads = {
+            "load_file": lambda r, file: events["load_file"](r, file=file),
+            "import_json": lambda r, file: events["import_json"](r, file=file, kept=kept),
+        }
+        for name, upload in uploads.items():
+            path = uploaded(f"refused-{name}.json", b"[]")
+            with pytest.raises(gr.Error, match="already"):
+                upload(busy, {"path": str(path)})
+            assert not path.exists(), name  # read (and deleted) before the refusal
+
+
+def test_an_uploaded_question_file_is_loaded_and_not_kept_on_the_servers_disk(tab_events):
+    _, events = tab_events
+    path = uploaded("questions.csv", b"question,answer\nWhat is 2 + 2?,4\n")
+    shown = events["load_file"](page_request("s"), file={"path": str(path), "orig_name": "questions.csv"})
+    loaded = next(value for value in shown.values() if isinstance(value, dict) and "questions" in value)
+    assert [q["text"] for q in loaded["questions"]] == ["What is 2 + 2?"]
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_an_imported_evaluation_is_kept_in_the_browser_and_not_on_the_servers_disk(tab_events):
+    _, events = tab_events
+    path = uploaded("evaluation.json", to_json(evaluation([[R, W]])).encode())
+    shown = events["import_json"](page_request("s"), file={"path": str(path)}, kept=kept_two())
+    kept = next(value for value in shown.values() if isinstance(value, list))
+    assert len(kept_evaluations.load(kept)) == 3
+    assert not path.exists() and not path.parent.exists()

@@ -4,12 +4,10 @@ another chat nor stays on the server's disk, and every page event that does work
 place in the visitor's fair share. tests/test_storage_browser.py checks the same in Chromium."""
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from gradio.utils import get_upload_folder
-from support import exchange, page_request
+from support import exchange, page_request, uploaded
 
 from orca2_space import ui
 from orca2_space.chat import Chat
@@ -139,15 +137,6 @@ def test_an_import_too_large_for_the_browser_is_refused_saying_why():
         Store().save_imported(chat("huge", json_room(STORE_ROOM)))
 
 
-def uploaded(name: str, data: bytes) -> Path:
-    """A file where Gradio puts an upload: in a folder of its own in the upload folder."""
-    folder = Path(get_upload_folder()) / f"test-storage-{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(data)
-    return path
-
-
 def test_an_uploaded_file_is_read_once_and_deleted_with_its_folder():
     path = uploaded("chat.json", b'{"format": "x"}')
     assert read_upload({"path": str(path)}) == b'{"format": "x"}'
@@ -237,8 +226,9 @@ def test_every_page_event_takes_a_place_in_the_visitors_fair_share(events):
 
 
 # Events that do no work: a script in the browser (no function), Stop, a preset's text, which compared
-# columns show, Gradio's examples filling the message box, and the model's status line.
-INSTANT = {None, "stop", "chosen", "shown_columns", "load_example", "refresh_model_status"}
+# or evaluated columns show, whether the regular expression's field shows, Gradio's examples filling
+# the message box, and the model's status line.
+INSTANT = {None, "stop", "chosen", "shown_columns", "shown_pattern", "load_example", "refresh_model_status"}
 
 
 def test_every_page_event_that_does_work_is_queued_in_a_group_of_its_own_or_the_answers(fake_backend):
@@ -251,3 +241,14 @@ def test_every_page_event_that_does_work_is_queued_in_a_group_of_its_own_or_the_
     page = {f.name for f in demo.fns.values() if f.concurrency_id == PAGE_CONCURRENCY_ID}
     assert {"show", "open", "new", "delete", "undo", "import_", "export_json", "export_markdown"} <= page
     assert {"show_kept", "import_json"} <= page
+    evaluate = {
+        "load_sample",
+        "load_file",
+        "load_hub",
+        "filtered",
+        "open_cell",
+        "override",
+        "choose_kept",
+        "export_csv",
+    }
+    assert evaluate <= page

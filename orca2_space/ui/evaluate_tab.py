@@ -34,9 +34,12 @@ from ..settings import InvalidRequest
 from .adapters import (
     GENERATION_CONCURRENCY_ID,
     INSTANT,
+    PAGE_WORK,
     SCORING_CONCURRENCY,
     STORAGE_SECRET,
     EventOptions,
+    admitted,
+    read_upload,
     visitor_errors,
     visitor_of,
     wire_download,
@@ -305,24 +308,33 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         # The questions loaded before stay: a file that can't be used loses nothing.
         return {tab.questions_view: error_html(str(error))}
 
-    def load_sample() -> dict:
-        return loaded(sample_questions())
+    # The page's own events below load questions, or read, show or export the evaluations the browser
+    # keeps (work that follows their size): each holds a place in the visitor's fair share while it runs.
 
-    def load_file(path: str | None) -> dict:
-        if not path:
-            return {}
-        try:
-            return loaded(read_questions(Path(path).read_bytes(), Path(path).name, *caps))
-        except InvalidRequest as error:
-            return refused(error)
+    @visitor_errors
+    def load_sample(request: gr.Request) -> dict:
+        with admitted(chat, request):
+            return loaded(sample_questions())
 
-    def load_hub(dataset: str, split: str, question: str, answer: str, choices: str) -> dict:
+    @visitor_errors
+    def load_file(request: gr.Request, *, file: dict | None) -> dict:
+        """The questions of an uploaded file; the file is not kept (read_upload)."""
+        data = read_upload(file)
+        with admitted(chat, request):
+            try:
+                return loaded(read_questions(data, _upload_name(file), *caps))
+            except InvalidRequest as error:
+                return refused(error)
+
+    @visitor_errors
+    def load_hub(request: gr.Request, *, dataset: str, split: str, question: str, answer: str, choices: str) -> dict:
         named = {"question": question, "expected": answer, "choices": choices}
         mapping = {role: column.strip() for role, column in named.items() if column.strip()}
-        try:
-            return loaded(hub_questions(dataset.strip(), split.strip(), mapping, *caps))
-        except InvalidRequest as error:
-            return refused(error)
+        with admitted(chat, request):
+            try:
+                return loaded(hub_questions(dataset.strip(), split.strip(), mapping, *caps))
+            except InvalidRequest as error:
+                return refused(error)
 
     @visitor_errors
     def run(request: gr.Request, values: dict):
@@ -347,7 +359,12 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
     def stop(request: gr.Request) -> None:
         chat.stop(_owner(request))
 
-    def show_kept(kept, shown: Filter, chosen) -> dict:
+    @visitor_errors
+    def show_kept(request: gr.Request, *, kept, shown: Filter, chosen) -> dict:
+        with admitted(chat, request):
+            return _shown_kept(kept, shown, chosen)
+
+    def _shown_kept(kept, shown: Filter, chosen) -> dict:
         """The page showing the first kept evaluation: its figures, matrix, system messages and rule."""
         listed = kept_evaluations.load(kept)
         evaluation = kept_evaluations.opened(listed, *caps)
@@ -370,30 +387,36 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
             view |= {column.preset: gr.skip() if preset == TYPED else preset, column.system_message: system}
         return view | _actions(tab, True)
 
-    def filtered(kept, shown: Filter, chosen) -> dict:
-        evaluation = _opened(kept)
-        return {tab.matrix: matrix_html(evaluation, shown, _place(chosen, evaluation))} if evaluation else {}
+    @visitor_errors
+    def filtered(request: gr.Request, *, kept, shown: Filter, chosen) -> dict:
+        with admitted(chat, request):
+            evaluation = _opened(kept)
+            return {tab.matrix: matrix_html(evaluation, shown, _place(chosen, evaluation))} if evaluation else {}
 
-    def open_cell(event: gr.SelectData, kept, shown: Filter) -> dict:
-        evaluation = _opened(kept)
-        place = _place(event.index, evaluation) if evaluation else None
-        if evaluation is None or place is None:
-            return {}
-        return _cell_view(tab, evaluation, place) | {
-            tab.chosen: list(place),
-            tab.matrix: matrix_html(evaluation, shown, place),
-            tab.tokens: "",
-        }
+    @visitor_errors
+    def open_cell(event: gr.SelectData, request: gr.Request, *, kept, shown: Filter) -> dict:
+        with admitted(chat, request):
+            evaluation = _opened(kept)
+            place = _place(event.index, evaluation) if evaluation else None
+            if evaluation is None or place is None:
+                return {}
+            return _cell_view(tab, evaluation, place) | {
+                tab.chosen: list(place),
+                tab.matrix: matrix_html(evaluation, shown, place),
+                tab.tokens: "",
+            }
 
-    def override(kept, chosen, verdict: str) -> dict:
-        listed = kept_evaluations.load(kept)
-        evaluation = kept_evaluations.opened(listed, *caps)
-        place = _place(chosen, evaluation) if evaluation else None
-        if evaluation is None or place is None:
-            return {}
-        changed = evaluation.with_override(*place, None if verdict == "scored" else Verdict(verdict))
-        updated, _ = kept_evaluations.keep(listed, changed, listed[0].label)
-        return {tab.kept: kept_evaluations.dump(updated)} | _cell_view(tab, changed, place)
+    @visitor_errors
+    def override(request: gr.Request, *, kept, chosen, verdict: str) -> dict:
+        with admitted(chat, request):
+            listed = kept_evaluations.load(kept)
+            evaluation = kept_evaluations.opened(listed, *caps)
+            place = _place(chosen, evaluation) if evaluation else None
+            if evaluation is None or place is None:
+                return {}
+            changed = evaluation.with_override(*place, None if verdict == "scored" else Verdict(verdict))
+            updated, _ = kept_evaluations.keep(listed, changed, listed[0].label)
+            return {tab.kept: kept_evaluations.dump(updated)} | _cell_view(tab, changed, place)
 
     def show_tokens(request: gr.Request, *, kept, chosen) -> dict:
         evaluation = _opened(kept)
@@ -408,43 +431,59 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         view = view_for(chat, asked, system, [], cell.answer, cell.answer_ids, caption, visitor_of(request))
         return {tab.tokens: view.html}
 
-    def choose_kept(kept, index) -> dict:
-        listed = kept_evaluations.load(kept)
-        if not isinstance(index, int) or not 0 < index < len(listed):
-            return {}
-        reordered = [listed[index], *(k for i, k in enumerate(listed) if i != index)]
-        return {tab.kept: kept_evaluations.dump(reordered), tab.cell: gr.update(visible=False), tab.chosen: None}
-
-    def export_csv(kept) -> str:
-        evaluation = _opened(kept)
-        if evaluation is None:
-            raise gr.Error("Nothing to export yet: run an evaluation first.")
-        return _download("csv", "text/csv", to_csv(evaluation))
-
-    def export_json(kept) -> str:
-        evaluation = _opened(kept)
-        if evaluation is None:
-            raise gr.Error("Nothing to export yet: run an evaluation first.")
-        return _download("json", "application/json", to_json(_with_prompt_ids(chat, evaluation)))
+    @visitor_errors
+    def choose_kept(request: gr.Request, *, kept, index) -> dict:
+        with admitted(chat, request):
+            listed = kept_evaluations.load(kept)
+            if not isinstance(index, int) or not 0 < index < len(listed):
+                return {}
+            reordered = [listed[index], *(k for i, k in enumerate(listed) if i != index)]
+            return {tab.kept: kept_evaluations.dump(reordered), tab.cell: gr.update(visible=False), tab.chosen: None}
 
     @visitor_errors
-    def import_json(data: bytes, kept) -> dict:
-        evaluation = from_json(_utf8(data), *caps)
-        listed, notice = kept_evaluations.keep(kept_evaluations.load(kept), evaluation)
-        line = note_html(f"📥 Imported: {len(evaluation.cells)} of {evaluation.total} answers. {notice or ''}".strip())
-        return {
-            tab.kept: kept_evaluations.dump(listed),
-            tab.progress: line,
-            tab.cell: gr.update(visible=False),
-            tab.chosen: None,
-        }
+    def export_csv(request: gr.Request, *, kept) -> str:
+        with admitted(chat, request):
+            return _download("csv", "text/csv", to_csv(_exported(kept)))
+
+    @visitor_errors
+    def export_json(request: gr.Request, *, kept) -> str:
+        with admitted(chat, request):
+            return _download("json", "application/json", to_json(_with_prompt_ids(chat, _exported(kept))))
+
+    @visitor_errors
+    def import_json(request: gr.Request, *, file: dict | None, kept) -> dict:
+        """An evaluation from an exported file, shown and kept; the file is not kept (read_upload)."""
+        data = read_upload(file)
+        with admitted(chat, request):
+            evaluation = from_json(_utf8(data), *caps)
+            listed, notice = kept_evaluations.keep(kept_evaluations.load(kept), evaluation)
+            note = f"📥 Imported: {len(evaluation.cells)} of {evaluation.total} answers. {notice or ''}"
+            return {
+                tab.kept: kept_evaluations.dump(listed),
+                tab.progress: note_html(note.strip()),
+                tab.cell: gr.update(visible=False),
+                tab.chosen: None,
+            }
+
+    def shown_columns(count: int) -> dict:
+        return {column.box: gr.update(visible=index < count) for index, column in enumerate(tab.columns)}
+
+    def shown_pattern(rule: str) -> dict:
+        return gr.update(visible=rule == Rule.REGEX.value)
+
+    def _exported(kept) -> Evaluation:
+        evaluation = _opened(kept)
+        if evaluation is None:
+            raise gr.Error("Nothing to export yet: run an evaluation first.")
+        return evaluation
 
     def _opened(kept) -> Evaluation | None:
         return kept_evaluations.opened(kept_evaluations.load(kept), *caps)
 
-    tab.sample.click(load_sample, None, [tab.questions, tab.questions_view, tab.rule, tab.run], **INSTANT)
     loads = [tab.questions, tab.questions_view, tab.rule, tab.run]
-    tab.upload.upload(load_file, inputs_kwargs=dict(path=tab.upload), outputs=loads, **INSTANT)
+    tab.sample.click(load_sample, None, loads, **PAGE_WORK)
+    # The file as uploaded (read_upload).
+    tab.upload.upload(load_file, inputs_kwargs=dict(file=tab.upload), outputs=loads, preprocess=False, **PAGE_WORK)
     hub: dict[str, Block] = dict(
         dataset=tab.hub_dataset,
         split=tab.hub_split,
@@ -452,15 +491,11 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         answer=tab.hub_answer,
         choices=tab.hub_choices,
     )
-    # Loading from the Hub waits on the network: queued, one at a time, never in the model's group.
-    tab.hub_load.click(load_hub, inputs_kwargs=hub, outputs=loads, api_visibility="private", concurrency_limit=1)
-    tab.rule.change(lambda rule: gr.update(visible=rule == Rule.REGEX.value), tab.rule, tab.pattern, **INSTANT)
-    tab.count.change(
-        lambda count: {c.box: gr.update(visible=i < count) for i, c in enumerate(tab.columns)},
-        tab.count,
-        [c.box for c in tab.columns],
-        **INSTANT,
-    )
+    # Loading from the Hub waits on the network (a capped number of rows): in the page's group, never the
+    # model's, admitted straight in so that its waiting holds a place in the visitor's fair share.
+    tab.hub_load.click(load_hub, inputs_kwargs=hub, outputs=loads, **PAGE_WORK)
+    tab.rule.change(shown_pattern, tab.rule, tab.pattern, **INSTANT)
+    tab.count.change(shown_columns, tab.count, [c.box for c in tab.columns], **INSTANT)
     for column in tab.columns:
         wire_preset(column.preset, column.system_message)
     systems = {column.system_message for column in tab.columns}
@@ -505,15 +540,15 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         *(c for column in tab.columns for c in (column.box, column.preset, column.system_message)),
     ]
     viewed: dict[str, Block] = dict(kept=tab.kept, shown=tab.shown, chosen=tab.chosen)
-    tab.kept.change(show_kept, inputs_kwargs=viewed, outputs=shown_outputs, **INSTANT)
-    tab.shown.change(filtered, inputs_kwargs=viewed, outputs=[tab.matrix], **INSTANT)
+    tab.kept.change(show_kept, inputs_kwargs=viewed, outputs=shown_outputs, **PAGE_WORK)
+    tab.shown.change(filtered, inputs_kwargs=viewed, outputs=[tab.matrix], **PAGE_WORK)
     cell_outputs = [tab.cell, tab.cell_caption, tab.answer, tab.verdict, tab.chosen, tab.matrix, tab.tokens]
-    tab.matrix.select(open_cell, inputs_kwargs=dict(kept=tab.kept, shown=tab.shown), outputs=cell_outputs, **INSTANT)
+    tab.matrix.select(open_cell, inputs_kwargs=dict(kept=tab.kept, shown=tab.shown), outputs=cell_outputs, **PAGE_WORK)
     tab.verdict.input(
         override,
         inputs_kwargs=dict(kept=tab.kept, chosen=tab.chosen, verdict=tab.verdict),
         outputs=[tab.kept, *cell_outputs],
-        **INSTANT,
+        **PAGE_WORK,
     )
     scoring: EventOptions = {**SCORING_CONCURRENCY, "api_visibility": "private"}
     tab.score.click(
@@ -526,15 +561,17 @@ def _wire(tab: EvaluateTab, chat: Chat) -> None:
         choose_kept,
         inputs_kwargs=dict(kept=tab.kept, index=tab.kept_list),
         outputs=[tab.kept, tab.cell, tab.chosen],
-        **INSTANT,
+        **PAGE_WORK,
     )
     wire_download(tab.export_csv, export_csv, tab.download, kept=tab.kept)
     wire_download(tab.export_json, export_json, tab.download, kept=tab.kept)
     tab.import_json.upload(
         import_json,
-        inputs_kwargs=dict(data=tab.import_json, kept=tab.kept),
+        inputs_kwargs=dict(file=tab.import_json, kept=tab.kept),
         outputs=[tab.kept, tab.progress, tab.cell, tab.chosen],
-        **INSTANT,
+        # The file as uploaded (read_upload).
+        preprocess=False,
+        **PAGE_WORK,
     )
 
 
@@ -623,6 +660,11 @@ def _grading(rule: str, pattern: str) -> Grading:
     if chosen == Rule.REGEX and not pattern:
         raise InvalidRequest("Give the regular expression that finds the answer.")
     return Grading(chosen, pattern if chosen == Rule.REGEX else None)
+
+
+def _upload_name(file: dict | None) -> str:
+    """The uploaded file's name as the visitor's computer gave it, which says its format."""
+    return str((file or {}).get("orig_name") or Path((file or {}).get("path", "")).name)
 
 
 def _utf8(data: bytes) -> str:
