@@ -316,10 +316,13 @@ class Flood:
     """`flooders` sessions from the attacker's address, each sending one request after another until
     stop(); what each request came to is counted, with the refusals' and errors' messages."""
 
-    def __init__(self, url: str, kind: str, flooders: int, sizes: Sizes = Sizes()):
+    def __init__(self, url: str, kind: str, flooders: int, sizes: Sizes = Sizes(), pause: float = 0.0):
         self.url, self.kind, self.flooders, self.sizes = url, kind, flooders, sizes
+        # Seconds a sender waits after a refusal: none for an attacker; a test leaves its CPU to the server.
+        self.pause = pause
         self.outcomes: Counter[str] = Counter()
-        self.messages: Counter[str] = Counter()
+        # By outcome: what the refusals and errors said, and how often.
+        self.messages: dict[str, Counter[str]] = {}
         self.sent = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -348,7 +351,9 @@ class Flood:
             with self._lock:
                 self.outcomes[outcome.kind] += 1
                 if outcome.message:
-                    self.messages[outcome.message[:160]] += 1
+                    self.messages.setdefault(outcome.kind, Counter())[outcome.message[:160]] += 1
+            if outcome.kind == "refused":
+                self._stop.wait(self.pause)
         caller.close()
 
     def stop(self) -> dict:
@@ -360,7 +365,7 @@ class Flood:
         return {
             "outcomes": dict(self.outcomes),
             "requests_per_s": sum(self.outcomes.values()) / seconds,
-            "messages": dict(self.messages.most_common(4)),
+            "messages": {kind: dict(said.most_common(3)) for kind, said in self.messages.items()},
             "senders_left": sum(thread.is_alive() for thread in self._threads),
         }
 
