@@ -3,7 +3,7 @@ server, in the same run.
 
     python bench/attack.py [--model 100m | --model tiny | --model DIR] [--rounds 3] [--samples 3]
                            [--kinds render,import,export,score,compare,forged] [--flooders 12]
-                           [--new-tokens 32] [--json bench/attack.json]
+                           [--new-tokens 32] [--app-args="--concurrency 9"] [--json bench/attack.json]
 
 The app runs as `python app.py` behind an emulated Space proxy (--trusted-proxies 1): every request
 carries the X-Forwarded-For entry a Space's proxy appends, so the flooder and the honest visitor are
@@ -409,7 +409,7 @@ def first_token(answers: list[Outcome]) -> float:
     return statistics.median(times) if times else float("inf")
 
 
-def launch_app(model: str, port: int) -> subprocess.Popen:
+def launch_app(model: str, port: int, extra: list[str]) -> subprocess.Popen:
     command = [
         sys.executable,
         "app.py",
@@ -423,6 +423,7 @@ def launch_app(model: str, port: int) -> subprocess.Popen:
         "4000",
         "--log-level",
         "WARNING",
+        *extra,
     ]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
@@ -499,6 +500,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="the honest visitor's max_new_tokens")
     parser.add_argument("--flood-tokens", type=int, default=Sizes.flood_tokens)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds a flood runs before the honest visitor asks")
+    parser.add_argument(
+        "--app-args", default="", help='more flags for app.py, in one string: --app-args="--concurrency 9"'
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "attack.json"))
     args = parser.parse_args()
     sizes = Sizes(flood_tokens=args.flood_tokens)
@@ -511,7 +515,7 @@ def main() -> None:
 
             model = str(build_tiny_model(Path(folder) / model, size=model))
         port = 7800 + os.getpid() % 100
-        server = launch_app(model, port)
+        server = launch_app(model, port, args.app_args.split())
         try:
             runs = run(f"http://127.0.0.1:{port}/", args, sizes)
         finally:
