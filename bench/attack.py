@@ -209,9 +209,10 @@ def _refusal(message: str) -> Outcome:
     return Outcome("refused" if any(words in message for words in REFUSALS) else "error", message[:300])
 
 
-def honest_answer(url: str, new_tokens: int, address: str = HONEST) -> Outcome:
+def honest_answer(url: str, new_tokens: int, address: str = HONEST, first_only: bool = False) -> Outcome:
     """The honest visitor's /chat through the API's own route (/gradio_api/call/v2/chat): the seconds to
-    its first piece of text, and its last update."""
+    its first piece of text, and its last update; with first_only, it leaves at the first piece (which
+    stops the answer)."""
     started, first, final = time.perf_counter(), None, None
     with httpx.Client(base_url=url + "gradio_api/", headers={"X-Forwarded-For": address}, timeout=60) as http:
         sent = http.post("call/v2/chat", json={"message": "How are you?", "max_new_tokens": new_tokens})
@@ -227,6 +228,8 @@ def honest_answer(url: str, new_tokens: int, address: str = HONEST) -> Outcome:
                     final = json.loads(line[5:])[0]
                     if first is None and final["answer"]:
                         first = time.perf_counter() - started
+                        if first_only:
+                            return Outcome("ok", first=first, final=final)
                 elif line.startswith("data:") and event == "error":
                     return _refusal(line[5:].strip())
     if final is None or not final["done"] or final["error"]:
@@ -381,7 +384,8 @@ def _flood_process(url: str, kind: str, flooders: int, sizes: Sizes, stop, ready
 
 
 def honest_samples(url: str, samples: int, new_tokens: int) -> list[Outcome]:
-    return [honest_answer(url, new_tokens) for _ in range(samples)]
+    """First tokens only: the rest of an answer under some floods takes minutes, and isn't measured."""
+    return [honest_answer(url, new_tokens, first_only=True) for _ in range(samples)]
 
 
 def under_flood(url: str, kind: str, args, sizes: Sizes) -> tuple[list[Outcome], dict]:
