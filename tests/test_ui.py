@@ -8,6 +8,7 @@ import pytest
 from support import page_request
 
 from orca2_space import ui
+from orca2_space.backends.contract import GenerationError
 from orca2_space.chat import Chat
 from orca2_space.conversation import Conversation, Exchange, Store
 from orca2_space.fairness import Refused
@@ -114,3 +115,19 @@ def test_bad_input_reaches_the_visitor_as_a_gradio_error_saying_why(error):
     assert next(updates) == "first"
     with pytest.raises(gr.Error, match=str(error)):
         next(updates)
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [(Refused("over the limit"), False), (InvalidRequest("bad"), False), (GenerationError("the model failed"), True)],
+)
+def test_a_refusal_reaches_the_visitor_without_a_traceback_in_the_servers_log_and_a_failure_keeps_one(error, logged):
+    """A flood of refused requests would otherwise write one traceback each (issue 20's attack)."""
+
+    @visitor_errors
+    def handler():
+        raise error
+
+    with pytest.raises(gr.Error, match=str(error)) as shown:
+        handler()
+    assert shown.value.print_exception is logged

@@ -92,7 +92,7 @@ def visitor_errors(handler: Callable[P, T]) -> Callable[P, T]:
             try:
                 yield from cast(Iterator, handler(*args, **kwargs))
             except VISITOR_ERRORS as error:
-                raise gr.Error(str(error)) from error
+                raise shown(error) from error
 
         return cast(Callable[P, T], streaming)
 
@@ -101,9 +101,15 @@ def visitor_errors(handler: Callable[P, T]) -> Callable[P, T]:
         try:
             return handler(*args, **kwargs)
         except VISITOR_ERRORS as error:
-            raise gr.Error(str(error)) from error
+            raise shown(error) from error
 
     return answering
+
+
+def shown(error: Exception) -> gr.Error:
+    """The error as the visitor reads it. The server's log keeps the traceback of a failed answer only:
+    bad input and refusals are the visitor's (a flood of refusals would otherwise write a traceback each)."""
+    return gr.Error(str(error), print_exception=not isinstance(error, InvalidRequest | PromptTooLong))
 
 
 def read_upload(file: dict | None) -> bytes:
