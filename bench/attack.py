@@ -28,6 +28,7 @@ spread, and what the flood got (answered, refused with a reason, queue full, err
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -287,8 +288,13 @@ def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller
         assert exported.kind == "ok", exported
         content = json.loads(exported.final[0])["text"].encode()
 
+        uploads = itertools.count()
+
         def imported(caller: Caller, n: int, stop: threading.Event) -> Outcome:
-            values = {"data": caller.upload("chat.json", content), "stored": {}, "looked": {}, "raw": False}
+            # Gradio files an upload under its content's hash, and an import deletes what it read: each
+            # upload is made its own file (trailing spaces: the same JSON), as each visitor's would be.
+            unique = content + b" " * next(uploads)
+            values = {"data": caller.upload("chat.json", unique), "stored": {}, "looked": {}, "raw": False}
             return caller.call(events["import"], values, stop)
 
         return imported
