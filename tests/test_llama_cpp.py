@@ -355,6 +355,29 @@ def test_compare_and_token_probabilities_work_on_llama_cpp(app_client, tiny):
 
 
 @needs_llama_cpp
+def test_evaluate_works_on_llama_cpp_and_each_cell_is_chats_answer(app_client):
+    questions = [
+        {"question": "What is 2 + 2?", "answer": "4"},
+        {"question": "Is ice cold? Yes or No.", "answer": "Yes"},
+    ]
+    systems = ["", "You are Orca."]
+    final = app_client.submit(
+        questions=questions, system_messages=systems, rule="final-answer", max_new_tokens=8, api_name="/evaluate"
+    ).result()
+    assert final["finished"] and final["done"] == final["total"] == 4
+    assert len(final["results"]["messages"]) == 2 and len(final["results"]["pairs"]) == 1
+    for cell in final["cells"]:
+        alone = app_client.predict(
+            message=questions[cell["question"]]["question"],
+            system_message=systems[cell["message"]],
+            single_turn=True,
+            max_new_tokens=8,
+            api_name="/chat",
+        )
+        assert cell["error"] is None and cell["answer_ids"] == alone["answer_ids"]
+
+
+@needs_llama_cpp
 @pytest.mark.slow
 def test_the_app_runs_a_gguf_without_torch(tiny_gguf, tmp_path):
     """README's laptop install: requirements-remote.txt and requirements-llama.txt, no torch."""
