@@ -10,12 +10,13 @@ waiting for more checks, every WAIT_SECONDS, that the producer is still there to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from ..prompt import STOP_IDS, OrcaTokenizer, StreamDecoder
 from .contract import GenerationError, GenerationStats, StopReason
@@ -186,3 +187,32 @@ class Answer:
         while not feed.items.empty():
             items.append(feed.items.get_nowait())
         return items
+
+
+def produce_in_turn(feed: Feed, turn: threading.Lock, tokens: Callable[[], Generator[int, None, None]]) -> None:
+    """A producer thread's whole answer, for a backend whose answers take turns: wait for the turn (its
+    holder releases it however it ends, and everything it waits on is bounded), looking for Stop
+    meanwhile; push each id of tokens() until Stop; close the feed with what failed, logged once here
+    (the backend goes on). Closing the token stream stops the model too (the only way that reaches
+    ZeroGPU's worker)."""
+    error = None
+    try:
+        while not turn.acquire(timeout=0.05):
+            if feed.cancelled.is_set():
+                return
+        try:
+            if feed.cancelled.is_set():
+                return
+            feed.started = time.perf_counter()  # the answer's speed, not its wait for its turn
+            with contextlib.closing(tokens()) as stream:
+                for token in stream:
+                    feed.push(token)
+                    if feed.cancelled.is_set():
+                        break
+        finally:
+            turn.release()
+    except Exception as failure:
+        log.exception("generation failed")
+        error = failure
+    finally:
+        feed.close(error)

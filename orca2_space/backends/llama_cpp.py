@@ -16,13 +16,11 @@ instead, and llama.cpp's log goes to this module's logger.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import os
 import secrets
 import threading
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import ModuleType
@@ -32,7 +30,7 @@ import numpy as np
 
 from ..prompt import IM_END, IM_START, OrcaTokenizer, Prompt
 from ..settings import GenerationParams, LlamaCppSettings
-from .answer import Answer, Feed
+from .answer import Answer, Feed, produce_in_turn
 from .contract import (
     LLAMA_CPP_SAMPLING,
     GenerationError,
@@ -313,28 +311,7 @@ class LlamaCpp:
         return Answer(feed, self.tokenizer)
 
     def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling) -> None:
-        error = None
-        try:
-            # Waits for the answer ahead, looking for Stop meanwhile.
-            while not self._lock.acquire(timeout=0.05):
-                if feed.cancelled.is_set():
-                    return
-            try:
-                if feed.cancelled.is_set():
-                    return
-                feed.started = time.perf_counter()  # the answer's speed, not its wait for its turn
-                with contextlib.closing(self._tokens(input_ids, sampling)) as tokens:
-                    for token in tokens:
-                        feed.push(token)
-                        if feed.cancelled.is_set():
-                            break
-            finally:
-                self._lock.release()
-        except Exception as failure:  # reported to the reader once, here; the backend goes on
-            log.exception("generation failed")
-            error = failure
-        finally:
-            feed.close(error)
+        produce_in_turn(feed, self._lock, lambda: self._tokens(input_ids, sampling))
 
     def _tokens(self, input_ids: list[int], sampling: Sampling) -> Generator[int, None, None]:
         """The answer's ids, one decode step each, until a stop id, max_new_tokens or the context's end."""

@@ -10,19 +10,17 @@ a failure of the model ends the answer with a GenerationError while the engine g
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Generator
 
 from ...prompt import OrcaTokenizer, Prompt
 from ...settings import GenerationParams, on_zerogpu
-from ..answer import Answer, Feed
+from ..answer import Answer, Feed, produce_in_turn
 from ..contract import ModelInfo, ModelLoadError, ScoringUnavailable, TokenProbability, scored_tokens
 from ..sampling import Sampling
 from . import zerogpu
@@ -128,27 +126,4 @@ class Engine:
         return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
 
     def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling) -> None:
-        error = None
-        try:
-            # Waits for the answer ahead (its holder releases the lock in `finally`, and everything
-            # it waits on is bounded), looking for Stop meanwhile.
-            while not self._lock.acquire(timeout=0.05):
-                if feed.cancelled.is_set():
-                    return
-            try:
-                if feed.cancelled.is_set():
-                    return
-                feed.started = time.perf_counter()  # the answer's speed, not its wait for the lock
-                # Closing the stream stops the model too: the only way that reaches ZeroGPU's worker.
-                with contextlib.closing(self._stream_tokens(input_ids, sampling, feed.cancelled)) as tokens:
-                    for token in tokens:
-                        feed.push(token)
-                        if feed.cancelled.is_set():
-                            break
-            finally:
-                self._lock.release()
-        except Exception as failure:  # reported to the reader once, here; the engine goes on
-            log.exception("generation failed")
-            error = failure
-        finally:
-            feed.close(error)
+        produce_in_turn(feed, self._lock, lambda: self._stream_tokens(input_ids, sampling, feed.cancelled))
