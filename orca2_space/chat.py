@@ -20,7 +20,7 @@ from typing import Any
 from . import evaluator
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
 from .evaluator import EvaluationProgress, EvaluationRequest, EvaluationSlots
-from .fairness import FairShare, Heavy, Limits, Refused, Visitor
+from .fairness import FairShare, Heavy, Limits, Refused, Visitor, sharer
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import (
@@ -322,9 +322,9 @@ class Chat:
         """Stream the answer. Closing the iterator, or stop(owner), ends the backend's work. A visitor
         over their fair share is refused (fairness.Refused) before anything else happens."""
         with self.fair_share.admit(visitor):
-            yield from self._respond(request, owner)
+            yield from self._respond(request, owner, sharer(visitor))
 
-    def _respond(self, request: ChatRequest, owner: str | None) -> Iterator[ChatUpdate]:
+    def _respond(self, request: ChatRequest, owner: str | None, whose: str = "") -> Iterator[ChatUpdate]:
         moderation, notice = self.moderation_for(request.moderation)
         reply = _Reply([*request.notices, *([notice] if notice else [])], moderation, request.params)
         for waiting in self._wait_for_backend():
@@ -351,7 +351,7 @@ class Chat:
                 f"The {prompt.dropped_turns} oldest turn(s) were left out to fit Orca 2's "
                 f"{self.backend.info.context_length}-token context."
             )
-        answer = self.backend.generate(prompt, request.params)
+        answer = self.backend.generate(prompt, request.params, whose)
         with self._owned(owner, answer):
             yield from _stream(answer, reply, moderation)
 
@@ -419,10 +419,12 @@ class Chat:
         update. A comparison takes one place of the visitor's fair share per answer, and is heavy (where
         the server keeps heavy requests for signed-in visitors, others are refused)."""
         with self.fair_share.admit(visitor, len(requests), Heavy.COMPARISON):
-            yield from self._compare(requests, owner)
+            yield from self._compare(requests, owner, sharer(visitor))
 
-    def _compare(self, requests: Sequence[ChatRequest], owner: str | None) -> Iterator[tuple[ChatUpdate, ...]]:
-        comparison = _Comparison(self, f"compare-{secrets.token_hex(8)}")
+    def _compare(
+        self, requests: Sequence[ChatRequest], owner: str | None, whose: str = ""
+    ) -> Iterator[tuple[ChatUpdate, ...]]:
+        comparison = _Comparison(self, f"compare-{secrets.token_hex(8)}", whose)
         updates: queue.SimpleQueue = queue.SimpleQueue()
         for index, request in enumerate(requests):
             threading.Thread(
@@ -461,15 +463,16 @@ class Chat:
         others wait (evaluator.py). stop(owner), or closing the iterator, ends all of its answers;
         what finished stays, and the last progress has finished=True."""
         with self._evaluations.hold(), self.fair_share.admit(visitor, heavy=Heavy.EVALUATION):
-            yield from evaluator.Run(self, request).progress(owner)
+            yield from evaluator.Run(self, request, sharer(visitor)).progress(owner)
 
 
 class _Comparison:
     """What stop(owner) reaches of a comparison: each of its answers, those still to start included."""
 
-    def __init__(self, chat: Chat, key: str):
+    def __init__(self, chat: Chat, key: str, whose: str):
         self._chat = chat
         self._key = key  # the owner its answers run under
+        self._whose = whose
         self._stopped = threading.Event()
 
     def cancel(self) -> None:
@@ -479,7 +482,7 @@ class _Comparison:
     def answer_into(self, index: int, request: ChatRequest, updates: queue.SimpleQueue) -> None:
         """One answer's updates, put as (index, update), then (index, None)."""
         try:
-            for update in self._chat._respond(request, self._key):
+            for update in self._chat._respond(request, self._key, self._whose):
                 updates.put((index, update))
                 if self._stopped.is_set():  # an answer that started after Stop stops now
                     self._chat.stop(self._key)

@@ -246,9 +246,10 @@ class _Finished:
 class Run:
     """One evaluation's answers: what stop(owner) reaches (cancel), and the progress it streams."""
 
-    def __init__(self, chat: Chat, request: EvaluationRequest):
+    def __init__(self, chat: Chat, request: EvaluationRequest, whose: str = ""):
         self._chat = chat
         self._request = request
+        self._whose = whose  # whose share of the batch its answers take (Backend.generate)
         self._key = f"evaluate-{secrets.token_hex(8)}"
         self._stopped = threading.Event()
         self._updates: queue.SimpleQueue = queue.SimpleQueue()
@@ -384,7 +385,7 @@ class Run:
         except (InvalidRequest, PromptTooLong) as error:  # this row can't be asked; the run goes on
             return _Finished(answer, Cell(answer.question, answer.message, "", _NOTHING, error=str(error)))
         last: ChatUpdate | None = None
-        for update in chat._respond(asked, answer.key):
+        for update in chat._respond(asked, answer.key, self._whose):
             if answer.cancelled.is_set():  # an answer that started after its stop stops now
                 chat.stop(answer.key)
             answer.updates += 1

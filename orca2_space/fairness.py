@@ -7,7 +7,8 @@ place, a comparison one per system message, so that a comparison of 4 weighs wha
 Without this, one script that queues many long answers makes every other visitor wait behind all of
 them. Requests are let in here, not held in Gradio's queue: the model's own scheduler (the batch, or
 the engine's turn for answers run alone) is the only place a request waits, so a visitor who is
-within the limits starts at the next decode step.
+within the limits starts at the next decode step. The batch shares its places between addresses
+(sharer), so the answers one address may have in progress can't keep them from another's.
 
 Where the page offers Sign in with Hugging Face, a signed-in visitor is their account, whichever page
 or tab they ask from, and the server's owner may give visitors who haven't signed in a smaller share
@@ -35,6 +36,13 @@ class Visitor:
     address: str
     # Signed in with Hugging Face: session is then the account (adapters.visitor_of).
     signed_in: bool = False
+
+
+def sharer(visitor: Visitor | None) -> str:
+    """Between whom a backend shares the places it serves at once (Backend.generate's whose): network
+    addresses, as the limits here count them, since one client may open many sessions. The app's own
+    requests (visitor None) are one more."""
+    return "" if visitor is None else visitor.address
 
 
 class Heavy(enum.Enum):

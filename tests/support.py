@@ -116,10 +116,12 @@ class FakeBackend:
         self.info = ModelInfo("fake-orca2", "none", "a test double", "nowhere", 4096)
         self.pieces, self.forever, self.held = pieces, forever, held
         self.prompts: list[Prompt] = []
+        self.whose: list[str] = []
         self.scored: list[tuple[Prompt, list[int], int]] = []
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> FakeAnswer:
+    def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> FakeAnswer:
         self.prompts.append(prompt)
+        self.whose.append(whose)
         return FakeAnswer(self.pieces, params.max_new_tokens, self.forever, self.held)
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:

@@ -113,6 +113,97 @@ def test_a_seeded_answer_is_repeatable_while_batched_answers_run(batched_tiny):
     assert during == alone
 
 
+class Started:
+    """The requests a batch hands its manager: one per answer, and one more each time an answer set aside
+    resumes (counted through the manager's public add_request)."""
+
+    def __init__(self, engine: Engine, monkeypatch):
+        manager = engine._batcher._manager
+        add_request = manager.add_request
+        self.prompts: list[int] = []
+
+        def counted(input_ids, **kwargs):
+            self.prompts.append(len(input_ids))
+            return add_request(input_ids, **kwargs)
+
+        monkeypatch.setattr(manager, "add_request", counted)
+
+
+def test_one_address_cannot_keep_every_place_from_a_visitor_who_asks_next(never_ends, monkeypatch):
+    """Four endless answers for one address fill the batch's four places; a fifth, for another address,
+    gets a place at once (one of the four is set aside) and ends, while all four go on streaming."""
+    engine = batched(never_ends, max_concurrent=4)
+    started = Started(engine, monkeypatch)
+    params = GenerationParams(max_new_tokens=3000)
+    try:
+        flood = [engine.generate(prompt_for(engine), params, whose="203.0.113.66") for _ in range(4)]
+        streams = [iter(generation) for generation in flood]
+        for stream in streams:
+            next(stream)  # each holds a place and is writing
+        honest = engine.generate(prompt_for(engine), GenerationParams(max_new_tokens=8), whose="198.51.100.7")
+        assert "".join(honest) and honest.stats.n_tokens == 8 and honest.stats.stop_reason == "length"
+        assert len(started.prompts) == 6  # 4 + the honest answer + the one set aside, resumed
+        for stream in streams:
+            next(stream)  # still streaming, the one set aside included
+        assert not any(generation.wait(0) for generation in flood)
+    finally:
+        engine.close()
+
+
+def test_answers_set_aside_and_resumed_equal_their_answers_alone(tiny_engine, monkeypatch):
+    """Greedy, seeded and penalised answers of one address, the latest set aside for another address's
+    each time, resume where they were and write what they write alone, token for token."""
+    engine = batched(tiny_engine, max_concurrent=2)
+    started = Started(engine, monkeypatch)
+    settings = [
+        {},
+        dict(do_sample=True, temperature=0.9, top_p=0.95, top_k=0, seed=99),
+        dict(repetition_penalty=1.3),
+        dict(do_sample=True, temperature=1.2, top_k=40, seed=5, repetition_penalty=1.1),
+    ]
+    try:
+        texts: dict[int, str] = {}
+
+        def ask(index: int, whose: str) -> None:
+            question = QUESTIONS[index % len(QUESTIONS)]
+            params = GenerationParams(max_new_tokens=60, **settings[index])
+            texts[index] = "".join(engine.generate(prompt_for(engine, question), params, whose=whose))
+
+        threads = [threading.Thread(target=ask, args=(index, "a")) for index in range(len(settings))]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(started.prompts) >= 2, "the first address's answers to start")
+        ask(0, "b")  # on the caller's thread: it ends once it has had its place
+        for thread in threads:
+            thread.join(timeout=120)
+        assert any(length > min(started.prompts) for length in started.prompts[2:]), "nothing was set aside"
+        alone = {
+            index: answer(tiny_engine, QUESTIONS[index % len(QUESTIONS)], max_new_tokens=60, **settings[index])[0]
+            for index in range(len(settings))
+        }
+        assert texts == alone
+    finally:
+        engine.close()
+
+
+def test_stop_ends_answers_waiting_for_a_place_or_set_aside(never_ends):
+    engine = batched(never_ends, max_concurrent=2)
+    params = GenerationParams(max_new_tokens=3000)
+    try:
+        running = [engine.generate(prompt_for(engine), params, whose="a") for _ in range(2)]
+        for generation in running:
+            next(iter(generation))
+        waiting = engine.generate(prompt_for(engine), params, whose="a")  # a holds its even share: it waits
+        other = engine.generate(prompt_for(engine), params, whose="b")  # a's latest is set aside for it
+        next(iter(other))
+        for generation in (waiting, *running, other):
+            generation.cancel()
+            assert generation.wait(timeout=30) and generation.stats.stop_reason == "stopped"
+        assert engine._batcher.held() == 0
+    finally:
+        engine.close()
+
+
 def test_the_batch_cache_must_hold_a_whole_context(tiny_engine):
     with pytest.raises(ValueError, match="must hold a full context"):
         Engine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.info, BatchingSettings(cache_tokens=1024))

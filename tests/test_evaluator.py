@@ -36,7 +36,7 @@ def final(progress) -> object:
 
 def live(engine) -> int:
     """The answers the batch holds (its live requests)."""
-    return len(engine._batcher._sinks)
+    return engine._batcher.held()
 
 
 class BatchWatch:
@@ -49,8 +49,7 @@ class BatchWatch:
 
         def watched(*args):
             cancel = submit(*args)
-            with batcher._lock:
-                self.most = max(self.most, len(batcher._sinks))
+            self.most = max(self.most, batcher.held())
             return cancel
 
         monkeypatch.setattr(batcher, "submit", watched)

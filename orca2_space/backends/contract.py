@@ -137,7 +137,10 @@ class Backend(Protocol):
     info: ModelInfo
     tokenizer: OrcaTokenizer
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> AnswerStream: ...
+    def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> AnswerStream:
+        """Start answering. `whose`: who the answer is for (a network address), so that a backend serving
+        several answers at once can share its places fairly between those it serves."""
+        ...
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
         """The probability of each answer id given the prompt and the answer ids before it, at

@@ -205,7 +205,8 @@ class InferenceServer:
     def close(self) -> None:
         self.client.close()
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
+    def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
+        # The server schedules its own batch: whose is not its to know.
         sampling = Sampling.of(params)
         feed = Feed(sampling.seed, sampling=INFERENCE_SERVER_SAMPLING if sampling.do_sample else None)
         worker = threading.Thread(

@@ -298,7 +298,8 @@ class LlamaCpp:
             self.context.close()
             self.model.close()
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
+    def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
+        # Answers take turns here, in order of asking, whoever asks.
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))

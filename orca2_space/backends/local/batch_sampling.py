@@ -25,15 +25,19 @@ from ..sampling import Sampling
 from .seeded_sampling import next_token_scores, transforms
 
 _KWARG = "orca2_sampling"
+# How many of the request's first tokens it had written before the batch set it aside (batching.py):
+# they are in its prompt now, and its positions count from before them.
+_WRITTEN = "orca2_written"
 # ContinuousBatchingConfig fields that keep the step's scores right after its scheduling.
 CONFIG: dict[str, Any] = dict(use_async_batching=False, use_cuda_graph=False, default_compile_level=0)
 # What a request with no settings of ours (transformers' warm-up) decodes with: plain greedy.
 _GREEDY = Sampling(max_new_tokens=1)
 
 
-def request_kwargs(sampling: Sampling) -> dict[str, Any]:
-    """What add_request takes to decode this request with its own settings."""
-    return {_KWARG: sampling}
+def request_kwargs(sampling: Sampling, written: int = 0) -> dict[str, Any]:
+    """What add_request takes to decode this request with its own settings; `written`: the answer's
+    tokens already written, now at the end of its prompt (a request resumed where it was set aside)."""
+    return {_KWARG: sampling, _WRITTEN: written}
 
 
 def install(manager) -> None:
@@ -54,7 +58,7 @@ class _SeededBatchSampler(ContinuousBatchingLogitsProcessor):
     ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self):
-        self.supported_kwargs = {_KWARG: Sampling}
+        self.supported_kwargs = {_KWARG: Sampling, _WRITTEN: int}
         # The scheduled step's rows, from prepare_tensor_args to __call__ (the same thread, in turn).
         self._step: tuple[list[Sampling], list[torch.Tensor], list[int]] | None = None
 
@@ -65,9 +69,11 @@ class _SeededBatchSampler(ContinuousBatchingLogitsProcessor):
         settings, histories, positions = [], [], []
         for future in requests_with_new_token:
             state = future.state
-            sampling = state.logit_processor_kwargs.get(_KWARG, _GREEDY)
-            # A request the batch set aside and took back in carries its earlier answer in its prompt.
-            prompt_length = state._true_initial_tokens or len(state.initial_tokens)
+            kwargs = state.logit_processor_kwargs
+            sampling = kwargs.get(_KWARG, _GREEDY)
+            # A request set aside and taken back in (by transformers when its cache ran out, or by
+            # batching.py to make room) carries its earlier answer in its prompt.
+            prompt_length = (state._true_initial_tokens or len(state.initial_tokens)) - kwargs.get(_WRITTEN, 0)
             read = state.initial_tokens + state.generated_tokens
             settings.append(sampling)
             histories.append(torch.tensor(read if sampling.repetition_penalty != 1.0 else []))

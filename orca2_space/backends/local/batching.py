@@ -19,8 +19,9 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -81,8 +82,41 @@ class TokenSink(Protocol):
     def close(self, error: BaseException | None = None) -> None: ...
 
 
+@dataclass(eq=False)
+class _Job:
+    """One answer the batch serves: what it was asked, for whom, and what it has written so far."""
+
+    input_ids: list[int]
+    sampling: Sampling
+    sink: TokenSink
+    whose: str
+    # Order of asking: a job set aside keeps its place among the waiting.
+    arrival: int
+    written: list[int] = field(default_factory=list)
+    # While the manager holds it: its id there, and how much was written before (a resumed job's
+    # outputs count from its resumption).
+    request_id: str | None = None
+    resumed_at: int = 0
+    # Cancelled in the manager, to resume once dropped (set aside) or to end (stopped).
+    setting_aside: bool = False
+    stopped: bool = False
+
+    def finished_writing(self) -> bool:
+        """Whether a job set aside had already written its last token (a stop id, or its length)."""
+        written = self.written
+        return len(written) >= self.sampling.max_new_tokens or bool(written and written[-1] in self.sampling.stop_ids)
+
+
 class Batcher:
-    """One continuous-batching manager over the model, shared by every batched request."""
+    """One continuous-batching manager over the model, shared by every batched request.
+
+    The batch's places are shared fairly between those it serves (`whose`: a network address): a
+    place that frees goes to the one with the fewest answers in the batch, and when someone waits with
+    fewer than an even share while another holds more, one of the other's answers is set aside: taken
+    out of the batch and resumed later from where it was, its prompt and what it wrote read again
+    (vLLM's preemption by recomputation). Without it, one client's answers could fill every place
+    and a visitor asking next would wait for one of them to end.
+    """
 
     def __init__(self, model, settings: BatchingSettings, context_length: int):
         if settings.cache_tokens < context_length:
@@ -105,17 +139,18 @@ class Batcher:
             max_memory_percent=1.0,
             **batch_sampling.CONFIG,
         )
+        self._places = settings.max_concurrent
         self._manager = model.init_continuous_batching(generation_config=greedy, continuous_batching_config=sizing)
         batch_sampling.install(self._manager)
-        # The requests in flight; guarded by _lock.
-        self._sinks: dict[str, TokenSink] = {}
-        self._sent: dict[str, int] = {}
-        self._cancelling: set[str] = set()
+        # The jobs in the manager, by request id, and those waiting for a place; guarded by _lock.
+        self._jobs: dict[str, _Job] = {}
+        self._waiting: list[_Job] = []
         self._lock = threading.Lock()
-        # Submitting and restarting take turns, so a restart fails only what the dead model thread held.
+        # Scheduling and restarting take turns, so a restart fails only what the dead model thread held.
         self._admit = threading.Lock()
         self._work = threading.Event()
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
         self._closing = threading.Event()
         self._manager.start()
         # One reader for the manager's single output queue, routing to each request's sink.
@@ -126,37 +161,105 @@ class Batcher:
         """Whether anything still routes the batch's outputs (a reader waiting on a dead one would wait forever)."""
         return self._dispatcher.is_alive()
 
-    def submit(self, input_ids: list[int], sampling: Sampling, sink: TokenSink) -> Callable[[], None]:
-        """Start an answer; returns the function that cancels it."""
-        request_id = f"orca2-{next(self._ids)}"
+    def held(self) -> int:
+        """The answers the batch holds: in the manager or waiting for a place."""
+        with self._lock:
+            return len(self._jobs) + len(self._waiting)
+
+    def submit(self, input_ids: list[int], sampling: Sampling, sink: TokenSink, whose: str = "") -> Callable[[], None]:
+        """Start an answer for `whose` (who shares the batch's places with whom); returns the function
+        that cancels it."""
+        job = _Job(list(input_ids), sampling, sink, whose, next(self._arrivals))
+        with self._lock:
+            self._waiting.append(job)
+        self._schedule()
+        self._work.set()
+        return lambda: self._cancel(job)
+
+    def _schedule(self) -> None:
+        """Give free places to those waiting, fairly, and set aside answers over an even share for those
+        under it."""
         with self._admit:
             if not self._manager.is_running():
                 self._restart()
-            accepted = self._add(request_id, input_ids, sampling, sink)
-            if not accepted and self._restart():  # it was still dying
-                accepted = self._add(request_id, input_ids, sampling, sink)
-        self._work.set()
-        if not accepted:
-            sink.close(RuntimeError("the batching engine is not accepting requests"))
-        return lambda: self._cancel(request_id)
+            with self._lock:
+                starts = self._take_free_places()
+                set_aside = self._make_room()
+            for job in set_aside:
+                self._manager.cancel_request(job.request_id)
+            for job in starts:
+                if not self._start(job) and not (self._restart() and self._start(job)):
+                    self._finish(job, RuntimeError("the batching engine is not accepting requests"))
 
-    def _add(self, request_id: str, input_ids: list[int], sampling: Sampling, sink: TokenSink) -> bool:
-        # The sink is in place before the manager can answer; it leaves again if the manager refuses.
-        with self._lock:
-            self._sinks[request_id] = sink
-            self._sent[request_id] = 0
+    def _holding(self) -> Counter[str]:
+        """Answers each holds in the manager, not counting those on their way out."""
+        return Counter(job.whose for job in self._jobs.values() if not (job.setting_aside or job.stopped))
+
+    def _take_free_places(self) -> list[_Job]:
+        """The waiting jobs that get the free places: each to whoever holds the fewest, then in order of
+        asking. Call with _lock held; the jobs are taken off the waiting list."""
+        holding = self._holding()
+        starts = []
+        for _ in range(min(self._places - len(self._jobs), len(self._waiting))):
+            job = min(self._waiting, key=lambda job: (holding[job.whose], job.arrival))
+            self._waiting.remove(job)
+            holding[job.whose] += 1
+            job.request_id = f"orca2-{next(self._ids)}"
+            self._jobs[job.request_id] = job
+            starts.append(job)
+        return starts
+
+    def _make_room(self) -> list[_Job]:
+        """Answers to set aside so that everyone waiting gets at least an even share of the places: one
+        for each waiting job whose owner is under it, from whoever holds the most over it (their
+        latest answer: the least to read again). Call with _lock held."""
+        if not self._waiting:
+            return []
+        holding = self._holding()
+        even = max(1, self._places // len(set(holding) | {job.whose for job in self._waiting}))
+        coming = sum(job.setting_aside or job.stopped for job in self._jobs.values())
+        set_aside = []
+        for job in sorted(self._waiting, key=lambda job: (holding[job.whose], job.arrival)):
+            if holding[job.whose] >= even:
+                continue
+            if not coming:
+                over = max(holding, key=lambda whose: holding[whose], default=None)
+                if over is None or holding[over] <= even:
+                    break
+                victim = max(
+                    (
+                        held
+                        for held in self._jobs.values()
+                        if held.whose == over and not (held.setting_aside or held.stopped)
+                    ),
+                    key=lambda held: held.arrival,
+                )
+                victim.setting_aside = True
+                holding[over] -= 1
+                set_aside.append(victim)
+                coming += 1
+            coming -= 1
+            holding[job.whose] += 1
+        return set_aside
+
+    def _start(self, job: _Job) -> bool:
+        """Hand the job to the manager, resuming after what it has written; False if it refused."""
+        job.resumed_at = len(job.written)
         accepted = self._manager.add_request(
-            input_ids,
-            request_id=request_id,
-            max_new_tokens=sampling.max_new_tokens,
+            job.input_ids + job.written,
+            request_id=job.request_id,
+            max_new_tokens=job.sampling.max_new_tokens - len(job.written),
             streaming=True,
-            eos_token_id=list(sampling.stop_ids),
-            **batch_sampling.request_kwargs(sampling),
+            eos_token_id=list(job.sampling.stop_ids),
+            **batch_sampling.request_kwargs(job.sampling, written=len(job.written)),
         )
         if accepted is None:
             with self._lock:
-                del self._sinks[request_id], self._sent[request_id]
-        return accepted is not None
+                self._jobs.pop(job.request_id or "", None)
+            return False
+        if job.stopped or job.setting_aside:  # cancelled before the manager knew of it
+            self._manager.cancel_request(job.request_id)
+        return True
 
     def _restart(self) -> bool:
         """Start a model thread that died again (transformers logged why); call with _admit held."""
@@ -167,32 +270,45 @@ class Batcher:
             return False
         log.warning("the batch's model thread stopped; restarting it")
         # The manager failed what it held with its error; anything it missed ends here.
-        self._end_all(RuntimeError("the batch stopped unexpectedly"))
+        self._end_all(RuntimeError("the batch stopped unexpectedly"), waiting=False)
         self._manager.start()
         return True
 
-    def _cancel(self, request_id: str) -> None:
+    def _cancel(self, job: _Job) -> None:
         with self._lock:
-            if request_id not in self._sinks:
-                return
-            self._cancelling.add(request_id)
-        self._manager.cancel_request(request_id)
-
-    def _finish(self, request_id: str, error: BaseException | None = None) -> None:
-        with self._lock:
-            sink = self._sinks.pop(request_id, None)
-            self._sent.pop(request_id, None)
-            self._cancelling.discard(request_id)
-        if sink is not None:
-            sink.close(error)
-
-    def _end_all(self, error: BaseException) -> None:
-        """End every answer in flight with the error, and take them off the batch."""
-        with self._lock:
-            request_ids = list(self._sinks)
-        for request_id in request_ids:
-            self._finish(request_id, error)
+            if job in self._waiting:
+                self._waiting.remove(job)
+                request_id = None
+            elif job.request_id in self._jobs:
+                job.stopped = True
+                request_id = job.request_id
+            else:
+                return  # already over
+        if request_id is None:
+            self._finish(job)
+        else:
             self._manager.cancel_request(request_id)
+            self._work.set()
+
+    def _finish(self, job: _Job, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._jobs.pop(job.request_id or "", None)
+            job.request_id = None
+        job.sink.close(error)
+
+    def _end_all(self, error: BaseException, waiting: bool = True) -> None:
+        """End every answer in flight (and, with waiting, those waiting) with the error, and take them
+        off the batch."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            if waiting:
+                jobs += self._waiting
+                self._waiting.clear()
+        for job in jobs:
+            request_id = job.request_id
+            self._finish(job, error)
+            if request_id is not None:
+                self._manager.cancel_request(request_id)
 
     def _dispatch(self) -> None:
         while not self._closing.is_set():
@@ -205,7 +321,8 @@ class Batcher:
 
     def _dispatch_once(self) -> None:
         with self._lock:
-            in_flight, cancelling = bool(self._sinks), bool(self._cancelling)
+            in_flight = bool(self._jobs)
+            cancelling = any(job.setting_aside or job.stopped for job in self._jobs.values())
         if not in_flight:
             # An idle server sleeps here instead of polling the manager's output queue.
             self._work.wait(IDLE_WAIT_SECONDS)
@@ -215,34 +332,49 @@ class Batcher:
         if output is not None:
             self._deliver(output)
         elif not self._manager.is_running():
-            with self._admit:
-                if not self._manager.is_running():  # unless a submit restarted it meanwhile
-                    self._restart()
+            self._schedule()  # restarts it (unless a submit did meanwhile), then starts who waits
         self._end_cancelled()
 
     def _deliver(self, output) -> None:
         with self._lock:
-            sink = self._sinks.get(output.request_id)
-            sent = self._sent.get(output.request_id, 0)
-            if sink is not None:
-                # Streamed outputs carry every token so far; send the new ones.
-                self._sent[output.request_id] = len(output.generated_tokens)
-        if sink is None:
+            job = self._jobs.get(output.request_id)
+            # Streamed outputs carry every token since the job's (re)start; send the new ones.
+            new = [] if job is None else output.generated_tokens[len(job.written) - job.resumed_at :]
+            if job is not None:
+                job.written += new
+        if job is None:
             return
-        for token in output.generated_tokens[sent:]:
-            sink.push(token)
+        for token in new:
+            job.sink.push(token)
         if output.is_finished():
             failed = output.status == RequestStatus.FAILED
-            self._finish(output.request_id, RuntimeError(output.error) if failed else None)
+            self._finish(job, RuntimeError(output.error) if failed else None)
+            self._schedule()
 
     def _end_cancelled(self) -> None:
-        """A cancelled request gets no last output: it is over once the manager has dropped it
-        (at the start of the step after the cancel; the step in flight may still add a token)."""
+        """A cancelled request gets no last output: it is over once the manager has dropped it (at the
+        start of the step after the cancel; the step in flight may still add a token). A stopped job
+        ends then; one set aside waits for a place again, in its order of asking."""
         with self._lock:
-            cancelling = set(self._cancelling)
-        if cancelling:
-            for request_id in cancelling - still_held(self._manager, cancelling):
-                self._finish(request_id)
+            leaving = {rid for rid, job in self._jobs.items() if job.setting_aside or job.stopped}
+        if not leaving:
+            return
+        dropped = leaving - still_held(self._manager, leaving)
+        resumed = []
+        with self._lock:
+            for request_id in dropped:
+                job = self._jobs[request_id]
+                if job.stopped or job.finished_writing():
+                    continue
+                del self._jobs[request_id]
+                job.request_id, job.setting_aside = None, False
+                resumed.append(job)
+            self._waiting = sorted(self._waiting + resumed, key=lambda job: job.arrival)
+            ended = [self._jobs[request_id] for request_id in dropped if request_id in self._jobs]
+        for job in ended:
+            self._finish(job)
+        if dropped:
+            self._schedule()
 
     def close(self) -> None:
         """Stop the model thread; answers in flight end with an error, not a hang."""

@@ -81,8 +81,9 @@ class Engine:
         log.info("model ready: %s", info.describe())
         return engine
 
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Answer:
-        """Start answering; the returned Answer streams the answer's text."""
+    def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
+        """Start answering; the returned Answer streams the answer's text. Batched answers share the
+        batch's places fairly between whose (batching.Batcher); answers run alone take turns in order."""
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
@@ -90,7 +91,7 @@ class Engine:
         if self._batcher is not None:
             feed = Feed(sampling.seed, batched=True, explain=reader_message, sampling=scheme)
             feed.alive = self._batcher.alive
-            feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed)
+            feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed, whose)
             return Answer(feed, self.tokenizer)
         feed = Feed(sampling.seed, explain=reader_message, sampling=scheme)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
