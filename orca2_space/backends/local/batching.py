@@ -177,70 +177,64 @@ class Batcher:
         return lambda: self._cancel(job)
 
     def _schedule(self) -> None:
-        """Give free places to those waiting, fairly, and set aside answers over an even share for those
+        """Give free places to those waiting, fairly, setting aside answers over an even share for those
         under it."""
         with self._admit:
             if not self._manager.is_running():
                 self._restart()
             with self._lock:
-                starts = self._take_free_places()
-                set_aside = self._make_room()
+                starts, set_aside = self._plan()
+                for job in starts:
+                    self._waiting.remove(job)
+                    job.request_id = f"orca2-{next(self._ids)}"
+                    self._jobs[job.request_id] = job
+            # Cancels first: the manager drops them before it takes in the new requests, in the same step
+            # (continuous_api's prepare_next_batch), so a place set aside is taken at the next step.
             for job in set_aside:
                 self._manager.cancel_request(job.request_id)
             for job in starts:
                 if not self._start(job) and not (self._restart() and self._start(job)):
                     self._finish(job, RuntimeError("the batching engine is not accepting requests"))
 
+    def _plan(self) -> tuple[list[_Job], list[_Job]]:
+        """The waiting jobs that start now, each in turn the one whose owner holds the fewest places (then
+        the first to ask), and the answers set aside to make room for them: while the next one's owner
+        holds less than an even share (the places over the owners running or waiting), the latest answer
+        of whoever holds the most over it. Call with _lock held."""
+        holding = self._holding()
+        free = self._places - sum(holding.values())
+        owners = set(holding) | {job.whose for job in self._waiting}
+        even = max(1, self._places // max(1, len(owners)))
+        waiting = list(self._waiting)
+        starts: list[_Job] = []
+        set_aside: list[_Job] = []
+        while waiting:
+            job = min(waiting, key=lambda job: (holding[job.whose], job.arrival))
+            if free:
+                free -= 1
+            elif holding[job.whose] < even and (victim := self._over_share(holding, even)) is not None:
+                victim.setting_aside = True
+                holding[victim.whose] -= 1
+                set_aside.append(victim)
+            else:
+                break  # no place, and whoever is next holds an even share already
+            waiting.remove(job)
+            holding[job.whose] += 1
+            starts.append(job)
+        return starts, set_aside
+
     def _holding(self) -> Counter[str]:
-        """Answers each holds in the manager, not counting those on their way out."""
+        """Places each owner holds in the manager, not counting answers on their way out."""
         return Counter(job.whose for job in self._jobs.values() if not (job.setting_aside or job.stopped))
 
-    def _take_free_places(self) -> list[_Job]:
-        """The waiting jobs that get the free places: each to whoever holds the fewest, then in order of
-        asking. Call with _lock held; the jobs are taken off the waiting list."""
-        holding = self._holding()
-        starts = []
-        for _ in range(min(self._places - len(self._jobs), len(self._waiting))):
-            job = min(self._waiting, key=lambda job: (holding[job.whose], job.arrival))
-            self._waiting.remove(job)
-            holding[job.whose] += 1
-            job.request_id = f"orca2-{next(self._ids)}"
-            self._jobs[job.request_id] = job
-            starts.append(job)
-        return starts
-
-    def _make_room(self) -> list[_Job]:
-        """Answers to set aside so that everyone waiting gets at least an even share of the places: one
-        for each waiting job whose owner is under it, from whoever holds the most over it (their
-        latest answer: the least to read again). Call with _lock held."""
-        if not self._waiting:
-            return []
-        holding = self._holding()
-        even = max(1, self._places // len(set(holding) | {job.whose for job in self._waiting}))
-        coming = sum(job.setting_aside or job.stopped for job in self._jobs.values())
-        set_aside = []
-        for job in sorted(self._waiting, key=lambda job: (holding[job.whose], job.arrival)):
-            if holding[job.whose] >= even:
-                continue
-            if not coming:
-                over = max(holding, key=lambda whose: holding[whose], default=None)
-                if over is None or holding[over] <= even:
-                    break
-                victim = max(
-                    (
-                        held
-                        for held in self._jobs.values()
-                        if held.whose == over and not (held.setting_aside or held.stopped)
-                    ),
-                    key=lambda held: held.arrival,
-                )
-                victim.setting_aside = True
-                holding[over] -= 1
-                set_aside.append(victim)
-                coming += 1
-            coming -= 1
-            holding[job.whose] += 1
-        return set_aside
+    def _over_share(self, holding: Counter[str], even: int) -> _Job | None:
+        """The answer to set aside: the latest (the least to read again) of whoever holds the most places,
+        if that is more than an even share. Call with _lock held."""
+        over = max(holding, key=lambda whose: holding[whose], default=None)
+        if over is None or holding[over] <= even:
+            return None
+        theirs = [job for job in self._jobs.values() if job.whose == over and not (job.setting_aside or job.stopped)]
+        return max(theirs, key=lambda job: job.arrival)
 
     def _start(self, job: _Job) -> bool:
         """Hand the job to the manager, resuming after what it has written; False if it refused."""
