@@ -11,6 +11,7 @@ waiting for more checks, every WAIT_SECONDS, that the producer is still there to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -189,17 +190,71 @@ class Answer:
         return items
 
 
-def produce_in_turn(feed: Feed, turn: threading.Lock, tokens: Callable[[], Generator[int, None, None]]) -> None:
+class AnswerTurns:
+    """The model's turns, for a backend whose answers run one at a time: a turn that ends goes to whoever
+    waits and was served least recently (then to the first to ask), so one client's pile of answers keeps
+    another visitor waiting behind the answer running, not behind all of them. `whose` is
+    Backend.generate's; other work on the model (scoring, closing) waits as the app's own ("")."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._busy = False
+        # (order of asking, whose) of every waiter, and the turn each owner waiting last had.
+        self._waiting: list[tuple[int, str]] = []
+        self._served: dict[str, int] = {}
+        self._count = itertools.count()
+
+    def take(self, whose: str = "", give_up: threading.Event | None = None) -> bool:
+        """Wait for the turn; False, without it, once give_up is set (checked every 0.05 s)."""
+        with self._changed:
+            ticket = (next(self._count), whose)
+            self._waiting.append(ticket)
+            try:
+                while self._busy or min(self._waiting, key=self._priority) != ticket:
+                    if give_up is not None and give_up.is_set():
+                        return False
+                    self._changed.wait(0.05)
+            finally:
+                self._waiting.remove(ticket)
+                self._changed.notify_all()  # the next in line may be someone else now
+            self._busy = True
+            self._served[whose] = next(self._count)
+            return True
+
+    def give_back(self) -> None:
+        with self._changed:
+            self._busy = False
+            # Only owners still waiting need their last turn remembered: the record stays small.
+            waiting = {whose for _, whose in self._waiting}
+            self._served = {whose: turn for whose, turn in self._served.items() if whose in waiting}
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The turn for the app's own work on the model."""
+        self.take()
+        try:
+            yield
+        finally:
+            self.give_back()
+
+    def _priority(self, ticket: tuple[int, str]) -> tuple[int, int]:
+        asked, whose = ticket
+        return self._served.get(whose, -1), asked
+
+
+def produce_in_turn(
+    feed: Feed, turns: AnswerTurns, whose: str, tokens: Callable[[], Generator[int, None, None]]
+) -> None:
     """A producer thread's whole answer, for a backend whose answers take turns: wait for the turn (its
-    holder releases it however it ends, and everything it waits on is bounded), looking for Stop
+    holder gives it back however it ends, and everything it waits on is bounded), looking for Stop
     meanwhile; push each id of tokens() until Stop; close the feed with what failed, logged once here
     (the backend goes on). Closing the token stream stops the model too (the only way that reaches
     ZeroGPU's worker)."""
     error = None
     try:
-        while not turn.acquire(timeout=0.05):
-            if feed.cancelled.is_set():
-                return
+        if not turns.take(whose, feed.cancelled):
+            return
         try:
             if feed.cancelled.is_set():
                 return
@@ -210,7 +265,7 @@ def produce_in_turn(feed: Feed, turn: threading.Lock, tokens: Callable[[], Gener
                     if feed.cancelled.is_set():
                         break
         finally:
-            turn.release()
+            turns.give_back()
     except Exception as failure:
         log.exception("generation failed")
         error = failure

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..prompt import IM_END, IM_START, OrcaTokenizer, Prompt
 from ..settings import GenerationParams, LlamaCppSettings
-from .answer import Answer, Feed, produce_in_turn
+from .answer import Answer, AnswerTurns, Feed, produce_in_turn
 from .contract import (
     LLAMA_CPP_SAMPLING,
     GenerationError,
@@ -252,7 +252,7 @@ class LlamaCpp:
         self.info = info
         self._batch = _internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=True)
         # llama.cpp's context holds one conversation's cache: answers and scorings take turns.
-        self._lock = threading.Lock()
+        self._turns = AnswerTurns()
 
     @classmethod
     def load(
@@ -293,26 +293,26 @@ class LlamaCpp:
         return cls(model, context, tokenizer, info)
 
     def close(self) -> None:
-        with self._lock:
+        with self._turns.held():
             self._batch.close()
             self.context.close()
             self.model.close()
 
     def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
-        # Answers take turns here, in order of asking, whoever asks.
+        # Answers take turns here, shared fairly between whose (answer.AnswerTurns).
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
         feed = Feed(sampling.seed, sampling=LLAMA_CPP_SAMPLING if sampling.do_sample else None)
         worker = threading.Thread(
-            target=self._run, args=(feed, prompt.input_ids, sampling), name="orca2-llama-cpp", daemon=True
+            target=self._run, args=(feed, prompt.input_ids, sampling, whose), name="orca2-llama-cpp", daemon=True
         )
         worker.start()
         feed.alive = worker.is_alive
         return Answer(feed, self.tokenizer)
 
-    def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling) -> None:
-        produce_in_turn(feed, self._lock, lambda: self._tokens(input_ids, sampling))
+    def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling, whose: str) -> None:
+        produce_in_turn(feed, self._turns, whose, lambda: self._tokens(input_ids, sampling))
 
     def _tokens(self, input_ids: list[int], sampling: Sampling) -> Generator[int, None, None]:
         """The answer's ids, one decode step each, until a stop id, max_new_tokens or the context's end."""
@@ -373,7 +373,7 @@ class LlamaCpp:
                 probabilities.append(float(p[answer_ids[len(probabilities)]]))
                 alternatives.append([(int(i), float(p[i])) for i in np.argsort(-p, kind="stable")[:top]])
 
-        with self._lock:
+        with self._turns.held():
             self._decode(ids[:-1])
             self._decode([ids[-1], *answer_ids[:-1]], len(ids) - 1, read)
         return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)

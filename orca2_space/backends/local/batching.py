@@ -180,6 +180,11 @@ class Batcher:
         """Give free places to those waiting, fairly, setting aside answers over an even share for those
         under it."""
         with self._admit:
+            with self._lock:
+                if not self._waiting:
+                    return
+            # A model thread that died is started again for them (the dispatcher restarts it otherwise,
+            # once it has routed what the dead one failed with).
             if not self._manager.is_running():
                 self._restart()
             with self._lock:
@@ -326,7 +331,10 @@ class Batcher:
         if output is not None:
             self._deliver(output)
         elif not self._manager.is_running():
-            self._schedule()  # restarts it (unless a submit did meanwhile), then starts who waits
+            with self._admit:
+                if not self._manager.is_running():  # unless a submit restarted it meanwhile
+                    self._restart()
+            self._schedule()
         self._end_cancelled()
 
     def _deliver(self, output) -> None:

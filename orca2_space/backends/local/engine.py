@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 
 from ...prompt import OrcaTokenizer, Prompt
 from ...settings import GenerationParams, on_zerogpu
-from ..answer import Answer, Feed, produce_in_turn
+from ..answer import Answer, AnswerTurns, Feed, produce_in_turn
 from ..contract import ModelInfo, ModelLoadError, ScoringUnavailable, TokenProbability, scored_tokens
 from ..sampling import Sampling
 from . import zerogpu
@@ -41,7 +41,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.info = info
         # One unbatched generate at a time (without batching, or on ZeroGPU), as the model card runs it.
-        self._lock = threading.Lock()
+        self._turns = AnswerTurns()
         self._batcher = None
         self._stream_tokens: Callable[[list[int], Sampling, threading.Event], Generator[int, None, None]]
         one_forward_at_a_time(model)
@@ -97,7 +97,7 @@ class Engine:
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
         worker = threading.Thread(
             target=contextvars.copy_context().run,
-            args=(self._run, feed, prompt.input_ids, sampling),
+            args=(self._run, feed, prompt.input_ids, sampling, whose),
             name="orca2-generate",
             daemon=True,
         )
@@ -109,7 +109,7 @@ class Engine:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
         the `top` most likely ids at each position: one forward pass over prompt + answer.
 
-        It does not wait for the generate lock, which keeps unbatched generates one at a time. Like
+        It does not wait for the turns that keep unbatched generates one at a time. Like
         every forward pass, it takes its turn with the others (generation.one_forward_at_a_time), so it
         runs between a long answer's decode steps instead of after the answer. scoring.py has checked that it fits the context.
         """
@@ -126,5 +126,5 @@ class Engine:
         probabilities, alternatives = self._score_ids(prompt.input_ids + answer_ids, len(prompt.input_ids), top)
         return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
 
-    def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling) -> None:
-        produce_in_turn(feed, self._lock, lambda: self._stream_tokens(input_ids, sampling, feed.cancelled))
+    def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling, whose: str) -> None:
+        produce_in_turn(feed, self._turns, whose, lambda: self._stream_tokens(input_ids, sampling, feed.cancelled))
