@@ -1,6 +1,7 @@
-"""Token probabilities: a finished answer re-scored in one forward pass over its exact prompt, exact
-for the ids the model wrote (greedy, sampled, batched or not), on the local model, on ZeroGPU, and
-from an inference server's prompt log-probabilities where it has them (vLLM), or a clear "unavailable"."""
+"""Token probabilities: a finished answer re-scored over its exact prompt, exact for the ids the model
+wrote (greedy, sampled, batched or not), on the local model (in chunks whose passes let answers' go
+first, with the numbers of one pass), on ZeroGPU, and from an inference server's prompt
+log-probabilities where it has them (vLLM), or a clear "unavailable"."""
 
 import math
 import threading
@@ -10,12 +11,14 @@ import pytest
 import torch
 from make_tiny_model import build_tiny_model
 from openai_stub import OpenAIStub, Script, stub_prompt_logprobs
-from support import FIXTURES, TransformersServe, fake_alternatives, fake_probability, prompt_for
+from support import FIXTURES, TransformersServe, batched, fake_alternatives, fake_probability, prompt_for, wait_for
 
 from orca2_space.backends.contract import GenerationError, ScoringUnavailable
 from orca2_space.backends.inference_server import DIALECTS, InferenceServer
 from orca2_space.backends.local import zerogpu as zerogpu_module
 from orca2_space.backends.local.engine import Engine
+from orca2_space.backends.local.generation import one_forward_at_a_time
+from orca2_space.backends.local.scoring import SCORE_CHUNK, score_ids
 from orca2_space.chat import Chat
 from orca2_space.prompt import IM_END, Turn, answer_text
 from orca2_space.scoring import as_api_dict, token_probabilities
@@ -190,6 +193,88 @@ def test_concurrent_scoring_gives_the_same_numbers(tiny_engine):
     for tokens in results:
         assert [t.id for t in tokens] == [t.id for t in expected]
         assert [t.probability for t in tokens] == pytest.approx([t.probability for t in expected], rel=1e-4)
+
+
+# Scoring in chunks, between answers' passes
+
+
+def long_answer_ids(n: int) -> list[int]:
+    """n ids of noise (seeded), for answers longer than a scoring chunk."""
+    return torch.randint(100, 32000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+def test_scoring_in_chunks_gives_the_numbers_of_one_pass(tiny_engine):
+    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * SCORE_CHUNK + 37)
+    probabilities, alternatives = score_ids(tiny_engine.model, prompt.input_ids + answer_ids, prompt.n_tokens, 5)
+    reference = reference_probabilities(tiny_engine, prompt.input_ids, answer_ids)
+    chosen = reference.gather(1, torch.tensor(answer_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(probabilities), chosen, rtol=1e-5, atol=1e-9)
+    best = reference.topk(5)
+    assert [[i for i, _ in top] for top in alternatives] == best.indices.tolist()
+    assert torch.allclose(
+        torch.tensor([[p for _, p in top] for top in alternatives]), best.values, rtol=1e-5, atol=1e-9
+    )
+
+
+def test_a_long_scoring_makes_one_forward_pass_per_chunk(tiny_engine):
+    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2000)
+    mine, passes = threading.current_thread(), []
+    body = tiny_engine.model.base_model
+    hook = body.register_forward_pre_hook(lambda *_: passes.append(1) if threading.current_thread() is mine else None)
+    try:
+        tiny_engine.score(prompt, answer_ids)
+    finally:
+        hook.remove()
+    transformer_ids = prompt.n_tokens + len(answer_ids) - 1  # the last id predicts nothing scored
+    assert len(passes) == math.ceil(transformer_ids / SCORE_CHUNK)
+
+
+def test_an_answers_pass_waiting_when_a_chunk_ends_goes_before_the_next_chunk(tiny_engine):
+    """The answer's prefill asks for the model while scoring's first chunk runs: it runs next, then
+    scoring's other chunks. The log is written inside the turn (the embedding runs in the pass)."""
+    turns = one_forward_at_a_time(tiny_engine.model)
+    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * SCORE_CHUNK)
+    first_chunk_runs, answer_waits = threading.Event(), threading.Event()
+    log = []
+
+    def in_turn(module, args):
+        who = threading.current_thread().name
+        if who in ("scoring", "orca2-model"):
+            log.append(who)
+        if log == ["scoring"]:
+            first_chunk_runs.set()
+            assert answer_waits.wait(timeout=60)
+
+    hook = tiny_engine.model.base_model.embed_tokens.register_forward_pre_hook(in_turn)
+    scoring = threading.Thread(target=tiny_engine.score, args=(prompt, answer_ids), name="scoring")
+    try:
+        scoring.start()
+        assert first_chunk_runs.wait(timeout=60)
+        answer = tiny_engine.generate(prompt, GenerationParams(max_new_tokens=1))  # one pass: its prefill
+        wait_for(lambda: turns.urgent_waiting == 1, "the answer's pass to wait for its turn")
+        answer_waits.set()
+        scoring.join(timeout=60)
+        assert len("".join(answer)) > 0
+    finally:
+        answer_waits.set()
+        hook.remove()
+    assert log == ["scoring", "orca2-model", "scoring", "scoring"]
+
+
+def test_a_long_scoring_ends_while_answers_stream_in_the_batch(never_ends):
+    engine = batched(never_ends)
+    answers = [engine.generate(prompt_for(engine, q), GenerationParams(max_new_tokens=4000)) for q in ("A", "B", "C")]
+    try:
+        for answer in answers:
+            next(iter(answer))  # being written: the batch steps back to back
+        answer_ids = long_answer_ids(3 * SCORE_CHUNK)
+        tokens = engine.score(prompt_for(engine, "Hi"), answer_ids)
+        assert [t.id for t in tokens] == answer_ids
+        assert all(answer.stats is None for answer in answers)  # still being written
+    finally:
+        for answer in answers:
+            answer.cancel()
+        engine.close()
 
 
 def test_on_zerogpu_scoring_runs_as_a_gpu_task_and_gives_the_same_numbers(tiny_engine, monkeypatch):

@@ -42,6 +42,9 @@ class Engine:
         self.info = info
         # One unbatched generate at a time (without batching, or on ZeroGPU), as the model card runs it.
         self._turns = AnswerTurns()
+        # One scoring at a time: their passes take turns anyway, so running two at once would gain
+        # nothing and hold a KV cache each (scoring.py says how large).
+        self._scoring = threading.Lock()
         self._batcher = None
         self._stream_tokens: Callable[[list[int], Sampling, threading.Event], Generator[int, None, None]]
         one_forward_at_a_time(model)
@@ -107,11 +110,12 @@ class Engine:
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
-        the `top` most likely ids at each position: one forward pass over prompt + answer.
+        the `top` most likely ids at each position, from forward passes of scoring.SCORE_CHUNK ids.
 
-        It does not wait for the turns that keep unbatched generates one at a time. Like
-        every forward pass, it takes its turn with the others (generation.one_forward_at_a_time), so it
-        runs between a long answer's decode steps instead of after the answer. scoring.py has checked that it fits the context.
+        It does not wait for the turns that keep unbatched generates one at a time. Its
+        passes take their turns with the others (generation.one_forward_at_a_time), after any
+        answer's pass that waits, so it runs between a long answer's decode steps and delays each
+        by at most one of its passes. scoring.py has checked that it fits the context.
         """
         answer_ids = list(answer_ids)
         if not answer_ids:
@@ -123,7 +127,8 @@ class Engine:
                 f"Token probabilities are unavailable while the batch runs the model with {attention} attention; "
                 "load the model with sdpa attention (the default) or run without batching."
             )
-        probabilities, alternatives = self._score_ids(prompt.input_ids + answer_ids, len(prompt.input_ids), top)
+        with self._scoring:
+            probabilities, alternatives = self._score_ids(prompt.input_ids + answer_ids, len(prompt.input_ids), top)
         return scored_tokens(self.tokenizer, answer_ids, probabilities, alternatives)
 
     def _run(self, feed: Feed, input_ids: list[int], sampling: Sampling, whose: str) -> None:

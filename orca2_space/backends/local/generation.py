@@ -15,6 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..answer import OUT_OF_MEMORY, WAIT_SECONDS, failure_message
 from ..sampling import Sampling
 from .seeded_sampling import SeededLogitsProcessor, transforms
+from .turns import Turns
 
 _END = object()
 # A decode step, or even a long prompt's prefill on a slow CPU, ends well within this after Stop;
@@ -122,22 +123,25 @@ class _CancelCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def one_forward_at_a_time(model) -> None:
-    """Make the model's forward passes take turns. A plain forward (an answer run alone, or scoring)
-    made while transformers' batch manager runs a step on the same model can read wrong logits
-    (measured on the tiny model: up to 0.78 apart, one pass in two), so no two passes may overlap;
-    tests/test_engine.py checks that they agree. The lock wraps the transformer body, which every
+def one_forward_at_a_time(model) -> Turns:
+    """Make the model's forward passes take turns, an answer's before scoring's (turns.py), and
+    return the model's Turns. A plain forward (an answer run alone, or scoring) made while
+    transformers' batch manager runs a step on the same model can read wrong logits (measured on
+    the tiny model: up to 0.78 apart, one pass in two), so no two passes may overlap;
+    tests/test_engine.py checks that they agree. The turn wraps the transformer body, which every
     path runs: generate, the batch's steps and scoring."""
     body = model.base_model
-    if getattr(body, "_orca2_takes_turns", False):
-        return
-    turn = threading.Lock()
+    turns = getattr(body, "_orca2_turns", None)
+    if turns is not None:
+        return turns
+    turns = Turns()
     forward = body.forward
 
     @functools.wraps(forward)
     def take_turns(*args, **kwargs):
-        with turn:
+        with turns.turn():
             return forward(*args, **kwargs)
 
     body.forward = take_turns
-    body._orca2_takes_turns = True
+    body._orca2_turns = turns
+    return turns
