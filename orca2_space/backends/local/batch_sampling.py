@@ -68,10 +68,12 @@ class _SeededBatchSampler(ContinuousBatchingLogitsProcessor):
             sampling = state.logit_processor_kwargs.get(_KWARG, _GREEDY)
             # A request the batch set aside and took back in carries its earlier answer in its prompt.
             prompt_length = state._true_initial_tokens or len(state.initial_tokens)
-            read = state.initial_tokens + state.generated_tokens
+            read = len(state.initial_tokens) + len(state.generated_tokens)
+            # Only the penalty reads the ids: the other rows' are not copied at every step.
+            penalised = sampling.repetition_penalty != 1.0
             settings.append(sampling)
-            histories.append(torch.tensor(read if sampling.repetition_penalty != 1.0 else []))
-            positions.append(len(read) - prompt_length)
+            histories.append(torch.tensor(state.initial_tokens + state.generated_tokens if penalised else []))
+            positions.append(read - prompt_length)
         self._step = settings, histories, positions
         return torch.zeros(len(settings), dtype=torch.int32)
 
