@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import support_gumbel_v1
 import torch
 from support import QUESTIONS, answer, batched, prompt_for
 from transformers import RepetitionPenaltyLogitsProcessor
@@ -192,6 +193,68 @@ def test_gumbel_v1_is_pinned():
 
 
 PINNED_GUMBEL_V1 = [-1.339887, 0.740331, 2.138669, -0.09584]
+
+
+# --- The transform is gumbel-v1 as first written -----------------------------------------------
+
+
+def random_case(generator: torch.Generator) -> tuple[torch.Tensor, list[Sampling], list[torch.Tensor], list[int]]:
+    """A step of 1 to 9 rows: scores with no ties, with many (a few distinct values, as low-precision
+    logits have) or all tied, some -inf; each row greedy or sampled, with or without top-k, top-p,
+    temperature and penalty, its own seed, position and history (empty too)."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    rows, vocab = int(torch.randint(1, 10, (1,), generator=generator)), pick([2, 7, 300, 32003, 32003])
+    scores = torch.randn(rows, vocab, generator=generator) * pick([0.5, 3.0, 10.0])
+    kind = pick(["plain", "steps", "bfloat16", "tied", "with -inf"])
+    if kind == "steps":
+        scores = (scores * 2).round() / 2
+    elif kind == "bfloat16":
+        scores = scores.bfloat16().float()
+    elif kind == "tied":
+        scores = torch.full_like(scores, pick([0.0, 1.5]))
+    elif kind == "with -inf":
+        scores[torch.rand(scores.shape, generator=generator) < 0.3] = -float("inf")
+    # A row without top-k makes the whole step look through every score; most steps have none.
+    top_ks = pick([[None, 0, 1, 2, 5, 50, 1000, vocab + 3], [1, 2, 5, 50, 1000], [50]])
+    settings = [
+        Sampling(
+            1,
+            do_sample=pick([True, True, True, False]),
+            temperature=pick([None, 0.3, 0.7, 1.0, 1.7]),
+            top_p=pick([None, 1.0, 0.99, 0.9, 0.75, 0.5, 0.01]),
+            top_k=pick(top_ks),
+            repetition_penalty=pick([1.0, 1.0, 1.1, 1.5]),
+            seed=pick([None, 0, 7, 2**32 - 1, int(torch.randint(2**31, (1,), generator=generator))]),
+        )
+        for _ in range(rows)
+    ]
+    histories = [torch.randint(vocab, (pick([0, 1, 5, 300]),), generator=generator) for _ in range(rows)]
+    positions = [int(torch.randint(4096, (1,), generator=generator)) for _ in range(rows)]
+    return scores, settings, histories, positions
+
+
+@pytest.mark.parametrize("batch", range(8))
+def test_every_row_gets_the_scores_gumbel_v1_as_first_written_gives(batch):
+    """Scores equal everywhere: the same argmax (the token) and the same tokens kept (the finite
+    ones), for every kind of row; the first version (tests/support_gumbel_v1.py) is the oracle."""
+    generator = torch.Generator().manual_seed(batch)
+    for _ in range(20):
+        case = random_case(generator)
+        ours, theirs = next_token_scores(*case), support_gumbel_v1.next_token_scores(*case)
+        assert torch.equal(ours, theirs), case[1]
+
+
+def test_a_tie_across_the_top_p_line_keeps_the_tied_token_the_first_version_kept():
+    """Ascending, the probabilities sum to 0.04, 0.14, 0.24, 1: top-p 0.8 drops the first two places,
+    and the second and third hold the tied tokens 1 and 2, so the sort's order of ties decides."""
+    scores = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+    case = (scores, [Sampling(1, do_sample=True, top_p=0.8, seed=3)], [torch.tensor([])], [0])
+    ours = next_token_scores(*case)
+    assert torch.equal(ours, support_gumbel_v1.next_token_scores(*case))
+    assert ours.isfinite().sum() == 2 and ours[0, 0].isfinite()
 
 
 # --- The repetition penalty -----------------------------------------------------------------------

@@ -74,10 +74,12 @@ class _SeededBatchSampler(ContinuousBatchingLogitsProcessor):
             # A request set aside and taken back in (by transformers when its cache ran out, or by
             # batching.py to make room) carries its earlier answer in its prompt.
             prompt_length = (state._true_initial_tokens or len(state.initial_tokens)) - kwargs.get(_WRITTEN, 0)
-            read = state.initial_tokens + state.generated_tokens
+            read = len(state.initial_tokens) + len(state.generated_tokens)
+            # Only the penalty reads the ids: the other rows' are not copied at every step.
+            penalised = sampling.repetition_penalty != 1.0
             settings.append(sampling)
-            histories.append(torch.tensor(read if sampling.repetition_penalty != 1.0 else []))
-            positions.append(len(read) - prompt_length)
+            histories.append(torch.tensor(state.initial_tokens + state.generated_tokens if penalised else []))
+            positions.append(read - prompt_length)
         self._step = settings, histories, positions
         return torch.zeros(len(settings), dtype=torch.int32)
 

@@ -26,6 +26,8 @@ from ..sampling import Sampling
 SCHEME = "gumbel-v1"
 
 _MASK32 = 0xFFFFFFFF
+# _best looks for a row's best scores among those at least as good as the best of every 16th.
+_SAMPLE_STRIDE = 16
 
 
 def transforms(sampling: Sampling) -> bool:
@@ -40,26 +42,40 @@ def next_token_scores(
     has read the ids `histories[r]` (prompt and answer so far, for the repetition penalty) and is
     about to write its token number `positions[r]` (from 0)."""
     scores = scores.float().clone()
-    for row, (sampling, history) in enumerate(zip(settings, histories, strict=True)):
-        if sampling.repetition_penalty != 1.0:
-            scores[row] = _penalised(scores[row], history, sampling.repetition_penalty)
+    penalised = [row for row, sampling in enumerate(settings) if sampling.repetition_penalty != 1.0]
+    if penalised:
+        _penalise(scores, penalised, [histories[row] for row in penalised], [settings[row] for row in penalised])
     sampled = [row for row, sampling in enumerate(settings) if sampling.do_sample]
     if not sampled:
         return scores
     chosen = [settings[row] for row in sampled]
-    warped = _top_p(_top_k(_tempered(scores[sampled], chosen), chosen), chosen)
-    seeds = [sampling.seed or 0 for sampling in chosen]
-    noise = gumbel_noise(seeds, [positions[row] for row in sampled], scores.size(-1), scores.device)
-    scores[sampled] = warped + noise
-    return scores
+    index = torch.tensor(sampled, device=scores.device)
+    tempered = _tempered(scores.index_select(0, index), chosen)
+    # Every other token scores -inf, and -inf plus noise stays -inf: the noise is needed, and
+    # computed, only where a token is kept (a handful of the vocabulary under top-k or top-p).
+    rows, tokens = _kept(tempered, chosen)
+    keys = _keys([sampling.seed or 0 for sampling in chosen], [positions[row] for row in sampled], scores.device)
+    drawn = torch.full_like(tempered, -float("inf"))
+    drawn[rows, tokens] = tempered[rows, tokens] + _noise(keys[rows], tokens)
+    return scores.index_copy_(0, index, drawn)
 
 
-def _penalised(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor, for one row: every id already read is made less
-    likely (a positive score divided by the penalty, a negative one multiplied)."""
-    ids = history.to(scores.device, torch.long)
-    seen = scores.gather(0, ids)
-    return scores.scatter(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+def _penalise(scores: torch.Tensor, rows: list[int], histories: list[torch.Tensor], settings: list[Sampling]) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor, on these rows at once, in place: every id
+    already read is made less likely (a positive score divided by the penalty, a negative one
+    multiplied)."""
+    read = [(row, history, s) for row, history, s in zip(rows, histories, settings, strict=True) if len(history)]
+    if not read:
+        return
+    longest = max(len(history) for _, history, _ in read)
+    # A history is padded with its own first id: writing a score twice writes the same value.
+    ids = torch.stack([torch.cat([history, history[:1].expand(longest - len(history))]) for _, history, _ in read])
+    ids = ids.to(scores.device, torch.long)
+    index = torch.tensor([row for row, _, _ in read], device=scores.device)
+    penalty = torch.tensor([s.repetition_penalty for _, _, s in read], device=scores.device).unsqueeze(-1)
+    chosen = scores.index_select(0, index)
+    seen = chosen.gather(1, ids)
+    scores.index_copy_(0, index, chosen.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty)))
 
 
 def _tempered(scores: torch.Tensor, settings: list[Sampling]) -> torch.Tensor:
@@ -67,33 +83,115 @@ def _tempered(scores: torch.Tensor, settings: list[Sampling]) -> torch.Tensor:
     return scores / torch.tensor(temperatures, device=scores.device).unsqueeze(-1)
 
 
-def _top_k(scores: torch.Tensor, settings: list[Sampling]) -> torch.Tensor:
-    """Keep each row's k best scores (ties at the k-th kept too, as transformers does); k 0: all."""
+def _kept(scores: torch.Tensor, settings: list[Sampling]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, token id) pairs that top-k then top-p keep: each row's k best scores (ties at the
+    k-th kept too, as transformers does; k 0: all), then the fewest best tokens whose probabilities
+    reach p (the best one always, as transformers' TopPLogitsWarper; p 1: all).
+
+    The first version (tests/support_gumbel_v1.py, the oracle) sorted the whole vocabulary twice.
+    Both filters keep every score from a threshold up, and both thresholds are found from the best
+    scores alone, by the same arithmetic on the same values, so every row keeps the same tokens."""
     vocab = scores.size(-1)
-    ks = torch.tensor([min(s.top_k or vocab, vocab) for s in settings], device=scores.device)
-    kth = scores.sort(dim=-1, descending=True).values.gather(-1, (ks - 1).unsqueeze(-1))
-    return scores.masked_fill(scores < kth, -float("inf"))
-
-
-def _top_p(scores: torch.Tensor, settings: list[Sampling]) -> torch.Tensor:
-    """Keep the fewest best tokens whose probabilities reach p (the best one always), as transformers'
-    TopPLogitsWarper; p 1: all."""
+    ks = torch.tensor([min(s.top_k or vocab, vocab) for s in settings], device=scores.device).unsqueeze(-1)
+    best, ids = _best(scores, int(ks.max()))
+    kth = best.gather(-1, ks - 1).masked_fill(ks == vocab, -float("inf"))
+    survivors = (best >= kth).sum(-1, keepdim=True)
+    if bool((survivors == best.size(-1)).any()) and best.size(-1) < vocab:
+        # Ties at the k-th run past the best scores taken: take enough to hold them all.
+        best, ids = _best(scores, int((scores >= kth).sum(-1).max()))
+        survivors = (best >= kth).sum(-1, keepdim=True)
     ps = torch.tensor([s.top_p if s.top_p is not None else 1.0 for s in settings], device=scores.device)
-    ascending, order = scores.sort(dim=-1)
+    lowest, straddled = _top_p_line(best, kth, survivors, ps, vocab)
+    # The best scores come first: a row keeps its first `survivors` that reach its top-p line.
+    taken = torch.ones_like(best, dtype=torch.long).cumsum(-1) <= survivors
+    taken &= (best >= lowest) & ~straddled.unsqueeze(-1)
+    rows, places = taken.nonzero(as_tuple=True)
+    tokens = ids[rows, places]
+    if bool(straddled.any()):
+        tied = straddled.nonzero().squeeze(-1)
+        tied_rows, tied_tokens = _kept_by_sorting(scores[tied], kth[tied], ps[tied]).nonzero(as_tuple=True)
+        rows, tokens = torch.cat([rows, tied[tied_rows]]), torch.cat([tokens, tied_tokens])
+    return rows, tokens
+
+
+def _best(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `count` best scores and their ids, best first; one more, when there is one, shows
+    whether ties at the last run past them."""
+    count = min(count + 1, scores.size(-1))
+    sample = scores[:, ::_SAMPLE_STRIDE]
+    if count > sample.size(-1):
+        best, ids = scores.topk(count, dim=-1)
+        return best, ids
+    # The sample's count-th best has at least `count` scores from it up, in the sample and so in the
+    # row: the row's `count` best are among those, a few hundred, and topk over them is cheap.
+    floor = sample.topk(count, dim=-1).values[:, -1:]
+    rows, ids = (scores >= floor).nonzero(as_tuple=True)
+    starts = torch.searchsorted(rows, torch.arange(scores.size(0), device=scores.device))
+    places = torch.arange(rows.numel(), device=scores.device) - starts[rows]
+    width = int(places.max()) + 1
+    candidates = scores.new_full((scores.size(0), width), -float("inf"))
+    candidates[rows, places] = scores[rows, ids]
+    # A row's padding (-inf) is never among its best: it has `count` candidates above -inf, or its
+    # floor is -inf and the whole row is a candidate.
+    candidate_ids = torch.zeros_like(candidates, dtype=torch.long)
+    candidate_ids[rows, places] = ids
+    best, places = candidates.topk(count, dim=-1)
+    return best, candidate_ids.gather(-1, places)
+
+
+def _top_p_line(
+    best: torch.Tensor, kth: torch.Tensor, survivors: torch.Tensor, ps: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest score top-p keeps in each row of top-k's survivors, and whether a tie sits across
+    that line (then which of the tied tokens is kept depends on how the sort ordered ties, and only
+    the full sort tells).
+
+    TopPLogitsWarper sorts the row ascending, takes the softmax and its cumulative sum, and drops
+    the positions whose sum is <= 1 - p: a prefix, as the sum only grows. That ascending row is the
+    masked tokens' -inf, then the survivors ascending: built here from the best scores, it is the
+    same tensor, and the softmax and sum run over it as they did, whole."""
+    width = int(survivors.max())
+    top = best[:, :width]
+    top = top.masked_fill(top < kth, -float("inf")).flip(-1)
+    ascending = torch.cat([top.new_full((top.size(0), vocab - width), -float("inf")), top], dim=-1)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
     drop = (cumulative <= (1 - ps).unsqueeze(-1)) & (ps < 1).unsqueeze(-1)
     drop[:, -1] = False
-    return scores.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    first_kept = drop.sum(-1, keepdim=True)
+    lowest = ascending.gather(-1, first_kept)
+    straddled = (first_kept > 0) & (ascending.gather(-1, (first_kept - 1).clamp_min(0)) == lowest)
+    return lowest, straddled.squeeze(-1)
+
+
+def _kept_by_sorting(scores: torch.Tensor, kth: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p's kept tokens [rows, vocab] as the first version found them, sorting the
+    whole row."""
+    masked = scores.masked_fill(scores < kth, -float("inf"))
+    ascending, order = masked.sort(dim=-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = (cumulative <= (1 - ps).unsqueeze(-1)) & (ps < 1).unsqueeze(-1)
+    drop[:, -1] = False
+    return ~drop.scatter(-1, order, drop) & (scores >= kth)
 
 
 def gumbel_noise(seeds: Sequence[int], positions: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
     """Standard Gumbel noise [rows, vocab], float32: row r's is a function of (seeds[r], positions[r])
     and nothing else, the same on every device."""
+    keys = _keys(seeds, positions, device).unsqueeze(-1)  # [rows, 1]
+    return _noise(keys, torch.arange(vocab, dtype=torch.long, device=device).unsqueeze(0))
+
+
+def _keys(seeds: Sequence[int], positions: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Each row's key: its seed's and position's hash."""
     seed = torch.tensor([s & _MASK32 for s in seeds], dtype=torch.long, device=device)  # seeds are 32-bit
     position = torch.tensor(list(positions), dtype=torch.long, device=device)
-    key = _mix(_mix(seed) ^ position).unsqueeze(-1)  # [rows, 1]
-    token = _mix(torch.arange(vocab, dtype=torch.long, device=device)).unsqueeze(0)  # [1, vocab]
-    bits = _mix(token ^ key)
+    return _mix(_mix(seed) ^ position)
+
+
+def _noise(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The noise of each (key, token id), elementwise (the two broadcast): each value depends on its
+    own pair alone, so a few tokens' noise is, bit for bit, what the whole vocabulary's has there."""
+    bits = _mix(_mix(tokens) ^ keys)
     uniform = (bits.double() + 0.5) / 2.0**32  # in (0, 1): never 0 or 1
     return (-torch.log(-torch.log(uniform))).float()
 
