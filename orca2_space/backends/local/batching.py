@@ -365,8 +365,8 @@ class Batcher:
         resumed = []
         with self._lock:
             for request_id in dropped:
-                job = self._jobs[request_id]
-                if job.stopped or job.finished_writing():
+                job = self._jobs.get(request_id)  # ended meanwhile (a restart, or closing)?
+                if job is None or job.stopped or job.finished_writing():
                     continue
                 del self._jobs[request_id]
                 job.request_id, job.setting_aside = None, False
