@@ -388,7 +388,7 @@ def launch(chat, share: bool = False, block: bool = True):
     # client's address (FORWARDED_ALLOW_IPS); the guard reads it from the socket's peer as
     # --trusted-proxies says instead, so uvicorn must trust no one.
     os.environ["FORWARDED_ALLOW_IPS"] = ""
-    lifespan = guard.lifespan(demo, settings, share)
+    lifespan = guard.lifespan(demo, settings, share, chat.fair_share)
     if settings.mcp:
         lifespan = mcp_tools.lifespan(demo, lifespan)
     demo.launch(

@@ -158,10 +158,7 @@ class FairShare:
                     )
                 held = self._addresses[visitor.address]
                 if held + places > limits.per_address:
-                    raise Refused(
-                        _over("Your network address already has", held, places, limits.per_address, "address")
-                        + "; everyone behind that address shares it. Wait for one to finish, then ask again."
-                    )
+                    raise Refused(_address_over(held, places, limits.per_address))
             if self._total + places > limits.total:
                 raise Refused(
                     f"The server is busy: {self._total} requests are running or waiting. Try again in a minute."
@@ -173,6 +170,15 @@ class FairShare:
             listeners = list(self._listeners)
         for listener in listeners:
             listener()
+
+    def address_refusal(self, address: str) -> str | None:
+        """Why a request from this address can't be let in now, whatever it is: every place its address
+        may hold is taken. For a check at the door (guard.py), before any work is spent on the request."""
+        with self._lock:
+            held = self._addresses.get(address, 0)
+        if held < self.limits.per_address:
+            return None
+        return _address_over(held, 1, self.limits.per_address)
 
     def sign_in_hint(self, visitor: Visitor) -> str:
         """What signing in would give a visitor refused for their share: a sentence, or nothing."""
@@ -204,6 +210,13 @@ def _key(visitor: Visitor) -> tuple[bool, str]:
     """Whose places these are. A page session's name is the client's to choose, so an account is kept
     apart from it: a session named like an account can't take that account's places."""
     return visitor.signed_in, visitor.session
+
+
+def _address_over(held: int, places: int, limit: int) -> str:
+    return (
+        _over("Your network address already has", held, places, limit, "address")
+        + "; everyone behind that address shares it. Wait for one to finish, then ask again."
+    )
 
 
 def _over(holder: str, held: int, places: int, limit: int, per: str) -> str:

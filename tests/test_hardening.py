@@ -11,6 +11,7 @@ import pytest
 from conftest import free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from support import FakeBackend, Held, wait_for
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
@@ -59,12 +60,21 @@ def long_answers(clients: list[Client], admitted: int) -> tuple[list[str], list]
     deadline = time.monotonic() + 300  # a bound for a broken server, not a speed test
     while sum(job.done() for job in jobs) < len(jobs) - admitted and time.monotonic() < deadline:
         time.sleep(0.1)
-    refusals = []
-    for job in (job for job in jobs if job.done()):
-        with pytest.raises(AppError) as error:
-            job.result()
-        refusals.append(str(error.value))
+    refusals = [refusal(job) for job in jobs if job.done()]
     return refusals, [job for job in jobs if not job.done()]
+
+
+def refusal(job) -> str:
+    """Why a job was refused: by the fair share in the app (an AppError), or at the door, once the
+    address's places were all taken (guard.py: a 429 whose detail says why)."""
+    try:
+        job.result()
+    except AppError as error:
+        return str(error)
+    except httpx.HTTPStatusError as error:
+        assert error.response.status_code == 429 and error.response.headers["retry-after"] == "1"
+        return error.response.json()["detail"]
+    raise AssertionError("the job was not refused")
 
 
 def stop(jobs) -> None:
@@ -106,6 +116,34 @@ def test_behind_a_trusted_proxy_only_the_entry_it_appended_counts(guarded_app):
         assert other.result()["done"]
     finally:
         stop(running)
+
+
+@pytest.fixture
+def held_app(tokenizer):
+    """An address limit of 2, over a model whose answers stay in progress until released."""
+    held = Held()
+    settings = Settings(host="127.0.0.1", port=free_port(), address_limit=2)
+    chat = Chat(FakeBackend(tokenizer, ["\n", "The", " answer"], held=held), settings)
+    demo = launch(chat, block=False)
+    yield chat, demo.local_url
+    held.release()
+    demo.close()
+
+
+def test_an_address_with_no_places_left_is_refused_at_the_door_with_the_reason(held_app):
+    """Once an address holds every place it may, its requests are refused before Gradio's queue does
+    any work for them (a 429 after a pause, with Retry-After), by API call and by queued event alike."""
+    chat, url = held_app
+    running = [Client(url, verbose=False).submit(message="Hi", api_name="/chat") for _ in range(2)]
+    wait_for(lambda: chat.fair_share.in_progress() == 2, "both answers to hold their places")
+    for path, body in [
+        ("gradio_api/call/v2/chat", {"message": "Hi"}),
+        ("gradio_api/queue/join", {"data": [], "fn_index": 0, "session_hash": "abc"}),
+    ]:
+        response = httpx.post(url + path, json=body, timeout=30)
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["detail"].startswith(f"{ADDRESS_REFUSAL} 2 requests running or waiting")
+    assert chat.fair_share.in_progress() == 2 and not any(job.done() for job in running)  # nothing let in
 
 
 # Monitoring.

@@ -1,7 +1,8 @@
 """What every HTTP request passes before Gradio sees it: the visitor's address read as --trusted-proxies
 says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
 wrong passwords per address, a cap on the size of a request's body, API calls that name an
-endpoint and bring the values it takes, and queued events that name one of the app's.
+endpoint and bring the values it takes, queued events that name one of the app's, and no work at all
+for an address whose fair share is full.
 
 Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
 wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
@@ -9,6 +10,7 @@ wraps the whole app from the app's lifespan, which runs before the server accept
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -25,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..fairness import visitor_address
+from ..fairness import FairShare, visitor_address
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,12 @@ JSON_BYTES_PER_CHAR = 6
 # Room in a request for what isn't text: the settings, the event's name, the session, the JSON around them.
 BODY_OVERHEAD = 1024 * 1024
 LOGIN_WINDOW_SECONDS = 60.0
+# A request from an address whose fair share is full is refused at the door, after this pause: through
+# Gradio's queue a refusal cost the server about as much as a decode step, and a script asking again at
+# once (four sessions past the limit, ~50 refusals a second) took 6-10x an honest visitor's first token
+# on 2 cores. At the door it costs almost nothing, and the pause (an await, no thread) makes such a
+# script ask once a second per connection.
+REFUSAL_PAUSE_SECONDS = 1.0
 FN_INDEX = TypeAdapter(int | None)
 
 
@@ -76,6 +84,8 @@ class Rules:
     own_origin_only: bool
     # The public API endpoints by name.
     endpoints: Mapping[str, Endpoint]
+    # Why an address can't be let in now (FairShare.address_refusal), or None.
+    address_refusal: Callable[[str], str | None]
     # The app's events (what /gradio_api/queue/join's fn_index names), as the app has them (Gradio's own
     # table: an app with gr.render would have more, per session; this one has none).
     events: Container[int]
@@ -134,14 +144,28 @@ class Guard:
                 return
             receive = capped
         post = scope["method"] == "POST"
+        call = API_CALL.match(scope["path"]) if post else None
+        if (call or (post and scope["path"] in QUEUE_JOIN_PATHS)) and await self._full(scope, receive, send):
+            return
         if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
             await self._login(self.throttle, scope, receive, send)
-        elif post and (call := API_CALL.match(scope["path"])):
+        elif call:
             await self._api_call(call, scope, receive, send)
         elif post and scope["path"] in QUEUE_JOIN_PATHS:
             await self._queue_join(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _full(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Refuse a request that asks for work (every queued event and API call takes a place of the fair
+        share) from an address with none left; True if refused."""
+        address, _ = scope["client"]
+        refusal = self.rules.address_refusal(address)
+        if refusal is None:
+            return False
+        await asyncio.sleep(REFUSAL_PAUSE_SECONDS)
+        await _refuse(429, refusal, scope, receive, send, headers={"Retry-After": "1"})
+        return True
 
     def _as_the_app_sees_it(self, scope: Scope) -> Scope:
         headers = Headers(scope=scope)
@@ -246,7 +270,7 @@ def login_message(max_failed_logins: int) -> str:
     )
 
 
-def lifespan(demo, settings: Settings, share: bool):
+def lifespan(demo, settings: Settings, share: bool, fair_share: FairShare):
     """For launch(app_kwargs={"lifespan": ...}): puts the guard around the app Gradio builds for demo."""
     endpoints = {
         name.lstrip("/"): Endpoint(
@@ -255,7 +279,14 @@ def lifespan(demo, settings: Settings, share: bool):
         )
         for name, info in demo.get_api_info()["named_endpoints"].items()
     }
-    rules = Rules(settings.trusted_proxies, share or settings.auth is not None, endpoints, demo.fns, body_cap(settings))
+    rules = Rules(
+        settings.trusted_proxies,
+        share or settings.auth is not None,
+        endpoints,
+        fair_share.address_refusal,
+        demo.fns,
+        body_cap(settings),
+    )
     throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
 
     @contextlib.asynccontextmanager
