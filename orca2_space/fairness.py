@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,11 @@ def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_prox
     return peer or "unknown"
 
 
+# An address just refused for its limit is refused at the door (address_refusal) for this long: a script
+# asking again at once would otherwise cost the server a trip through Gradio's queue each time.
+REFUSED_ADDRESS_SECONDS = 1.0
+
+
 class Refused(InvalidRequest):
     """A request over a limit; the message says which and what to do."""
 
@@ -104,6 +111,8 @@ class FairShare:
         self._addresses: Counter[str] = Counter()
         self._total = 0
         self._listeners: list[Callable[[], None]] = []
+        # When each address was last refused for its limit, and why.
+        self._refused: dict[str, tuple[float, str]] = {}
 
     @contextlib.contextmanager
     def listening(self, listener: Callable[[], None]) -> Iterator[None]:
@@ -158,7 +167,9 @@ class FairShare:
                     )
                 held = self._addresses[visitor.address]
                 if held + places > limits.per_address:
-                    raise Refused(_address_over(held, places, limits.per_address))
+                    raise Refused(
+                        self._remember_refusal(visitor.address, _address_over(held, places, limits.per_address))
+                    )
             if self._total + places > limits.total:
                 raise Refused(
                     f"The server is busy: {self._total} requests are running or waiting. Try again in a minute."
@@ -172,13 +183,22 @@ class FairShare:
             listener()
 
     def address_refusal(self, address: str) -> str | None:
-        """Why a request from this address can't be let in now, whatever it is: every place its address
-        may hold is taken. For a check at the door (guard.py), before any work is spent on the request."""
+        """Why a request from this address is refused before it is looked at: every place its address
+        may hold is taken, or the address was refused for its limit within REFUSED_ADDRESS_SECONDS. For a
+        check at the door (guard.py), before any work is spent on the request."""
         with self._lock:
             held = self._addresses.get(address, 0)
-        if held < self.limits.per_address:
-            return None
-        return _address_over(held, 1, self.limits.per_address)
+            when, why = self._refused.get(address, (-math.inf, None))
+        if held >= self.limits.per_address:
+            return _address_over(held, 1, self.limits.per_address)
+        return why if time.monotonic() - when <= REFUSED_ADDRESS_SECONDS else None
+
+    def _remember_refusal(self, address: str, why: str) -> str:
+        """Note an address's refusal for its limit (call with _lock held); the ones past their time go."""
+        now = time.monotonic()
+        self._refused = {a: r for a, r in self._refused.items() if now - r[0] <= REFUSED_ADDRESS_SECONDS}
+        self._refused[address] = (now, why)
+        return why
 
     def sign_in_hint(self, visitor: Visitor) -> str:
         """What signing in would give a visitor refused for their share: a sentence, or nothing."""

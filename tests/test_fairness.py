@@ -11,6 +11,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from support import FakeBackend, Held, batched, free_port, wait_for
 
+from orca2_space import fairness
 from orca2_space.chat import Chat
 from orca2_space.fairness import FairShare, Limits, Refused, Visitor, visitor_address
 from orca2_space.scoring import token_probabilities
@@ -44,6 +45,24 @@ def test_new_sessions_from_one_address_do_not_dodge_the_address_limit(hold):
     with pytest.raises(Refused, match="Your network address already has 3 requests"):
         hold(share, Visitor("alice-third-tab", "10.0.0.1"))
     hold(share, BOB)
+
+
+def test_an_address_full_or_just_refused_for_its_limit_is_refused_at_the_door(hold, monkeypatch):
+    """address_refusal: what guard.py answers before any work is spent on a request."""
+    now = [100.0]
+    monkeypatch.setattr(fairness.time, "monotonic", lambda: now[0])
+    share = FairShare(Limits(per_visitor=4, per_address=4, total=40))
+    assert share.address_refusal(ALICE.address) is None
+    hold(share, ALICE, 3)
+    assert share.address_refusal(ALICE.address) is None  # one more fits
+    with pytest.raises(Refused) as refused:
+        hold(share, ALICE_AGAIN, 2)  # doesn't fit
+    assert share.address_refusal(ALICE.address) == str(refused.value)  # asking again at once: at the door
+    assert share.address_refusal(BOB.address) is None
+    now[0] += fairness.REFUSED_ADDRESS_SECONDS + 0.01
+    assert share.address_refusal(ALICE.address) is None  # past the pause, it is looked at again
+    hold(share, ALICE_AGAIN)
+    assert share.address_refusal(ALICE.address).startswith("Your network address already has 4 requests")
 
 
 def test_a_full_server_says_so(hold):

@@ -2,7 +2,7 @@
 says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
 wrong passwords per address, a cap on the size of a request's body, API calls that name an
 endpoint and bring the values it takes, queued events that name one of the app's, and no work at all
-for an address whose fair share is full.
+for an address whose fair share is full or just refused it.
 
 Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
 wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
@@ -45,8 +45,8 @@ BODY_OVERHEAD = 1024 * 1024
 LOGIN_WINDOW_SECONDS = 60.0
 # A request from an address whose fair share is full is refused at the door, after this pause: through
 # Gradio's queue a refusal cost the server about as much as a decode step, and a script asking again at
-# once (four sessions past the limit, ~50 refusals a second) took 6-10x an honest visitor's first token
-# on 2 cores. At the door it costs almost nothing, and the pause (an await, no thread) makes such a
+# once (four sessions past the limit, ~25 refusals a second) made an honest visitor's first token 11-13x
+# slower on 2 cores (docs/performance.md, "Under attack"). At the door it costs almost nothing, and the pause (an await, no thread) makes such a
 # script ask once a second per connection.
 REFUSAL_PAUSE_SECONDS = 1.0
 FN_INDEX = TypeAdapter(int | None)
@@ -157,8 +157,8 @@ class Guard:
             await self.app(scope, receive, send)
 
     async def _full(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Refuse a request that asks for work (every queued event and API call takes a place of the fair
-        share) from an address with none left; True if refused."""
+        """Refuse a request that asks for work (every queued event and API call takes places of the fair
+        share) from an address with none left, or just refused for its limit; True if refused."""
         address, _ = scope["client"]
         refusal = self.rules.address_refusal(address)
         if refusal is None:
