@@ -367,8 +367,11 @@ def backend_loader(settings: Settings) -> Callable[..., Backend]:
         return functools.partial(LlamaCpp.load, settings.model, settings.llama_cpp)
     from .backends.local.batching import batching_settings
     from .backends.local.engine import Engine
+    from .backends.local.process import ModelProcess
 
-    return functools.partial(Engine.load, settings.model, settings.quantization, batching=batching_settings(settings))
+    # ZeroGPU lends its GPU to the process that asks: the model stays in the web server's.
+    load = ModelProcess.load if settings.model_process and not on_zerogpu() else Engine.load
+    return functools.partial(load, settings.model, settings.quantization, batching=batching_settings(settings))
 
 
 def launch(chat, share: bool = False, block: bool = True):

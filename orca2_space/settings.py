@@ -288,6 +288,11 @@ class Settings:
         description="decode concurrent answers together (continuous batching), greedy and sampled alike: a seed "
         "gives the same answer in the batch as alone; never on ZeroGPU",
     )
+    model_process: Annotated[bool, Cli(words=ON_OFF)] = Field(
+        default=True,
+        description="run the local model in a process of its own, so that the web server's work never holds up "
+        "its decode steps (off: one process, as a debugger likes it); never on ZeroGPU",
+    )
     # None: sized for the machine when a local model loads (backends/local/batching.py).
     batch_cache_tokens: Annotated[int | None, Cli(default="16384 with a GPU, 8192 without")] = Field(
         default=None,

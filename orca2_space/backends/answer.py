@@ -90,14 +90,17 @@ class Feed:
         self.cancelled.set()
         self.on_cancel()
 
-    def close(self, error: BaseException | None = None, reason: StopReason | None = None) -> None:
+    def close(
+        self, error: BaseException | None = None, reason: StopReason | None = None, stats: GenerationStats | None = None
+    ) -> None:
         """The producer has stopped working on this answer; the first call says how. `reason` is how
-        it ended by itself; by default a stop id as the last token ended the turn, else the length did."""
+        it ended by itself; by default a stop id as the last token ended the turn, else the length did.
+        A producer relaying another's answer (the model's process) passes the stats that one kept."""
         with self._close_lock:
             if not self.done.is_set():
-                self._close(error, reason)
+                self._close(error, reason, stats)
 
-    def _close(self, error: BaseException | None, reason: StopReason | None) -> None:
+    def _close(self, error: BaseException | None, reason: StopReason | None, stats: GenerationStats | None) -> None:
         if error is not None:
             self.failure = GenerationError(self._explain(error))
             self.failure.__cause__ = error.__cause__ if isinstance(error, GenerationError) else error
@@ -106,11 +109,16 @@ class Feed:
             reason = StopReason.STOPPED
         elif reason is None:
             reason = StopReason.END_OF_TURN if self.last_token in STOP_IDS else StopReason.LENGTH
-        after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
-        seconds = time.perf_counter() - self.started
-        self.stats = stats = GenerationStats(
-            self.n_tokens, seconds, reason, self.seed, after, self.batched, self.sampling
-        )
+        if stats is None:
+            after = None if self.tokens_at_cancel is None else self.n_tokens - self.tokens_at_cancel
+            seconds = time.perf_counter() - self.started
+            stats = GenerationStats(self.n_tokens, seconds, reason, self.seed, after, self.batched, self.sampling)
+            self._log(stats)
+        self.stats = stats
+        self.items.put(_END)
+        self.done.set()
+
+    def _log(self, stats: GenerationStats) -> None:
         log.info(
             "generation finished (%s): %s, %d tokens in %.2fs (%.1f tokens/s)%s",
             "batched" if self.batched else "single",
@@ -118,10 +126,8 @@ class Feed:
             stats.n_tokens,
             stats.seconds,
             stats.tokens_per_second,
-            "" if after is None else f", {after} tokens after cancel",
+            "" if stats.tokens_after_cancel is None else f", {stats.tokens_after_cancel} tokens after cancel",
         )
-        self.items.put(_END)
-        self.done.set()
 
 
 class Answer:

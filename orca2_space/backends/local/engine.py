@@ -87,26 +87,33 @@ class Engine:
     def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
         """Start answering; the returned Answer streams the answer's text. Batched answers share the
         batch's places fairly between whose (batching.Batcher); answers run alone take turns in order."""
+        return Answer(self.produce(prompt.input_ids, params, whose), self.tokenizer)
+
+    def produce(
+        self, input_ids: list[int], params: GenerationParams, whose: str = "", feed: Callable[..., Feed] = Feed
+    ) -> Feed:
+        """Start the answer's producer and return the Feed it writes ids to; `feed` makes that Feed (the
+        model's process relays what is written to it: process.py)."""
         sampling = Sampling.of(params)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=secrets.randbelow(2**32))
         scheme = SCHEME if sampling.do_sample else None
         if self._batcher is not None:
-            feed = Feed(sampling.seed, batched=True, explain=reader_message, sampling=scheme)
-            feed.alive = self._batcher.alive
-            feed.on_cancel = self._batcher.submit(prompt.input_ids, sampling, feed, whose)
-            return Answer(feed, self.tokenizer)
-        feed = Feed(sampling.seed, explain=reader_message, sampling=scheme)
+            answer = feed(sampling.seed, batched=True, explain=reader_message, sampling=scheme)
+            answer.alive = self._batcher.alive
+            answer.on_cancel = self._batcher.submit(input_ids, sampling, answer, whose)
+            return answer
+        answer = feed(sampling.seed, explain=reader_message, sampling=scheme)
         # The request's context goes along: ZeroGPU reads the visitor (for GPU quota) from it.
         worker = threading.Thread(
             target=contextvars.copy_context().run,
-            args=(self._run, feed, prompt.input_ids, sampling, whose),
+            args=(self._run, answer, input_ids, sampling, whose),
             name="orca2-generate",
             daemon=True,
         )
         worker.start()
-        feed.alive = worker.is_alive
-        return Answer(feed, self.tokenizer)
+        answer.alive = worker.is_alive
+        return answer
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
