@@ -275,13 +275,16 @@ Request = Callable[[Caller, int, threading.Event], Outcome]
 
 
 def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller) -> Request:
-    """What a flooder of this kind sends as its n-th request."""
+    """What a flooder of this kind sends as its n-th request. A request the server can't stop once it
+    runs (the page's events, a scoring) is read to its end when the flood stops, so that a flood ends
+    when the server's work for it has: the next idle measurement would count what was left otherwise.
+    An answer is left at once, which stops it (stop)."""
     if kind == "render":
         store = hostile_store(sizes.hostile_chars)
-        return lambda caller, n, stop: caller.call(events["show"], {"stored": store, "raw": False}, stop)
+        return lambda caller, n, stop: caller.call(events["show"], {"stored": store, "raw": False})
     if kind == "export":
         store = long_store(sizes.exchanges)
-        return lambda caller, n, stop: caller.call(events["export"], {"stored": store, "looked": {}}, stop)
+        return lambda caller, n, stop: caller.call(events["export"], {"stored": store, "looked": {}})
     if kind == "import":
         # The page's own export of the hostile conversation: a file the page accepts.
         exported = setup.call(events["export"], {"stored": hostile_store(sizes.hostile_chars), "looked": {}})
@@ -295,13 +298,13 @@ def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller
             # upload is made its own file (trailing spaces: the same JSON), as each visitor's would be.
             unique = content + b" " * next(uploads)
             values = {"data": caller.upload("chat.json", unique), "stored": {}, "looked": {}, "raw": False}
-            return caller.call(events["import"], values, stop)
+            return caller.call(events["import"], values)
 
         return imported
     if kind == "score":
         ids = (ANSWER_IDS * sizes.score_tokens)[: sizes.score_tokens]
         values = {"message": "Score this", "answer_ids": ids}
-        return lambda caller, n, stop: caller.call(events["token_probabilities"], values, stop)
+        return lambda caller, n, stop: caller.call(events["token_probabilities"], values)
     if kind == "compare":
         values = {
             "message": "Tell me everything",
@@ -366,7 +369,8 @@ class Flood:
         caller.close()
 
     def stop(self) -> dict:
-        """Stops sending, leaves every stream (which cancels its event), and waits for the senders."""
+        """Stops sending and waits for the senders: each leaves an answer it reads (which stops it) and reads
+        any other request to its end (requests_of)."""
         self._stop.set()
         for thread in self._threads:
             thread.join(REQUEST_SECONDS)

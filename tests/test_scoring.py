@@ -18,7 +18,7 @@ from orca2_space.backends.inference_server import DIALECTS, InferenceServer
 from orca2_space.backends.local import zerogpu as zerogpu_module
 from orca2_space.backends.local.engine import Engine
 from orca2_space.backends.local.generation import one_forward_at_a_time
-from orca2_space.backends.local.scoring import SCORE_CHUNK, score_ids
+from orca2_space.backends.local.scoring import CPU_SCORE_CHUNK, GPU_SCORE_CHUNK, score_chunk, score_ids
 from orca2_space.chat import Chat
 from orca2_space.prompt import IM_END, Turn, answer_text
 from orca2_space.scoring import as_api_dict, token_probabilities
@@ -204,7 +204,7 @@ def long_answer_ids(n: int) -> list[int]:
 
 
 def test_scoring_in_chunks_gives_the_numbers_of_one_pass(tiny_engine):
-    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * SCORE_CHUNK + 37)
+    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * CPU_SCORE_CHUNK + 37)
     probabilities, alternatives = score_ids(tiny_engine.model, prompt.input_ids + answer_ids, prompt.n_tokens, 5)
     reference = reference_probabilities(tiny_engine, prompt.input_ids, answer_ids)
     chosen = reference.gather(1, torch.tensor(answer_ids)[:, None])[:, 0]
@@ -214,6 +214,10 @@ def test_scoring_in_chunks_gives_the_numbers_of_one_pass(tiny_engine):
     assert torch.allclose(
         torch.tensor([[p for _, p in top] for top in alternatives]), best.values, rtol=1e-5, atol=1e-9
     )
+
+
+def test_a_scoring_pass_takes_fewer_positions_on_a_cpu_where_its_cost_grows_with_them():
+    assert score_chunk(torch.device("cpu")) == CPU_SCORE_CHUNK < GPU_SCORE_CHUNK == score_chunk(torch.device("cuda"))
 
 
 def test_a_long_scoring_makes_one_forward_pass_per_chunk(tiny_engine):
@@ -226,14 +230,14 @@ def test_a_long_scoring_makes_one_forward_pass_per_chunk(tiny_engine):
     finally:
         hook.remove()
     transformer_ids = prompt.n_tokens + len(answer_ids) - 1  # the last id predicts nothing scored
-    assert len(passes) == math.ceil(transformer_ids / SCORE_CHUNK)
+    assert len(passes) == math.ceil(transformer_ids / CPU_SCORE_CHUNK)
 
 
 def test_an_answers_pass_waiting_when_a_chunk_ends_goes_before_the_next_chunk(tiny_engine):
     """The answer's prefill asks for the model while scoring's first chunk runs: it runs next, then
     scoring's other chunks. The log is written inside the turn (the embedding runs in the pass)."""
     turns = one_forward_at_a_time(tiny_engine.model)
-    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * SCORE_CHUNK)
+    prompt, answer_ids = prompt_for(tiny_engine), long_answer_ids(2 * CPU_SCORE_CHUNK)
     first_chunk_runs, answer_waits = threading.Event(), threading.Event()
     log = []
 
@@ -267,7 +271,7 @@ def test_a_long_scoring_ends_while_answers_stream_in_the_batch(never_ends):
     try:
         for answer in answers:
             next(iter(answer))  # being written: the batch steps back to back
-        answer_ids = long_answer_ids(3 * SCORE_CHUNK)
+        answer_ids = long_answer_ids(3 * CPU_SCORE_CHUNK)
         tokens = engine.score(prompt_for(engine, "Hi"), answer_ids)
         assert [t.id for t in tokens] == answer_ids
         assert all(answer.stats is None for answer in answers)  # still being written

@@ -117,7 +117,7 @@ class Engine:
 
     def score(self, prompt: Prompt, answer_ids: list[int], top: int = 5) -> list[TokenProbability]:
         """Each answer id's probability given the prompt and the ids before it (temperature 1), and
-        the `top` most likely ids at each position, from forward passes of scoring.SCORE_CHUNK ids.
+        the `top` most likely ids at each position, from forward passes of scoring.score_chunk ids.
 
         It does not wait for the turns that keep unbatched generates one at a time. Its
         passes take their turns with the others (generation.one_forward_at_a_time), after any

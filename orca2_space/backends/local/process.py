@@ -13,13 +13,13 @@ model writes and how its answer ended the other; a scoring's ids and its result;
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
-import contextlib
 import itertools
 import logging
 import multiprocessing
-import os
 import pickle
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -40,10 +40,6 @@ from .batching import BatchingSettings
 
 log = logging.getLogger(__name__)
 
-# The niceness (nice(1)) the web server's threads run at, the model's process keeping its own (0): when both want
-# the cores, the model's decode steps get them first (a weight of 1024 against 110 in Linux's scheduler),
-# and a flood of the web server's work waits instead of the answers.
-WEB_SERVER_NICENESS = 10
 # Seconds the model's process has to finish its answers and end once the app closes, before it is killed.
 CLOSE_SECONDS = 10.0
 
@@ -64,6 +60,8 @@ class ModelProcess:
         self._closing = False
         self._reader = threading.Thread(target=self._read, name="orca2-model-process", daemon=True)
         self._reader.start()
+        # Before multiprocessing's own exit handler (registered earlier, so run later) would kill it.
+        atexit.register(self.close)
 
     @classmethod
     def load(
@@ -98,7 +96,6 @@ class ModelProcess:
         except BaseException:
             process.kill()
             raise
-        _yield_to(process)
         return cls(process, connection, OrcaTokenizer.for_model(model_name), info)
 
     def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
@@ -123,6 +120,8 @@ class ModelProcess:
 
     def close(self) -> None:
         """End the model's process: it closes its engine (answers in flight end with an error)."""
+        if self._closing:
+            return
         self._closing = True
         self._send("close")
         self._process.join(CLOSE_SECONDS)
@@ -192,19 +191,6 @@ class ModelProcess:
             future.set_exception(error)
 
 
-def _yield_to(process: Any) -> None:
-    """Lower this process's priority below the model's process: every thread of it (Linux keeps a
-    priority per thread, and a thread started later takes its starter's), or the whole process where
-    the system keeps one per process (macOS). The model's process was started before, so keeps its own."""
-    tasks = "/proc/self/task"
-    threads = [int(tid) for tid in os.listdir(tasks)] if os.path.isdir(tasks) else [0]
-    for thread in threads:
-        with contextlib.suppress(OSError):  # a thread that has ended since
-            niceness = os.getpriority(os.PRIO_PROCESS, thread)
-            os.setpriority(os.PRIO_PROCESS, thread, max(niceness, WEB_SERVER_NICENESS))
-    log.info("the web server runs at nice +%d beside the model's process (pid %d)", WEB_SERVER_NICENESS, process.pid)
-
-
 def _ended(process: Any) -> str:
     code = process.exitcode
     if code is None:
@@ -222,6 +208,8 @@ def _serve(
 ) -> None:
     """The model's process: load the Engine, then answer what the web server's process sends."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl+C in a terminal reaches the whole process group: the web server's process decides when this ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .engine import Engine
 
     sending = threading.Lock()

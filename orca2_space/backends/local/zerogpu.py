@@ -49,5 +49,5 @@ def _score_ids(input_ids: list[int], n_prompt: int, top: int):
     return score_ids(_model, input_ids, n_prompt, top)
 
 
-# A full context's passes (scoring.SCORE_CHUNK positions each): seconds on the GPU.
+# A full context's passes (scoring.GPU_SCORE_CHUNK positions each): seconds on the GPU.
 score_ids_on_gpu = gpu_task(_score_ids, duration=lambda input_ids, n_prompt, top: 30)
