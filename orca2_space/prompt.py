@@ -115,9 +115,17 @@ class OrcaTokenizer:
             proto.ParseFromString(f.read())
         # The slow tokenizer (legacy=False) loads the model this way and adds "▁" itself.
         proto.normalizer_spec.add_dummy_prefix = False
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self._load(proto.SerializeToString())
+
+    def _load(self, model_proto: bytes) -> None:
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
         self._n_pieces = self._sp.get_piece_size()
         self._unk_prefix_len = len(self._sp.encode("<unk>"))
+
+    def __reduce__(self):
+        # Pickled as the sentencepiece model it loaded: the model's process sends the web server's
+        # process its own (backends/local/process.py), so the file is read once.
+        return _tokenizer_of, (self._sp.serialized_model_proto(),)
 
     @classmethod
     def for_model(cls, model: str) -> OrcaTokenizer:
@@ -213,6 +221,12 @@ class OrcaTokenizer:
         if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
             return piece
         return piece.replace(SPIECE_UNDERLINE, " ")
+
+
+def _tokenizer_of(model_proto: bytes) -> OrcaTokenizer:
+    tokenizer = OrcaTokenizer.__new__(OrcaTokenizer)
+    tokenizer._load(model_proto)
+    return tokenizer
 
 
 def render(system: str, history: list[Turn], user: str) -> str:

@@ -13,6 +13,7 @@ from support import (
     NO_CHROMIUM_REASON,
     SAFETY_KEY,
     SCRIPT,
+    SERVER_START_SECONDS,
     STEPS_OF_A_FREE_SERVER,
     VIOLENT_ANSWER,
     App,
@@ -68,9 +69,9 @@ def test_while_the_model_loads_the_page_says_so_and_a_message_waits_for_it(page,
     app = App(model, tmp_path / "app.log")
     try:
         open_app(page, app, model_ready=False)
-        assert "Loading" in page.inner_text("#model-status") and "reading the tokenizer" in page.inner_text(
-            "#model-status"
-        )
+        # The model's process says what it does once it has started (the page asks every second).
+        page.wait_for_selector("#model-status:has-text('reading the tokenizer')", timeout=SERVER_START_SECONDS * 1000)
+        assert "Loading" in page.inner_text("#model-status")
         page.fill("#message textarea", "Are you there?")
         mark_status_seen(page)
         page.click("#send")

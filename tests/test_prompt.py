@@ -1,5 +1,7 @@
 """The prompt Orca 2 sees: ids equal the model card's, control tokens only from the template."""
 
+import pickle
+
 import pytest
 from support import REFERENCE
 
@@ -10,6 +12,14 @@ from orca2_space.prompt import IM_END, IM_START, PromptTooLong, StreamDecoder, T
 def test_ids_equal_the_model_cards_slow_tokenizer(tokenizer, case):
     prompt = tokenizer.build(case["system"], [Turn(*pair) for pair in case["history"]], case["user"])
     assert prompt.input_ids == case["input_ids"]
+
+
+def test_the_tokenizer_the_models_process_sends_gives_the_same_ids(tokenizer):
+    """backends/local/process.py: the web server's process uses the tokenizer the model's process read."""
+    sent = pickle.loads(pickle.dumps(tokenizer))
+    for case in REFERENCE:
+        prompt = sent.build(case["system"], [Turn(*pair) for pair in case["history"]], case["user"])
+        assert prompt.input_ids == case["input_ids"], case["name"]
 
 
 def test_text_is_the_model_cards_chatml(tokenizer):

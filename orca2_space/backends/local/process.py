@@ -72,6 +72,7 @@ class ModelProcess:
         batching: BatchingSettings | None = None,
     ) -> ModelProcess:
         """Start the model's process and wait until its model is ready; on_phase hears its phases."""
+        on_phase("starting the model's process")
         context = multiprocessing.get_context("spawn")
         connection, theirs = context.Pipe()
         level = logging.getLogger().getEffectiveLevel()
@@ -88,7 +89,7 @@ class ModelProcess:
                 elif kind == "failed":
                     raise ModelLoadError(said)
                 else:
-                    info = said
+                    info, tokenizer = said
                     break
         except EOFError as error:
             process.join(CLOSE_SECONDS)
@@ -96,7 +97,7 @@ class ModelProcess:
         except BaseException:
             process.kill()
             raise
-        return cls(process, connection, OrcaTokenizer.for_model(model_name), info)
+        return cls(process, connection, tokenizer, info)
 
     def generate(self, prompt: Prompt, params: GenerationParams, whose: str = "") -> Answer:
         """Start answering in the model's process; the Answer streams its text (Engine.generate)."""
@@ -226,7 +227,7 @@ def _serve(
     except ModelLoadError as error:
         send("failed", str(error))
         return
-    send("ready", engine.info)
+    send("ready", (engine.info, engine.tokenizer))
     answers: dict[int, Feed] = {}
     try:
         while True:
