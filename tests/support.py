@@ -338,8 +338,8 @@ NEW_DONE = "#answer-status [data-state=done]:not([data-seen])"
 def open_app(page, app: App, model_ready: bool = True) -> None:
     page.goto(app.url)
     page.wait_for_selector("#message textarea")
-    if model_ready:  # the page is up before the model is loaded
-        page.wait_for_selector("#model-status:has-text('Weights')")
+    if model_ready:  # the page is up before the model is loaded (in its own process: on a busy machine, a while)
+        page.wait_for_selector("#model-status:has-text('Weights')", timeout=SERVER_START_SECONDS * 1000)
 
 
 def mark_status_seen(page) -> None:
