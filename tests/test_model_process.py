@@ -2,9 +2,14 @@
 and Stop as the engine in the web server's process, a clear reason when that process can't load or
 dies, and nothing left running once the app closes."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 from make_tiny_model import build_tiny_model
-from support import SCRIPT, prompt_for
+from support import ROOT, SCRIPT, prompt_for, wait_for
 
 from orca2_space.backends.contract import GenerationError, ModelLoadError
 from orca2_space.backends.local.batching import BatchingSettings
@@ -105,6 +110,37 @@ def test_a_model_process_that_dies_ends_its_answers_and_every_later_request_with
     with pytest.raises(GenerationError, match="needs a restart"):
         model.score(prompt_for(model), [13])
     model.close()
+
+
+WEB_SERVER = """
+import sys
+from orca2_space.backends.local.process import ModelProcess
+model = ModelProcess.load(sys.argv[1])
+print(model._process.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_the_models_process_ends_when_its_web_server_is_gone_however_it_ended(tiny_model_dir, signal_name):
+    """Killed, the web server's process runs no exit handler: its model's process sees the pipe close."""
+    web_server = subprocess.Popen(
+        [sys.executable, "-c", WEB_SERVER, str(tiny_model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+    )
+    model_pid = int(web_server.stdout.readline())
+    web_server.send_signal(getattr(signal, signal_name))
+    web_server.wait(timeout=60)
+    wait_for(lambda: not _running(model_pid), "the model's process to end")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # An ended child of an ended process is reaped by init; until then it is a zombie, not running.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_closing_ends_the_process_and_the_answers_in_flight(endless_dir):

@@ -18,6 +18,7 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -241,9 +242,14 @@ def _serve(
                 threading.Thread(target=_score, args=(engine, send, *said), daemon=True).start()
             else:
                 break
-    except EOFError:  # the web server's process is gone
+    except (EOFError, OSError):  # the web server's process is gone, however it ended
         pass
-    engine.close()
+    finally:
+        engine.close()
+        # transformers' batch manager runs a thread that isn't a daemon, which would keep this process
+        # (and the model's memory) alive once its web server is gone: nothing is left to do here.
+        logging.shutdown()
+        os._exit(0)
 
 
 def _start(engine, answers: dict[int, Feed], send: Callable[..., None], number: int, *request) -> None:
