@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -253,7 +254,7 @@ def _serve(
 
 
 def _start(engine, answers: dict[int, Feed], send: Callable[..., None], number: int, *request) -> None:
-    relay = _relaying(send, number, lambda: answers.pop(number, None))
+    relay = functools.partial(_Relayed, send, number, lambda: answers.pop(number, None))
     try:
         answers[number] = feed = engine.produce(*request, feed=relay)
     except Exception as error:  # the answer fails, the process goes on serving
@@ -264,22 +265,23 @@ def _start(engine, answers: dict[int, Feed], send: Callable[..., None], number: 
         answers.pop(number, None)
 
 
-def _relaying(send: Callable[..., None], number: int, forget: Callable[[], object]) -> Callable[..., Feed]:
-    """Makes the answer's Feed in the model's process: each id, and how the answer ended, go to the web
+class _Relayed(Feed):
+    """An answer's Feed in the model's process: each id, and how the answer ended, go to the web
     server's process as they are written."""
 
-    class Relayed(Feed):
-        def push(self, token: int) -> None:
-            super().push(token)
-            send("ids", number, token)
+    def __init__(self, send: Callable[..., None], number: int, forget: Callable[[], object], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._send, self._number, self._forget = send, number, forget
 
-        def _close(self, error, reason, stats) -> None:
-            super()._close(error, reason, stats)
-            forget()
-            failure = None if self.failure is None else str(self.failure)
-            send("end", number, self.stats, failure, self.notices)
+    def push(self, token: int) -> None:
+        super().push(token)
+        self._send("ids", self._number, token)
 
-    return Relayed
+    def _close(self, error, reason, stats) -> None:
+        super()._close(error, reason, stats)
+        self._forget()
+        failure = None if self.failure is None else str(self.failure)
+        self._send("end", self._number, self.stats, failure, self.notices)
 
 
 def _score(engine, send: Callable[..., None], number: int, prompt: Prompt, answer_ids: list[int], top: int) -> None:
