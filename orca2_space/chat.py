@@ -20,7 +20,7 @@ from typing import Any
 from . import evaluator
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
 from .evaluator import EvaluationProgress, EvaluationRequest, EvaluationSlots
-from .fairness import FairShare, Heavy, Limits, Refused, Visitor, sharer
+from .fairness import MIB, FairShare, Heavy, Limits, Refused, Visitor, sharer
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import (
@@ -175,6 +175,7 @@ class Chat:
             per_anonymous_visitor=settings.anonymous_visitor_limit,
             sign_in_offered=sign_in_offered(),
             sign_in_for_heavy=settings.sign_in_for_heavy,
+            address_bytes_per_second=settings.address_mib_per_minute * MIB / 60,
         )
         self.fair_share = FairShare(limits)
         # The answers each owner (a page session) has running, for stop(owner).

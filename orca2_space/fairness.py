@@ -13,6 +13,10 @@ within the limits starts at the next decode step. The batch shares its places be
 Where the page offers Sign in with Hugging Face, a signed-in visitor is their account, whichever page
 or tab they ask from, and the server's owner may give visitors who haven't signed in a smaller share
 and keep heavy requests (Heavy) for signed-in ones.
+
+An address also has a budget of the bytes it moves through the server (ByteBudget): the door
+(ui/guard.py) counts them and refuses requests for work past it, and the page's own work takes its
+address's turn (FairShare.page_work), so that what one request moved is counted before the next starts.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_prox
     return peer or "unknown"
 
 
+MIB = 1024 * 1024
+# What an address may save of its budget of bytes while it moves less: this many seconds' worth.
+BYTE_BUDGET_BURST_SECONDS = 16.0
+
 # An address just refused for its limit is refused at the door (address_refusal) for this long: a script
 # asking again at once would otherwise cost the server a trip through Gradio's queue each time.
 REFUSED_ADDRESS_SECONDS = 1.0
@@ -89,6 +97,8 @@ class Limits:
     sign_in_offered: bool = False
     # Heavy requests only for signed-in visitors.
     sign_in_for_heavy: bool = False
+    # The bytes an address may move through the server a second (ByteBudget).
+    address_bytes_per_second: float = math.inf
 
     def per(self, visitor: Visitor) -> int:
         """How many places this visitor may hold."""
@@ -100,13 +110,66 @@ class Limits:
         return min(self.per_anonymous_visitor or self.per_visitor, self.per_visitor)
 
 
+class ByteBudget:
+    """The bytes each network address moves through the server, against a budget that refills at a
+    steady rate and may run into debt (a token bucket that lends): a request for work is let in while
+    its address is within budget, however large, and its address then waits as long as the budget
+    takes to refill.
+
+    Why bytes: every page event brings the chats the browser keeps, and its work (reading, rendering,
+    exporting them) follows what it reads and writes: about 40 ms of CPU per MB to show a conversation,
+    60 to export one, on 2 cores (docs/performance.md, "Under attack"). So bytes bound the CPU one
+    address takes from the model, and what a request brings is known before any of its work is done."""
+
+    def __init__(
+        self, per_second: float, burst_seconds: float = BYTE_BUDGET_BURST_SECONDS, clock=time.monotonic
+    ) -> None:
+        self.per_second, self.most, self._clock = per_second, per_second * burst_seconds, clock
+        self._lock = threading.Lock()
+        # Each address's balance in bytes, as of a time; an address absent has the most.
+        self._balances: dict[str, tuple[float, float]] = {}
+        self._forgotten = clock()
+
+    def wait(self, address: str, brought: int = 0) -> int:
+        """Whole seconds before this address is within budget again; 0 if it is now. brought: the bytes
+        the request asking brought, already counted, which were let in with it."""
+        with self._lock:
+            balance = self._balance(address, self._clock()) + brought
+        return 0 if balance > 0 else max(1, math.ceil(-balance / self.per_second))
+
+    def refusal(self, wait: int) -> str:
+        """Why a request for work is refused while its address waits `wait` seconds for its budget."""
+        return (
+            f"Your network address has moved more data through this server than it allows one address "
+            f"({self.per_second * 60 / MIB:g} MiB a minute, counting the chats your browser sends with most "
+            f"of the page's requests and what comes back); everyone behind that address shares it. "
+            f"Try again in {wait} s."
+        )
+
+    def spent(self, address: str, size: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._balances[address] = (self._balance(address, now) - size, now)
+            if now - self._forgotten > BYTE_BUDGET_BURST_SECONDS:
+                # Addresses whose budget has refilled are forgotten, so the record stays small.
+                self._balances = {a: b for a, b in self._balances.items() if self._balance(a, now) < self.most}
+                self._forgotten = now
+
+    def _balance(self, address: str, now: float) -> float:
+        balance, at = self._balances.get(address, (self.most, now))
+        return min(self.most, balance + (now - at) * self.per_second)
+
+
 class FairShare:
     """Counts the places in use (requests running or waiting, each as the answers it runs) per visitor,
-    per address and in all."""
+    per address and in all, and the bytes each address moves (bytes)."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
+        self.bytes = ByteBudget(limits.address_bytes_per_second)
         self._lock = threading.Lock()
+        # Each address's turn for the page's work, and how many requests hold or wait for it.
+        self._turns: dict[str, tuple[threading.Lock, int]] = {}
         self._sessions: Counter[tuple[bool, str]] = Counter()
         self._addresses: Counter[str] = Counter()
         self._total = 0
@@ -138,6 +201,35 @@ class FairShare:
             yield
         finally:
             self._give_back(visitor, places)
+
+    @contextlib.contextmanager
+    def page_work(self, visitor: Visitor, brought: int = 0) -> Iterator[None]:
+        """For the page's own work (reading, showing, exporting what the browser keeps): a place, then its
+        address's turn, one such request at a time, and Refused if the address is then past its budget
+        of bytes, not counting the `brought` bytes of the request itself, let in whole at the door.
+        Taking turns counts what each request moved before the next starts: at once, an address's 8
+        places let it start 8 large exports within its budget, and owe 8 times what it may."""
+        with self.admit(visitor), self._turn(visitor.address):
+            wait = self.bytes.wait(visitor.address, brought)
+            if wait:
+                raise Refused(self.bytes.refusal(wait))
+            yield
+
+    @contextlib.contextmanager
+    def _turn(self, address: str) -> Iterator[None]:
+        with self._lock:
+            turn, users = self._turns.get(address, (threading.Lock(), 0))
+            self._turns[address] = (turn, users + 1)
+        try:
+            with turn:
+                yield
+        finally:
+            with self._lock:
+                users = self._turns[address][1] - 1
+                if users:
+                    self._turns[address] = (turn, users)
+                else:
+                    del self._turns[address]
 
     def check_heavy(self, visitor: Visitor | None, heavy: Heavy) -> None:
         """Refused where this server keeps heavy requests for signed-in visitors and this one isn't; for a

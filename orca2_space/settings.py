@@ -254,6 +254,13 @@ class Settings:
         "a visitor's address is the entry this many from the right, and what the client wrote left of it is "
         "ignored (0: the connection's own address, the header ignored)",
     )
+    address_mib_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="MiB one network address may move through the server a minute: requests' bodies (uploads, and "
+        "the chats the browser sends with most of the page's requests) and the results sent back, after a first "
+        "16 seconds' worth; past it, its requests for work are refused until the budget refills",
+    )
     max_failed_logins: int = Field(
         default=5,
         ge=1,

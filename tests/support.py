@@ -207,6 +207,16 @@ def finish_loading(model: Path, tokenizer: bytes) -> None:
 # --- Servers a test launches ----------------------------------------------------------------------
 
 
+class Clock:
+    """A clock a test moves by hand (clock.now += seconds), for what takes a clock= to read the time."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """A fair share for everyone: a visitor (and an address) may have only a few requests running or
 waiting, a comparison counting one per answer; more are refused at once with the reason, and nobody
-waits behind someone else's pile. Answers, comparisons, scoring and prompt inspection all count."""
+waits behind someone else's pile. Answers, comparisons, scoring and prompt inspection all count. An
+address has a budget of bytes too, and the page's work takes its address's turn."""
 
 import contextlib
 import threading
@@ -9,11 +10,11 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from support import FakeBackend, Held, batched, free_port, wait_for
+from support import Clock, FakeBackend, Held, batched, free_port, wait_for
 
 from orca2_space import fairness
 from orca2_space.chat import Chat
-from orca2_space.fairness import FairShare, Limits, Refused, Visitor, visitor_address
+from orca2_space.fairness import ByteBudget, FairShare, Limits, Refused, Visitor, visitor_address
 from orca2_space.scoring import token_probabilities
 from orca2_space.settings import Settings
 from orca2_space.ui.adapters import visitor_of
@@ -279,3 +280,77 @@ def test_a_request_that_did_not_pass_every_trusted_proxy_counts_as_the_connectio
     assert visitor_address("10.16.3.80", [], trusted_proxies=1) == "10.16.3.80"
     assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=2) == "10.16.3.80"
     assert visitor_address("10.16.3.80", ["203.0.113.7, "], trusted_proxies=1) == "10.16.3.80"
+
+
+# A budget of bytes per address (the door counts them: tests/test_hardening.py).
+
+
+def test_an_address_may_send_its_burst_at_once_then_what_refills():
+    clock = Clock()
+    budget = ByteBudget(per_second=1000, burst_seconds=10, clock=clock)
+    budget.spent("192.0.2.1", 9_000)
+    assert budget.wait("192.0.2.1") == 0
+    # One request larger than what is left passes whole; its address then waits for the budget to refill.
+    budget.spent("192.0.2.1", 25_000)
+    assert budget.wait("192.0.2.1") == 24 and budget.wait("192.0.2.2") == 0
+    clock.now += 23.5
+    assert budget.wait("192.0.2.1") == 1
+    clock.now += 1
+    assert budget.wait("192.0.2.1") == 0
+
+
+def test_an_idle_address_saves_no_more_than_its_burst():
+    clock = Clock()
+    budget = ByteBudget(per_second=1000, burst_seconds=10, clock=clock)
+    clock.now += 3600
+    budget.spent("192.0.2.1", 10_000)
+    assert budget.wait("192.0.2.1") == 1  # nothing left: the hour idle saved 10 s' worth
+    budget.spent("192.0.2.2", 9_999)
+    assert budget.wait("192.0.2.2") == 0
+
+
+def test_the_pages_work_holds_a_place_and_is_refused_once_its_address_is_past_its_budget():
+    share = FairShare(Limits(per_visitor=4, per_address=8, total=40, address_bytes_per_second=1000))
+    with share.page_work(ALICE):
+        assert share.in_progress() == 1
+    share.bytes.spent(ALICE.address, 100_000)  # what that work moved, as the door counts it
+    # A request whose own body made the debt was let in whole at the door, and does its work.
+    with share.page_work(ALICE_AGAIN, brought=200_000):
+        pass
+    refused = pytest.raises(Refused, match=r"Your network address has moved more data .* Try again in \d+ s")
+    with refused, share.page_work(ALICE_AGAIN):
+        pass
+    with share.page_work(BOB):
+        pass
+    assert share.in_progress() == 0
+
+
+def test_the_pages_work_from_one_address_takes_turns_and_other_addresses_do_not_wait():
+    """So the bytes one request moved count before the next starts: 8 at once would each find the
+    budget unspent."""
+    share = FairShare(Limits(per_visitor=4, per_address=8, total=40))
+    events: list[str] = []
+    first_in, first_may_end = threading.Event(), threading.Event()
+
+    def first():
+        with share.page_work(ALICE):
+            first_in.set()
+            first_may_end.wait(60)
+            events.append("first ends")
+
+    def second():
+        with share.page_work(ALICE_AGAIN):
+            events.append("second starts")
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert first_in.wait(60)
+    threads.append(threading.Thread(target=second))
+    threads[1].start()
+    wait_for(lambda: share.in_progress() == 2, "the second request to hold its place, waiting for its turn")
+    with share.page_work(BOB):  # another address: in at once, while the first still holds Alice's turn
+        events.append("other address")
+    first_may_end.set()
+    for thread in threads:
+        thread.join(60)
+    assert events == ["other address", "first ends", "second starts"]

@@ -1,6 +1,7 @@
 """The server against a hostile visitor: an address can't be forged, monitoring is off, only the page's
 own origin may read answers in a browser when there is a login, wrong passwords are throttled per
-address, a malformed API call is refused with what is wrong, and uploads are capped. Every check goes
+address, an address that sends more than its budget of bytes waits for it to refill, a malformed API
+call is refused with what is wrong, and uploads are capped. Every check goes
 through a launched server."""
 
 import json
@@ -11,12 +12,12 @@ import pytest
 from conftest import free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from support import FakeBackend, Held, wait_for
+from support import Clock, FakeBackend, Held, wait_for
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
 from orca2_space.settings import Settings
-from orca2_space.ui.guard import LoginThrottle, login_message
+from orca2_space.ui.guard import REFUSAL_PAUSE_SECONDS, LoginThrottle, login_message
 
 PASSWORD = "correct horse battery"
 WRONG_LOGIN = {"username": "ann", "password": "wrong"}
@@ -210,14 +211,6 @@ def test_wrong_passwords_are_refused_after_a_few_from_one_address_and_others_may
     assert httpx.post(url + "login", data=RIGHT_LOGIN, headers={"X-Forwarded-For": "192.0.2.67"}).status_code == 200
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_throttled_address_may_try_again_once_its_oldest_failure_is_a_minute_old():
     clock = Clock()
     throttle = LoginThrottle(limit=3, window=60, clock=clock)
@@ -236,6 +229,65 @@ def test_a_successful_login_clears_the_addresss_failures():
     throttle.succeeded("192.0.2.1")
     throttle.failed("192.0.2.1")
     assert throttle.wait("192.0.2.1") == 0
+
+
+# Bytes sent: every page event brings the chats the browser keeps, and its work follows their size.
+
+BUDGET_REFUSAL = "Your network address has moved more data through this server than it allows one address"
+
+
+@pytest.fixture(scope="module")
+def budget_app(never_ends):
+    """A budget of 1 MiB a minute (16 s' worth at once, about 273 KiB), behind one trusted proxy."""
+    settings = Settings(host="127.0.0.1", port=free_port(), trusted_proxies=1, address_mib_per_minute=1)
+    demo = launch(Chat(never_ends, settings), block=False)
+    yield settings, demo.local_url
+    demo.close()
+
+
+def test_past_its_budget_an_address_is_refused_work_with_the_wait_and_others_are_not(budget_app):
+    _, url = budget_app
+    sender, other = {"X-Forwarded-For": "192.0.2.10"}, {"X-Forwarded-For": "192.0.2.11"}
+    # Read whole (the call's check refuses the parameter it doesn't have), so counted whole.
+    large = {"message": "Hi", "padding": " " * 450_000}
+    assert httpx.post(url + "gradio_api/call/v2/chat", json=large, headers=sender, timeout=60).status_code == 422
+    small = {"message": "Hi", "max_new_tokens": 1}
+    refused = [
+        httpx.post(url + "gradio_api/call/v2/chat", json=small, headers=sender, timeout=60),
+        httpx.post(url + "gradio_api/queue/join", json={"data": [], "fn_index": 0}, headers=sender, timeout=60),
+    ]
+    for response in refused:
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert response.json()["detail"].startswith(BUDGET_REFUSAL + " (1 MiB a minute")
+    upload = httpx.post(url + "gradio_api/upload", files={"files": ("chat.json", b"{}")}, headers=sender, timeout=60)
+    # Plain words: the page shows an upload's refusal as "HTTP 429: " and the body.
+    assert upload.status_code == 429 and upload.text.startswith(BUDGET_REFUSAL)
+    # What asks for no work still gets through, and another address is let in.
+    assert httpx.get(url + "config", headers=sender, timeout=60).status_code == 200
+    assert httpx.post(url + "gradio_api/call/v2/chat", json=small, headers=other, timeout=60).status_code == 200
+    # Once the budget has refilled (the 450 KB were about 10 s past it), the address is let in again.
+    wait = int(refused[-1].headers["retry-after"]) + REFUSAL_PAUSE_SECONDS
+    wait_for(
+        lambda: httpx.post(url + "gradio_api/call/v2/chat", json=small, headers=sender, timeout=60).status_code == 200,
+        "the budget to refill",
+        seconds=30 + wait,
+    )
+
+
+def test_what_comes_back_counts_against_the_budget_too(budget_app):
+    """An export's file is 8x the chats it was made from, and writing it is the export's work."""
+    _, url = budget_app
+    scorer = {"X-Forwarded-For": "192.0.2.12"}
+    # A few KB asked: every id's probability and its 5 alternatives come back.
+    asked = {"message": "Hi", "answer_ids": [13] * 2000}
+    sent = httpx.post(url + "gradio_api/call/v2/token_probabilities", json=asked, headers=scorer, timeout=60)
+    result = httpx.get(
+        url + f"gradio_api/call/token_probabilities/{sent.json()['event_id']}", headers=scorer, timeout=120
+    )
+    assert "event: complete" in result.text
+    assert len(sent.request.content) < 20_000 and len(result.content) > 300_000  # the burst is about 280 KB
+    refused = httpx.post(url + "gradio_api/call/v2/chat", json={"message": "Hi"}, headers=scorer, timeout=60)
+    assert refused.status_code == 429 and refused.json()["detail"].startswith(BUDGET_REFUSAL)
 
 
 # Malformed API calls: refused before they start, with what is wrong.

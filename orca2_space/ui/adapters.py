@@ -160,8 +160,15 @@ def comparison(
 
 
 def admitted(chat: Chat, request: gr.Request) -> contextlib.AbstractContextManager[None]:
-    """A page event's work, holding one place in the visitor's fair share (fairness.Refused if full)."""
-    return chat.fair_share.admit(visitor_of(request))
+    """A page event's work, holding one place in the visitor's fair share and its address's turn
+    (fairness.Refused if full, or if the address is past its budget of bytes)."""
+    return chat.fair_share.page_work(visitor_of(request), brought=_brought(request))
+
+
+def _brought(request: gr.Request) -> int:
+    """The bytes of the request's body, as it says (the door counted them as they came)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
 
 
 def visitor_of(request: gr.Request) -> Visitor:

@@ -2,7 +2,8 @@
 says, cross-origin reading for the page's own origin only (with a login or a share link), a limit on
 wrong passwords per address, a cap on the size of a request's body, API calls that name an
 endpoint and bring the values it takes, queued events that name one of the app's, and no work at all
-for an address whose fair share is full or just refused it.
+for an address whose fair share is full or just refused it, or that has moved more than its budget of
+bytes through the server (ByteBudget).
 
 Gradio adds its own CORS middleware outside anything an app can add through launch(), so the guard
 wraps the whole app from the app's lifespan, which runs before the server accepts a connection.
@@ -24,10 +25,10 @@ from urllib.parse import urlsplit
 
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..fairness import FairShare, visitor_address
+from ..fairness import ByteBudget, FairShare, visitor_address
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ LOGIN_PATHS = ("/login", "/login/")
 QUEUE_JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/queue/join/")
 # Uploads have Gradio's own cap (--max-upload-mb, counted as the file streams to disk).
 UPLOAD_PATH = "/gradio_api/upload"
+# Gradio's MCP server (--mcp): an agent's tool calls.
+MCP_PATH = "/gradio_api/mcp"
 # The most bytes JSON takes to write one character of text: \u0001 (a client writing ASCII-only JSON
 # writes every other character that isn't ASCII as \uXXXX too).
 JSON_BYTES_PER_CHAR = 6
@@ -49,6 +52,9 @@ LOGIN_WINDOW_SECONDS = 60.0
 # slower on 2 cores (docs/performance.md, "Under attack"). At the door it costs almost nothing, and the pause (an await, no thread) makes such a
 # script ask once a second per connection.
 REFUSAL_PAUSE_SECONDS = 1.0
+# Where the results of work come back (a queued event's stream, an API call's, an event off the queue):
+# the responses that count against an address's budget; the page's own files don't.
+RESULT_PATHS = ("/gradio_api/queue/data", "/gradio_api/call/", "/gradio_api/run/", MCP_PATH)
 FN_INDEX = TypeAdapter(int | None)
 
 
@@ -91,6 +97,8 @@ class Rules:
     events: Container[int]
     # The most bytes a request's body may have (uploads excepted; body_cap).
     max_body: int
+    # What each address may move through the server.
+    byte_budget: ByteBudget
 
 
 def body_cap(settings: Settings) -> int:
@@ -129,6 +137,29 @@ class LoginThrottle:
         self._failures.pop(address, None)
 
 
+def received(budget: ByteBudget, address: str, receive: Receive) -> Receive:
+    """The request's receive, counting its body's bytes against the address as they arrive."""
+
+    async def counting() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            budget.spent(address, len(message.get("body", b"")))
+        return message
+
+    return counting
+
+
+def sent(budget: ByteBudget, address: str, send: Send) -> Send:
+    """The response's send, counting its body's bytes against the address as they go."""
+
+    async def counting(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            budget.spent(address, len(message.get("body", b"")))
+        await send(message)
+
+    return counting
+
+
 class Guard:
     def __init__(self, app: ASGIApp, rules: Rules, throttle: LoginThrottle | None):
         self.app, self.rules, self.throttle = app, rules, throttle
@@ -138,33 +169,43 @@ class Guard:
             await self.app(scope, receive, send)
             return
         scope = self._as_the_app_sees_it(scope)
-        if scope["path"] != UPLOAD_PATH:
+        path, post = scope["path"], scope["method"] == "POST"
+        call = API_CALL.match(path) if post else None
+        asks_for_work = call or (post and (path in (*QUEUE_JOIN_PATHS, UPLOAD_PATH) or path.startswith(MCP_PATH)))
+        if asks_for_work and await self._refused_for_now(scope, receive, send):
+            return
+        address, budget = scope["client"][0], self.rules.byte_budget
+        receive = received(budget, address, receive)
+        if path.startswith(RESULT_PATHS):
+            send = sent(budget, address, send)
+        if path != UPLOAD_PATH:
             capped = await self._within_cap(scope, receive, send)
             if capped is None:
                 return
             receive = capped
-        post = scope["method"] == "POST"
-        call = API_CALL.match(scope["path"]) if post else None
-        if (call or (post and scope["path"] in QUEUE_JOIN_PATHS)) and await self._full(scope, receive, send):
-            return
-        if post and self.throttle is not None and scope["path"] in LOGIN_PATHS:
+        if post and self.throttle is not None and path in LOGIN_PATHS:
             await self._login(self.throttle, scope, receive, send)
         elif call:
             await self._api_call(call, scope, receive, send)
-        elif post and scope["path"] in QUEUE_JOIN_PATHS:
+        elif post and path in QUEUE_JOIN_PATHS:
             await self._queue_join(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    async def _full(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Refuse a request that asks for work (every queued event and API call takes places of the fair
-        share) from an address with none left, or just refused for its limit; True if refused."""
+    async def _refused_for_now(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Refuse a request that asks for work (every queued event, API call and agent's tool call takes
+        places of the fair share, and an upload is read by the event that follows it) from an address
+        with none left, just refused for its limit, or past its budget of bytes; True if refused."""
         address, _ = scope["client"]
-        refusal = self.rules.address_refusal(address)
+        refusal, wait = self.rules.address_refusal(address), 1
+        if refusal is None and (wait := self.rules.byte_budget.wait(address)):
+            refusal = self.rules.byte_budget.refusal(wait)
         if refusal is None:
             return False
         await asyncio.sleep(REFUSAL_PAUSE_SECONDS)
-        await _refuse(429, refusal, scope, receive, send, headers={"Retry-After": "1"})
+        # Gradio's page shows an upload's refusal as "HTTP 429: " and the body: plain words read best there.
+        plain = scope["path"] == UPLOAD_PATH
+        await _refuse(429, refusal, scope, receive, send, headers={"Retry-After": str(wait)}, plain=plain)
         return True
 
     def _as_the_app_sees_it(self, scope: Scope) -> Scope:
@@ -286,6 +327,7 @@ def lifespan(demo, settings: Settings, share: bool, fair_share: FairShare):
         fair_share.address_refusal,
         demo.fns,
         body_cap(settings),
+        fair_share.bytes,
     )
     throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
 
@@ -331,9 +373,17 @@ def _event_named(sent) -> int | None:
 
 
 async def _refuse(
-    status: int, message: str, scope: Scope, receive: Receive, send: Send, headers: dict | None = None
+    status: int,
+    message: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: dict | None = None,
+    plain: bool = False,
 ) -> None:
-    await JSONResponse({"detail": message}, status_code=status, headers=headers)(scope, receive, send)
+    response = PlainTextResponse if plain else JSONResponse
+    body = message if plain else {"detail": message}
+    await response(body, status_code=status, headers=headers)(scope, receive, send)
 
 
 async def _body(receive: Receive, most: float = math.inf) -> bytes:
