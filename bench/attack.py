@@ -8,8 +8,9 @@ server, in the same run.
 The app runs as `python app.py` behind an emulated Space proxy (--trusted-proxies 1): every request
 carries the X-Forwarded-For entry a Space's proxy appends, so the flooder and the honest visitor are
 two addresses. The flooder runs in its own process, a raw HTTP client as a script would be, with
---flooders sessions from its one address (past the per-address limit), each sending one request after
-another, refusals included. Its kinds:
+--flooders sessions from its one address (past the per-address limit; a new address each flood, so that
+none starts owing the budget of bytes the last one spent), each sending one request after another,
+refusals included. Its kinds:
 - render: the page's "show a conversation" event with hostile text (unclosed \\( $$ \\[);
 - import: the page's import event with a file of that text (uploaded each time);
 - export: the page's JSON export of a conversation as long as the server takes;
@@ -52,10 +53,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 KINDS = ("render", "import", "export", "score", "compare", "forged")
 # What a Space's proxy appends to X-Forwarded-For for each (TEST-NET addresses).
-ATTACKER = "203.0.113.66"
+# Each flood comes from an address of its own, as a new attacker would: the budget of bytes one flood
+# spent would otherwise still be owed when the next began (ui/guard.py, ByteBudget).
+ATTACKERS = (f"203.0.113.{n % 250 + 1}" for n in itertools.count())
 HONEST = "198.51.100.7"
-# What the fair share's refusals say (fairness.py): over the visitor's, the address's or the server's limit.
-REFUSALS = ("You already have", "Your network address already has", "The server is busy")
+# Where the bench makes what a flood sends (the import's file): not the attacker, whose budget of bytes
+# the flood before may have spent.
+PREPARER = "198.51.100.8"
+# What the refusals say: over the visitor's, the address's or the server's limit (fairness.py), or over
+# the address's budget of bytes (ui/guard.py).
+REFUSALS = (
+    "You already have",
+    "Your network address already has",
+    "Your network address has moved",
+    "The server is busy",
+)
 # Hostile text: each unclosed opener used to make rendering rescan to the end of the text.
 HOSTILE = "\\( $$ \\[ "
 # "\n", "The", "▁answer": ids any Orca-2-shaped model has.
@@ -183,10 +195,15 @@ class Caller:
                     return Outcome("error", str(message.get("message")))
         return Outcome("error", "the stream ended without the event's end")
 
-    def upload(self, name: str, content: bytes) -> dict:
-        """A file as the page uploads it, named as Gradio's FileData."""
-        response = self.http.post("upload", files={"files": (name, content, "application/json")})
-        response.raise_for_status()
+    def upload(self, name: str, content: bytes) -> dict | Outcome:
+        """A file as the page uploads it, named as Gradio's FileData; or why the upload was refused."""
+        try:
+            response = self.http.post("upload", files={"files": (name, content, "application/json")})
+        except httpx.HTTPError as error:
+            return Outcome("error", f"{type(error).__name__}: {error}")
+        if response.status_code != 200:
+            # The refusal at the door is plain text here (guard.py), as the page shows it.
+            return _refusal(f"HTTP {response.status_code}: {response.text}")
         return {"path": response.json()[0], "orig_name": name, "meta": {"_type": "gradio.FileData"}}
 
     def close(self) -> None:
@@ -274,7 +291,7 @@ def long_store(exchanges: int) -> dict:
 Request = Callable[[Caller, int, threading.Event], Outcome]
 
 
-def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller) -> Request:
+def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller, address: str) -> Request:
     """What a flooder of this kind sends as its n-th request. A request the server can't stop once it
     runs (the page's events, a scoring) is read to its end when the flood stops, so that a flood ends
     when the server's work for it has: the next idle measurement would count what was left otherwise.
@@ -297,7 +314,10 @@ def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller
             # Gradio files an upload under its content's hash, and an import deletes what it read: each
             # upload is made its own file (trailing spaces: the same JSON), as each visitor's would be.
             unique = content + b" " * next(uploads)
-            values = {"data": caller.upload("chat.json", unique), "stored": {}, "looked": {}, "raw": False}
+            uploaded = caller.upload("chat.json", unique)
+            if isinstance(uploaded, Outcome):
+                return uploaded
+            values = {"data": uploaded, "stored": {}, "looked": {}, "raw": False}
             return caller.call(events["import"], values)
 
         return imported
@@ -317,7 +337,7 @@ def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller
 
         def forged(caller: Caller, n: int, stop: threading.Event) -> Outcome:
             # What the script writes, then what the proxy appends: the address it saw.
-            forwarded = f"10.{n % 250}.{secrets.randbelow(250)}.{secrets.randbelow(250)}, {ATTACKER}"
+            forwarded = f"10.{n % 250}.{secrets.randbelow(250)}.{secrets.randbelow(250)}, {address}"
             return caller.call(events["chat"], values, stop, forwarded=forwarded)
 
         return forged
@@ -325,11 +345,15 @@ def requests_of(kind: str, events: dict[str, Event], sizes: Sizes, setup: Caller
 
 
 class Flood:
-    """`flooders` sessions from the attacker's address, each sending one request after another until
-    stop(); what each request came to is counted, with the refusals' and errors' messages."""
+    """`flooders` sessions from the attacker's address (a new one unless given), each sending one request
+    after another until stop(); what each request came to is counted, with the refusals' and errors'
+    messages."""
 
-    def __init__(self, url: str, kind: str, flooders: int, sizes: Sizes = Sizes(), pause: float = 0.0):
+    def __init__(
+        self, url: str, kind: str, flooders: int, sizes: Sizes = Sizes(), pause: float = 0.0, address: str = ""
+    ):
         self.url, self.kind, self.flooders, self.sizes = url, kind, flooders, sizes
+        self.address = address or next(ATTACKERS)
         # Seconds a sender waits after a refusal: none for an attacker; a test leaves its CPU to the server.
         self.pause = pause
         self.outcomes: Counter[str] = Counter()
@@ -341,8 +365,8 @@ class Flood:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Flood:
-        setup = Caller(self.url, ATTACKER)
-        request = requests_of(self.kind, page_events(self.url), self.sizes, setup)
+        setup = Caller(self.url, PREPARER)
+        request = requests_of(self.kind, page_events(self.url), self.sizes, setup, self.address)
         setup.close()
         self._threads = [
             threading.Thread(target=self._send, args=(request,), daemon=True) for _ in range(self.flooders)
@@ -353,7 +377,7 @@ class Flood:
         return self
 
     def _send(self, request: Request) -> None:
-        caller = Caller(self.url, ATTACKER)
+        caller = Caller(self.url, self.address)
         n = 0
         while not self._stop.is_set():
             with self._lock:
@@ -383,8 +407,8 @@ class Flood:
         }
 
 
-def _flood_process(url: str, kind: str, flooders: int, sizes: Sizes, stop, ready, results) -> None:
-    flood = Flood(url, kind, flooders, sizes).start()
+def _flood_process(url: str, kind: str, flooders: int, sizes: Sizes, address: str, stop, ready, results) -> None:
+    flood = Flood(url, kind, flooders, sizes, address=address).start()
     ready.set()
     stop.wait()
     results.put(flood.stop())
@@ -402,7 +426,8 @@ def under_flood(url: str, kind: str, args, sizes: Sizes) -> tuple[list[Outcome],
     """The honest visitor's answers while a flood of this kind runs in its own process."""
     context = multiprocessing.get_context("spawn")
     stop, ready, results = context.Event(), context.Event(), context.Queue()
-    process = context.Process(target=_flood_process, args=(url, kind, args.flooders, sizes, stop, ready, results))
+    flood = (url, kind, args.flooders, sizes, next(ATTACKERS))
+    process = context.Process(target=_flood_process, args=(*flood, stop, ready, results))
     process.start()
     try:
         if not ready.wait(120):
