@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .settings import InvalidRequest
+from .settings import ADDRESS_BURST_SECONDS, InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,6 @@ def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_prox
 
 
 MIB = 1024 * 1024
-# What an address may save of its budget of bytes while it moves less: this many seconds' worth.
-BYTE_BUDGET_BURST_SECONDS = 16.0
 
 # An address just refused for its limit is refused at the door (address_refusal) for this long: a script
 # asking again at once would otherwise cost the server a trip through Gradio's queue each time.
@@ -121,9 +119,7 @@ class ByteBudget:
     60 to export one, on 2 cores (docs/performance.md, "Under attack"). So bytes bound the CPU one
     address takes from the model, and what a request brings is known before any of its work is done."""
 
-    def __init__(
-        self, per_second: float, burst_seconds: float = BYTE_BUDGET_BURST_SECONDS, clock=time.monotonic
-    ) -> None:
+    def __init__(self, per_second: float, burst_seconds: float = ADDRESS_BURST_SECONDS, clock=time.monotonic) -> None:
         self.per_second, self.most, self._clock = per_second, per_second * burst_seconds, clock
         self._lock = threading.Lock()
         # Each address's balance in bytes, as of a time; an address absent has the most.
@@ -150,7 +146,7 @@ class ByteBudget:
         with self._lock:
             now = self._clock()
             self._balances[address] = (self._balance(address, now) - size, now)
-            if now - self._forgotten > BYTE_BUDGET_BURST_SECONDS:
+            if now - self._forgotten > ADDRESS_BURST_SECONDS:
                 # Addresses whose budget has refilled are forgotten, so the record stays small.
                 self._balances = {a: b for a, b in self._balances.items() if self._balance(a, now) < self.most}
                 self._forgotten = now

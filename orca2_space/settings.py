@@ -43,6 +43,10 @@ BACKEND_WORDS = {
 }
 # Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
 # says what this relies on).
+# What an address may save of its budget of bytes (--address-mib-per-minute) while it moves less: this
+# many seconds' worth. Each one lets a flood of the page's largest events run unchecked at its start
+# (docs/performance.md, "Under attack"): 8 lets two events with a full browser's chats through at once.
+ADDRESS_BURST_SECONDS = 8
 SPACE_TRUSTED_PROXIES = 1
 # Where visitors can sign in, one who hasn't may hold this many places (docs/space.md says why).
 SIGN_IN_ANONYMOUS_VISITOR_LIMIT = 2
@@ -259,7 +263,7 @@ class Settings:
         ge=1,
         description="MiB one network address may move through the server a minute: requests' bodies (uploads, and "
         "the chats the browser sends with most of the page's requests) and the results sent back, after a first "
-        "16 seconds' worth; past it, its requests for work are refused until the budget refills",
+        f"{ADDRESS_BURST_SECONDS} seconds' worth; past it, its requests for work are refused until the budget refills",
     )
     max_failed_logins: int = Field(
         default=5,
