@@ -111,8 +111,12 @@ def moderated_app(turns_violent):
 
 @pytest.fixture(scope="session")
 def app_settings() -> Settings:
-    # A cap close to the context, so that an answer nobody stops runs for many seconds.
-    return Settings(model="tiny", host="127.0.0.1", port=free_port(), max_new_tokens_cap=4000)
+    # A cap close to the context, so that an answer nobody stops runs for many seconds. Every module of the
+    # suite shares this app from one address, far past what one visitor moves: the budget of bytes is
+    # tested on apps of its own (test_hardening.py).
+    return Settings(
+        model="tiny", host="127.0.0.1", port=free_port(), max_new_tokens_cap=4000, address_mib_per_minute=100_000
+    )
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,15 @@ def uploads(tmp_path_factory) -> Path:
 def app(tmp_path_factory, uploads):
     """The app with Gradio's upload folder where the test can look into it."""
     folder = tmp_path_factory.mktemp("storage")
-    app = App(build_tiny_model(folder / "tiny"), folder / "app.log", {"GRADIO_TEMP_DIR": str(uploads)})
+    # Its tests import files near a browser's limit one after another from one address, faster than a
+    # visitor would: the budget of bytes is tested on apps of its own (test_hardening.py).
+    app = App(
+        build_tiny_model(folder / "tiny"),
+        folder / "app.log",
+        {"GRADIO_TEMP_DIR": str(uploads)},
+        "--address-mib-per-minute",
+        "100000",
+    )
     yield app
     app.close()
 
