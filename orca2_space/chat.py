@@ -20,7 +20,7 @@ from typing import Any
 from . import evaluator
 from .backends.contract import AnswerStream, Backend, GenerationError, GenerationStats, ModelLoading
 from .evaluator import EvaluationProgress, EvaluationRequest, EvaluationSlots
-from .fairness import MIB, FairShare, Heavy, Limits, Refused, Visitor, sharer
+from .fairness import FairShare, Heavy, Limits, Refused, Visitor, sharer
 from .moderation import Moderation, ModerationState, Verdict
 from .presets import CAUTIOUS, SYSTEM_PRESETS
 from .prompt import (
@@ -34,7 +34,7 @@ from .prompt import (
     Turn,
     answer_text,
 )
-from .settings import GenerationParams, InvalidRequest, Settings, sign_in_offered, validate_params
+from .settings import MIB, GenerationParams, InvalidRequest, Settings, sign_in_offered, validate_params
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .settings import (
+    MIB,
     SERVER_CONFIG,
     Cli,
     InferenceServerSettings,
@@ -43,7 +44,6 @@ SHARE_WITHOUT_AUTH_WARNING = (
     "Add --auth USER:PASS to require a login."
 )
 ENV_PREFIX = "ORCA2_"
-MIB = 1024 * 1024
 # What a variable may say for a switch (ORCA2_SHARE=1).
 SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 # Pydantic's complaints as phrases that follow the value: "'0' must be at least 1".

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .settings import ADDRESS_BURST_SECONDS, InvalidRequest
+from .settings import ADDRESS_BURST_SECONDS, MIB, InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,6 @@ def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_prox
         return entries[-trusted_proxies]
     return peer or "unknown"
 
-
-MIB = 1024 * 1024
 
 # An address just refused for its limit is refused at the door (address_refusal) for this long: a script
 # asking again at once would otherwise cost the server a trip through Gradio's queue each time.

@@ -43,11 +43,13 @@ BACKEND_WORDS = {
 }
 # Hugging Face's proxy in front of a Space appends the address it sees to X-Forwarded-For (docs/space.md
 # says what this relies on).
+SPACE_TRUSTED_PROXIES = 1
+# The settings given in MiB (--max-upload-mb, --address-mib-per-minute) are this many bytes each.
+MIB = 1024 * 1024
 # What an address may save of its budget of bytes (--address-mib-per-minute) while it moves less: this
 # many seconds' worth. Each one lets a flood of the page's largest events run unchecked at its start
 # (docs/performance.md, "Under attack"): 8 lets two events with a full browser's chats through at once.
 ADDRESS_BURST_SECONDS = 8
-SPACE_TRUSTED_PROXIES = 1
 # Where visitors can sign in, one who hasn't may hold this many places (docs/space.md says why).
 SIGN_IN_ANONYMOUS_VISITOR_LIMIT = 2
 
