@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import ipaddress
 import math
 import threading
 import time
@@ -69,8 +70,30 @@ def visitor_address(peer: str | None, forwarded_for: Sequence[str], trusted_prox
     Without trusted proxies, or with fewer entries than them, it is the connection's own peer."""
     entries = [entry.strip() for value in forwarded_for for entry in value.split(",")]
     if trusted_proxies and len(entries) >= trusted_proxies and entries[-trusted_proxies]:
-        return entries[-trusted_proxies]
-    return peer or "unknown"
+        return counted_address(entries[-trusted_proxies])
+    return counted_address(peer) if peer else "unknown"
+
+
+# An IPv6 network hands each home or phone a /64 of its own (RFC 6177 suggests a /56 or /48 per site),
+# and any machine in it may take as many of its 2^64 addresses as it likes: each would be a new address
+# with limits and a budget of its own. The /64 is what one machine can't get out of, as Cloudflare's and
+# nginx's per-client limits count IPv6.
+IPV6_NETWORK_BITS = 64
+
+
+def counted_address(address: str) -> str:
+    """What the limits count as one network address: an IPv4 address as it is, an IPv6 one as its /64
+    network (an IPv4 address written as IPv6 as the IPv4 one), and anything else (a test client's name)
+    as it is."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, IPV6_NETWORK_BITS), strict=False))
+    return str(parsed)
 
 
 # An address just refused for its limit is refused at the door (address_refusal) for this long: a script

@@ -14,7 +14,7 @@ from support import Clock, FakeBackend, Held, batched, free_port, wait_for
 
 from orca2_space import fairness
 from orca2_space.chat import Chat
-from orca2_space.fairness import ByteBudget, FairShare, Limits, Refused, Visitor, visitor_address
+from orca2_space.fairness import ByteBudget, FairShare, Limits, Refused, Visitor, counted_address, visitor_address
 from orca2_space.scoring import token_probabilities
 from orca2_space.settings import Settings
 from orca2_space.ui.adapters import visitor_of
@@ -280,6 +280,27 @@ def test_a_request_that_did_not_pass_every_trusted_proxy_counts_as_the_connectio
     assert visitor_address("10.16.3.80", [], trusted_proxies=1) == "10.16.3.80"
     assert visitor_address("10.16.3.80", ["203.0.113.7"], trusted_proxies=2) == "10.16.3.80"
     assert visitor_address("10.16.3.80", ["203.0.113.7, "], trusted_proxies=1) == "10.16.3.80"
+
+
+def test_an_ipv6_address_counts_as_its_64_network_which_one_machine_cant_leave():
+    """A machine on IPv6 may take any of its /64's 2^64 addresses: each must not be a new address."""
+    assert counted_address("2001:db8:1:2:3:4:5:6") == counted_address("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert counted_address("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert visitor_address("10.16.3.80", ["2001:DB8:1:2::7"], trusted_proxies=1) == "2001:db8:1:2::/64"
+    assert visitor_address("2001:db8:1:2::7", [], trusted_proxies=0) == "2001:db8:1:2::/64"
+
+
+def test_an_ipv4_address_written_as_ipv6_or_not_an_ip_counts_as_it_is():
+    assert counted_address("::ffff:192.0.2.1") == counted_address("192.0.2.1") == "192.0.2.1"
+    assert counted_address("testclient") == "testclient"
+
+
+def test_addresses_of_one_64_network_share_its_limit(hold):
+    share = FairShare(Limits(per_visitor=2, per_address=2, total=40))
+    hold(share, Visitor("a", counted_address("2001:db8::1"))), hold(share, Visitor("b", counted_address("2001:db8::2")))
+    with pytest.raises(Refused, match="Your network address already has 2 requests"):
+        hold(share, Visitor("c", counted_address("2001:db8::3")))
+    hold(share, Visitor("d", counted_address("2001:db8:0:1::1")))
 
 
 # A budget of bytes per address (the door counts them: tests/test_hardening.py).
