@@ -170,6 +170,39 @@ def test_an_address_with_no_places_left_is_refused_at_the_door_with_the_reason(h
     assert chat.fair_share.in_progress() == 2 and not any(job.done() for job in running)  # nothing let in
 
 
+def test_an_address_may_have_only_its_limit_of_requests_waiting_in_the_queue(tokenizer):
+    """However many it sends at once, an address can't fill Gradio's queue (room for --max-queue in all,
+    and "Queue is full" for everyone past it): past --address-limit waiting, the door refuses."""
+    held = Held()
+    settings = Settings(
+        host="127.0.0.1", port=free_port(), concurrency=1, max_queue=4, address_limit=2, trusted_proxies=1
+    )
+    chat = Chat(FakeBackend(tokenizer, ["\n", "The", " answer"], held=held), settings)
+    demo = launch(chat, block=False)
+    try:
+
+        def ask(address: str):
+            return burst_client(demo.local_url, address).submit(message="Hi", api_name="/chat")
+
+        # All 5 places (--concurrency + --max-queue) held, by 3 addresses: the next requests wait in the queue.
+        running = [ask(address) for address in ["192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.2", "192.0.2.3"]]
+        wait_for(lambda: held.waiting == 5, "5 answers to hold every place")
+        waiting = [ask("198.51.100.9"), ask("198.51.100.9")]
+        wait_for(lambda: len(demo._queue) == 2, "the address's 2 requests to wait in the queue")
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            ask("198.51.100.9").result()
+        detail = refused.value.response.json()["detail"]
+        assert refused.value.response.status_code == 429 and "2 requests waiting to start" in detail
+        assert detail.startswith(ADDRESS_REFUSAL)
+        another = ask("203.0.113.5")  # another address still gets into the queue
+        wait_for(lambda: len(demo._queue) == 3, "the other address's request to wait in the queue")
+        held.release()
+        assert all(job.result()["answer"] == "The answer" for job in [*running, *waiting, another])
+    finally:
+        held.release()
+        demo.close()
+
+
 # Monitoring.
 
 

@@ -18,8 +18,8 @@ import logging
 import math
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Container, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -99,6 +99,52 @@ class Rules:
     max_body: int
     # What each address may move through the server.
     byte_budget: ByteBudget
+    # What each address has waiting in Gradio's queue.
+    waiting_room: WaitingRoom
+
+
+class WaitingRoom:
+    """The requests each address has waiting in Gradio's queue to start, and a limit on them.
+
+    The fair share counts a request once it starts; until then it waits in Gradio's queue, which has room
+    for --max-queue in all and tells everyone else "Queue is full" while that is taken. A script that
+    sends dozens at once (36 scorings from one client, all within the queue's 20 ms poll) filled it before
+    the fair share refused any. So the door lets an address have at most limit requests entering or
+    waiting there: the ones it is letting through now, and those in the queue, read from the queue
+    itself (at most --max-queue events to look at). Used from the server's event loop only."""
+
+    def __init__(self, queue, limit: int):
+        self.limit, self._queue = limit, queue
+        self._entering: Counter[str] = Counter()
+
+    def refusal(self, address: str) -> str | None:
+        waiting = self._entering[address] + self._queued(address)
+        if waiting < self.limit:
+            return None
+        return (
+            f"Your network address already has {waiting} requests waiting to start, as many as one address may "
+            "(anyone else at that address shares it). Wait a moment, then ask again."
+        )
+
+    @contextlib.contextmanager
+    def entering(self, address: str) -> Iterator[None]:
+        """While a request is let through to the queue: once its handler returns, it is queued or refused."""
+        self._entering[address] += 1
+        try:
+            yield
+        finally:
+            self._entering[address] -= 1
+            if not self._entering[address]:
+                del self._entering[address]
+
+    def _queued(self, address: str) -> int:
+        waiting = getattr(self._queue, "event_queue_per_concurrency_id", {})
+        return sum(
+            1
+            for event_queue in list(waiting.values())
+            for event in list(event_queue.queue)
+            if event.request is not None and event.request.client is not None and event.request.client.host == address
+        )
 
 
 def body_cap(settings: Settings) -> int:
@@ -172,8 +218,16 @@ class Guard:
         path, post = scope["path"], scope["method"] == "POST"
         call = API_CALL.match(path) if post else None
         asks_for_work = call or (post and (path in (*QUEUE_JOIN_PATHS, UPLOAD_PATH) or path.startswith(MCP_PATH)))
-        if asks_for_work and await self._refused_for_now(scope, receive, send):
+        joins_queue = bool(call) or (post and path in QUEUE_JOIN_PATHS)
+        if asks_for_work and await self._refused_for_now(scope, receive, send, joins_queue):
             return
+        # No await since the check: the request counts as waiting before another is looked at.
+        address = scope["client"][0]
+        with self.rules.waiting_room.entering(address) if joins_queue else contextlib.nullcontext():
+            await self._let_through(scope, receive, send, call)
+
+    async def _let_through(self, scope: Scope, receive: Receive, send: Send, call: re.Match | None) -> None:
+        path, post = scope["path"], scope["method"] == "POST"
         address, budget = scope["client"][0], self.rules.byte_budget
         receive = received(budget, address, receive)
         if path.startswith(RESULT_PATHS):
@@ -192,12 +246,15 @@ class Guard:
         else:
             await self.app(scope, receive, send)
 
-    async def _refused_for_now(self, scope: Scope, receive: Receive, send: Send) -> bool:
+    async def _refused_for_now(self, scope: Scope, receive: Receive, send: Send, joins_queue: bool) -> bool:
         """Refuse a request that asks for work (every queued event, API call and agent's tool call takes
         places of the fair share, and an upload is read by the event that follows it) from an address
-        with none left, just refused for its limit, or past its budget of bytes; True if refused."""
+        with none left, just refused for its limit, with as many waiting in the queue as it may, or past
+        its budget of bytes; True if refused."""
         address, _ = scope["client"]
         refusal, wait = self.rules.address_refusal(address), 1
+        if refusal is None and joins_queue:
+            refusal = self.rules.waiting_room.refusal(address)
         if refusal is None and (wait := self.rules.byte_budget.wait(address)):
             refusal = self.rules.byte_budget.refusal(wait)
         if refusal is None:
@@ -328,6 +385,7 @@ def lifespan(demo, settings: Settings, share: bool, fair_share: FairShare):
         demo.fns,
         body_cap(settings),
         fair_share.bytes,
+        WaitingRoom(getattr(demo, "_queue", None), settings.address_limit),
     )
     throttle = LoginThrottle(settings.max_failed_logins) if settings.auth else None
 
