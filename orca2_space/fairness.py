@@ -83,10 +83,11 @@ IPV6_NETWORK_BITS = 64
 
 def counted_address(address: str) -> str:
     """What the limits count as one network address: an IPv4 address as it is, an IPv6 one as its /64
-    network (an IPv4 address written as IPv6 as the IPv4 one), and anything else (a test client's name)
-    as it is."""
+    network (an IPv4 address written as IPv6 as the IPv4 one), either without a port a proxy wrote after
+    it (1.2.3.4:5678, [2001:db8::1]:5678: each connection would be an address of its own), and anything
+    else (a test client's name) as it is."""
     try:
-        parsed = ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(_without_port(address))
     except ValueError:
         return address
     if isinstance(parsed, ipaddress.IPv6Address):
@@ -94,6 +95,13 @@ def counted_address(address: str) -> str:
             return str(parsed.ipv4_mapped)
         return str(ipaddress.IPv6Network((parsed, IPV6_NETWORK_BITS), strict=False))
     return str(parsed)
+
+
+def _without_port(address: str) -> str:
+    if address.startswith("[") and "]" in address:
+        return address[1 : address.index("]")]
+    host, colon, port = address.rpartition(":")
+    return host if colon and host.count(":") == 0 and port.isdigit() else address
 
 
 # An address just refused for its limit is refused at the door (address_refusal) for this long: a script

@@ -305,6 +305,13 @@ def test_an_ipv4_address_written_as_ipv6_or_not_an_ip_counts_as_it_is():
     assert counted_address("testclient") == "testclient"
 
 
+def test_a_port_a_proxy_wrote_after_the_address_does_not_make_each_connection_an_address():
+    assert counted_address("192.0.2.1:50312") == counted_address("192.0.2.1:50313") == "192.0.2.1"
+    assert counted_address("[2001:db8:1:2::7]:50312") == "2001:db8:1:2::/64"
+    assert counted_address("2001:db8:1:2::7") == "2001:db8:1:2::/64"  # the last group is not a port
+    assert counted_address("testclient:80x") == "testclient:80x"
+
+
 def test_addresses_of_one_64_network_share_its_limit(hold):
     share = FairShare(Limits(per_visitor=2, per_address=2, total=40))
     hold(share, Visitor("a", counted_address("2001:db8::1"))), hold(share, Visitor("b", counted_address("2001:db8::2")))
