@@ -340,12 +340,13 @@ class Batcher:
     def _deliver(self, output) -> None:
         with self._lock:
             job = self._jobs.get(output.request_id)
+            # A stopped job's outputs may still be in the manager's queue, decoded before the cancel but
+            # read after it: Stop ends the answer where the visitor stopped it, not one token later.
+            if job is None or job.stopped:
+                return
             # Streamed outputs carry every token since the job's (re)start; send the new ones.
-            new = [] if job is None else output.generated_tokens[len(job.written) - job.resumed_at :]
-            if job is not None:
-                job.written += new
-        if job is None:
-            return
+            new = output.generated_tokens[len(job.written) - job.resumed_at :]
+            job.written += new
         for token in new:
             job.sink.push(token)
         if output.is_finished():
