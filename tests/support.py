@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import gradio_client.exceptions
 import httpx
 import openai
 from content_safety_server import Behaviour, ContentSafetyServer
@@ -517,3 +518,17 @@ def uploaded(name: str, data: bytes) -> Path:
     path = folder / name
     path.write_bytes(data)
     return path
+
+
+def refusal(job) -> str:
+    """Why a gradio_client job was refused: by the fair share in the app (an AppError), or at the door,
+    once the address's places were all taken or it had as many waiting in the queue as it may (guard.py:
+    a 429 whose detail says why)."""
+    try:
+        job.result()
+    except gradio_client.exceptions.AppError as error:
+        return str(error)
+    except httpx.HTTPStatusError as error:
+        assert error.response.status_code == 429 and error.response.headers["retry-after"] == "1"
+        return error.response.json()["detail"]
+    raise AssertionError("the job was not refused")

@@ -7,11 +7,10 @@ import contextlib
 import threading
 
 import gradio as gr
-import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from support import Clock, FakeBackend, Held, batched, free_port, wait_for
+from support import Clock, FakeBackend, Held, batched, free_port, refusal, wait_for
 
 from orca2_space import fairness
 from orca2_space.chat import Chat
@@ -198,19 +197,8 @@ def held_app(tokenizer):
 
 
 def refusals(jobs: list) -> list[str]:
-    """The reasons of the jobs that were refused, once every other one is known to be in progress: by the
-    fair share as the job started (an AppError), or at the door while its address had as many waiting in
-    the queue as it may (guard.WaitingRoom: a 429 that says why)."""
-    reasons = []
-    for job in (job for job in jobs if job.done()):
-        try:
-            job.result()
-        except AppError as error:
-            reasons.append(str(error))
-        except httpx.HTTPStatusError as error:
-            assert error.response.status_code == 429
-            reasons.append(error.response.json()["detail"])
-    return reasons
+    """The reasons of the jobs that were refused, once every other one is known to be in progress."""
+    return [refusal(job) for job in jobs if job.done()]
 
 
 def for_the_share(reason: str, visitor_limit: int) -> bool:

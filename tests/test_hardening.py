@@ -13,7 +13,7 @@ from conftest import free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
-from support import Clock, FakeBackend, Held, wait_for
+from support import Clock, FakeBackend, Held, refusal, wait_for
 
 from orca2_space.chat import Chat
 from orca2_space.cli import launch
@@ -76,19 +76,6 @@ def long_answers(clients: list[Client], admitted: int) -> tuple[list[str], list]
         stop(jobs)
         raise
     return refusals, [job for job in jobs if not job.done()]
-
-
-def refusal(job) -> str:
-    """Why a job was refused: by the fair share in the app (an AppError), or at the door, once the
-    address's places were all taken (guard.py: a 429 whose detail says why)."""
-    try:
-        job.result()
-    except AppError as error:
-        return str(error)
-    except httpx.HTTPStatusError as error:
-        assert error.response.status_code == 429 and error.response.headers["retry-after"] == "1"
-        return error.response.json()["detail"]
-    raise AssertionError("the job was not refused")
 
 
 def stop(jobs) -> None:
